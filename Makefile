@@ -1,0 +1,42 @@
+# Two commands set up a fresh machine:
+#   make demo   - the main job on embedded defaults (real LiteMedSAM weights, shipped real data)
+#   make test   - build the environment from nothing and run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: env system-deps test test-fast demo bench clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[export,dicom,logging,data,test]"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# Real atlas data (Colin27 + AAL) comes from Debian's mricron-data; installed when missing.
+system-deps:
+	@if [ ! -f /usr/share/mricron/templates/aal.nii.gz ]; then \
+	  if [ "$$(id -u)" = "0" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mricron-data) >/dev/null \
+	      || echo "warning: could not install mricron-data; real-atlas tests will skip"; \
+	  else echo "warning: not root, mricron-data not installed; real-atlas tests will skip"; fi; \
+	fi
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(VENV)/bin/medico-peft demo
+
+bench: $(STAMP) system-deps
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

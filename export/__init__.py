@@ -1,0 +1,1 @@
+"""Export pipeline, installed as `medico_peft.export`: fuse adapters, ONNX with a parity gate, TensorRT engines."""
