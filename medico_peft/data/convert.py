@@ -1,0 +1,322 @@
+"""Convert (image, label) volumes into HDF5 shards + manifest.json.
+
+Each volume is read one slice at a time (two passes: labels, then the kept image slices), so
+memory is bounded by the kept output, not the input volume. Volumes can be processed in parallel
+processes; shards are written by the main process in input order, so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from . import normalize
+from .labels import LabelMap, LabelSelection
+from .manifest import MANIFEST_NAME, Manifest, write_manifest
+from .readers import DEFAULT_MAX_IN_MEMORY_MB, Volume, read_volume, split_stem
+from .resize import resize_image, resize_labels
+from .shard_format import COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, encode_label_names
+from .shard_writer import ShardWriter, SliceSample
+from .splits import SPLIT_NAMES, SplitFractions, slab_split, split_volumes
+
+log = logging.getLogger(__name__)
+SPLIT_MODES = ("volume", "slab") + SPLIT_NAMES  # a split name puts everything into that split
+_SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.h5$")
+
+
+@dataclass
+class ConvertConfig:
+    """Every conversion option; validated once in `validate()` with messages naming the field."""
+
+    modality: str = "mr"  # ct | mr | other
+    normalization: str | None = None  # preset; None = the modality's default
+    size: int = 256  # model input size S (256 LiteMedSAM, 1024 SAM ViT)
+    axis: int = 2  # slicing axis of 3D volumes (2D inputs are always one slice)
+    empty_share: float = 0.1  # share of label-free slices kept (seeded choice)
+    min_area: int = 10  # objects with fewer pixels at size S are set to 0
+    split: str = "volume"  # volume | slab | train | val | test
+    split_fractions: tuple = (0.7, 0.15, 0.15)  # for split="volume"
+    slab_fractions: tuple = (0.6, 0.0, 0.3)  # for split="slab"
+    slab_gap: int = 5
+    seed: int = 0
+    compression: str = "lzf"  # lzf | gzip | none
+    max_samples_per_shard: int = 1000
+    max_shard_mb: float = 512.0
+    workers: int = 0  # 0/1 = in this process
+    max_in_memory_mb: float = DEFAULT_MAX_IN_MEMORY_MB  # larger volumes are streamed per slice
+    progress: bool = True
+
+    def validate(self) -> "ConvertConfig":
+        self.normalization = normalize.resolve_preset(self.modality, self.normalization)
+        checks = [
+            ("size", isinstance(self.size, int) and 16 <= self.size <= 4096, "an int in 16..4096"),
+            ("axis", self.axis in (0, 1, 2), "0, 1 or 2"),
+            ("empty_share", 0.0 <= self.empty_share <= 1.0, "in [0, 1]"),
+            ("min_area", isinstance(self.min_area, int) and self.min_area >= 0, "an int >= 0"),
+            ("split", self.split in SPLIT_MODES, f"one of {SPLIT_MODES}"),
+            ("slab_gap", isinstance(self.slab_gap, int) and self.slab_gap >= 0, "an int >= 0"),
+            ("compression", self.compression in COMPRESSIONS, f"one of {COMPRESSIONS}"),
+            ("max_samples_per_shard", self.max_samples_per_shard >= 1, ">= 1"),
+            ("max_shard_mb", self.max_shard_mb > 0, "> 0"),
+            ("workers", isinstance(self.workers, int) and self.workers >= 0, "an int >= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"convert.{name}: {getattr(self, name)!r} should be {expected}")
+        self.split_fractions = SplitFractions.parse(self.split_fractions)
+        self.slab_fractions = SplitFractions.parse(self.slab_fractions)
+        return self
+
+
+@dataclass
+class ConversionReport:
+    manifest_path: Path
+    samples: dict[str, int]
+    volumes: dict[str, str]  # volume id -> split ("slab" for slab-split volumes)
+    skipped_volumes: list[str] = field(default_factory=list)  # with the reason
+    seconds: float = 0.0
+
+    @property
+    def total_samples(self) -> int:
+        return sum(self.samples.values())
+
+
+# ---------------------------------------------------------------- one volume
+
+
+def _check_label_slice(label: np.ndarray, path: Path, k: int) -> np.ndarray:
+    if label.dtype.kind == "f":
+        if not np.all(np.isfinite(label)):
+            raise DataError(f"{path}: label slice {k} contains NaN/Inf; labels must be integer ids")
+        if not np.all(label == np.round(label)):
+            raise DataError(f"{path}: label slice {k} has non-integer values; labels must be integer ids")
+    elif label.dtype.kind not in "iub":
+        raise DataError(f"{path}: label dtype {label.dtype} is not integer")
+    if label.size and label.min() < 0:
+        raise DataError(f"{path}: label slice {k} has negative value {label.min()}; ids must be >= 0")
+    if label.size and label.max() > 65535:
+        raise DataError(f"{path}: label slice {k} has id {int(label.max())} > 65535")
+    return label.astype(np.int64, copy=False)
+
+
+def _objects(label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Present ids and their inclusive xyxy boxes, from one pass of scipy's find_objects."""
+    from scipy import ndimage
+
+    ids, boxes = [], []
+    for i, sl in enumerate(ndimage.find_objects(label.astype(np.int32, copy=False)), 1):
+        if sl is not None:
+            ids.append(i)
+            boxes.extend([sl[1].start, sl[0].start, sl[1].stop - 1, sl[0].stop - 1])
+    return np.array(ids, np.uint16), np.array(boxes, np.int32)
+
+
+def _drop_small(label: np.ndarray, min_area: int) -> np.ndarray:
+    if min_area <= 1 or not label.any():
+        return label
+    counts = np.bincount(label.ravel())
+    small = np.nonzero((counts > 0) & (counts < min_area))[0]
+    small = small[small > 0]
+    if small.size:
+        label = label.copy()
+        label[np.isin(label, small)] = 0
+    return label
+
+
+def _volume_seed(seed: int, volume_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{volume_id}".encode()).digest()[:4], "little")
+
+
+def convert_volume(image_path, label_path, volume_id: str, split: str, cfg: ConvertConfig,
+                   label_map: LabelMap) -> Iterator[tuple[str, SliceSample]]:
+    """Yield (split, sample) for every kept slice of one volume. `split` may be "slab"."""
+    image = read_volume(image_path, is_label=False, max_in_memory_mb=cfg.max_in_memory_mb)
+    label = read_volume(label_path, is_label=True, max_in_memory_mb=cfg.max_in_memory_mb)
+    if image.shape != label.shape:
+        raise DataError(f"{image.path}: image shape {image.shape} differs from label {label.path} shape {label.shape}")
+    axis = 2 if image.shape[2] == 1 else cfg.axis
+    n = image.shape[axis]
+    dtype = label_map.storage_dtype
+
+    # Pass 1: labels -> selection -> resize -> small objects removed; keep only the non-empty ones.
+    kept_labels: dict[int, np.ndarray] = {}
+    for k in range(n):
+        raw = _check_label_slice(label.get_slice(axis, k), label.path, k)
+        mapped = label_map.apply(raw)
+        if not mapped.any():
+            continue
+        resized = _drop_small(resize_labels(mapped, cfg.size, np.int64), cfg.min_area)
+        if resized.any():
+            kept_labels[k] = resized.astype(dtype)
+    if not kept_labels:
+        warnings.warn(f"{label.path}: no foreground label after selection/min_area; volume '{volume_id}' skipped")
+        return
+
+    rng = np.random.default_rng(_volume_seed(cfg.seed, volume_id))
+    empty = [k for k in range(n) if k not in kept_labels]
+    if split == "slab":
+        if n < 2:
+            raise ConfigError(f"convert.split: 'slab' needs a 3D volume; {image.path} has one slice")
+        positions = slab_split(sorted(kept_labels), cfg.slab_fractions, cfg.slab_gap)
+        empty = [k for k in empty if k in positions]
+    chosen_empty = rng.choice(empty, size=int(round(cfg.empty_share * len(empty))), replace=False) if empty else []
+    slices = sorted(set(kept_labels) | {int(k) for k in chosen_empty})
+    if split == "slab":
+        slices = [k for k in slices if k in positions]
+
+    # Pass 2: image slices of the kept positions only.
+    rng_values = None if cfg.normalization.startswith("ct_") else normalize.sample_values(image, axis)
+    window = normalize.intensity_range(cfg.normalization, rng_values)
+    spacing = image.in_plane_spacing(axis)
+    for k in slices:
+        raw = image.get_slice(axis, k)
+        if raw.dtype.kind == "f" and not np.all(np.isfinite(raw)):
+            raise DataError(f"{image.path}: image slice {k} (axis {axis}) contains NaN/Inf")
+        pixels, input_size = resize_image(window.apply(raw), cfg.size)
+        lab = kept_labels.get(k)
+        if lab is None:
+            lab = np.zeros((cfg.size, cfg.size), dtype)
+        ids, boxes = _objects(lab)
+        yield (positions[k] if split == "slab" else split), SliceSample(
+            image=pixels, label=lab, source_file=str(image.path), volume_id=volume_id, slice_index=int(k),
+            axis=axis, spacing=spacing, input_size=input_size, original_size=tuple(int(s) for s in raw.shape),
+            object_ids=ids, object_boxes=boxes,
+        )
+
+
+def _convert_volume_list(args) -> list[tuple[str, SliceSample]]:
+    """Process-pool entry point: a whole volume's samples, returned to the writer process."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        samples = list(convert_volume(*args))
+    return samples, [str(w.message) for w in caught]
+
+
+# ---------------------------------------------------------------- many volumes
+
+
+def _volume_ids(pairs) -> list[str]:
+    ids = [split_stem(img)[0] for img, _ in pairs]
+    seen = {}
+    for (img, _), vid in zip(pairs, ids):
+        if vid in seen:
+            raise DataError(f"{img}: volume id '{vid}' is also used by {seen[vid]}; file stems must be unique")
+        seen[vid] = img
+    return ids
+
+
+def _remove_stale(out_dir: Path, keep: set[str]) -> None:
+    for p in out_dir.iterdir():
+        if _SHARD_NAME.match(p.name) and p.name not in keep:
+            p.unlink()
+
+
+def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertConfig | None = None,
+            labels: LabelSelection | None = None, **overrides) -> ConversionReport:
+    """Convert (image, label) path pairs into shards + manifest in `out_dir`.
+
+    `overrides` are ConvertConfig fields (e.g. `size=1024, modality="ct"`). Returns a report;
+    raises DataError/ConfigError naming the file or field. The manifest is written last.
+    """
+    start = time.perf_counter()
+    cfg = ConvertConfig(**{**(asdict(config) if config else {}), **overrides}).validate()
+    label_map = (labels or LabelSelection()).resolve()
+    pairs = [(Path(i), Path(l)) for i, l in pairs]
+    if not pairs:
+        raise DataError(f"{out_dir}: nothing to convert (no image/label pairs)")
+    for img, lab in pairs:
+        if not img.exists():
+            raise DataError(f"{img}: image file not found")
+        if not lab.exists():
+            raise DataError(f"{lab}: label file for image {img} not found")
+    ids = _volume_ids(pairs)
+    if cfg.split == "volume":
+        assignment = split_volumes(ids, cfg.split_fractions, cfg.seed)
+    else:
+        assignment = {vid: cfg.split for vid in ids}
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an unfinished folder must never look loadable
+    seen_ids: set[int] = set()
+    attrs = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "modality": cfg.modality,
+        "normalization": cfg.normalization, "image_size": cfg.size,
+        "label_names": encode_label_names(label_map.names),
+    }
+    writers = {s: ShardWriter(out_dir, s, attrs, label_map.storage_dtype, cfg.compression,
+                              cfg.max_samples_per_shard, cfg.max_shard_mb) for s in SPLIT_NAMES}
+    tasks = [(img, lab, vid, assignment[vid], cfg, label_map) for (img, lab), vid in zip(pairs, ids)]
+    skipped: list[str] = []
+    volumes_per_split: dict[str, set] = {s: set() for s in SPLIT_NAMES}
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), desc="convert", unit="vol", disable=not cfg.progress)
+        if cfg.workers > 1:
+            pool = ProcessPoolExecutor(max_workers=cfg.workers)
+            results = pool.map(_convert_volume_list, tasks)
+        else:
+            pool = None
+            results = (_convert_volume_list(t) for t in tasks)
+        try:
+            for (img, _, vid, *_), (samples, messages) in zip(tasks, results):
+                for message in messages:
+                    warnings.warn(message)
+                if not samples:
+                    skipped.append(f"{vid}: {messages[0] if messages else 'no slices kept'}")
+                for split, sample in samples:
+                    writers[split].add(sample)
+                    seen_ids.update(int(i) for i in sample.object_ids)
+                    volumes_per_split[split].add(vid)
+                bar.update(1)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+        entries = [e for s in SPLIT_NAMES for e in writers[s].close()]
+    except BaseException as exc:
+        for w in writers.values():
+            w.abort(exc)
+        raise
+    if not entries:
+        raise DataError(f"{out_dir}: no slice had foreground in any volume; nothing written")
+    names = dict(label_map.names)
+    for i in seen_ids:
+        names.setdefault(i, f"label_{i}")
+    manifest = Manifest(
+        modality=cfg.modality, normalization=cfg.normalization, image_size=cfg.size, label_names=names,
+        compression=cfg.compression, shards=entries,
+        splits={s: {"n_samples": sum(e.n_samples for e in entries if e.split == s),
+                    "volumes": sorted(volumes_per_split[s])} for s in SPLIT_NAMES},
+        config=_jsonable({**asdict(cfg), "label_selection": asdict(labels or LabelSelection())}),
+    )
+    path = write_manifest(manifest, out_dir)
+    _remove_stale(out_dir, {e.file for e in entries})
+    return ConversionReport(
+        manifest_path=path, samples={s: manifest.splits[s]["n_samples"] for s in SPLIT_NAMES},
+        volumes=assignment, skipped_volumes=skipped, seconds=time.perf_counter() - start,
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "__dataclass_fields__"):
+        return _jsonable(asdict(value))
+    return str(value)
