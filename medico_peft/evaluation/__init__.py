@@ -1,1 +1,1 @@
-"""evaluation stage."""
+"""Evaluation stage: Dice metrics, corrective-click simulation, the interactive protocol and its reports."""

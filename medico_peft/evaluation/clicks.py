@@ -1,0 +1,70 @@
+"""Simulated corrective clicks: where a user would click next, given the current mask and the truth.
+
+Used by the trainer (random points in the error regions, one positive from the false negatives and
+one negative from the false positives per sub-iteration, as in MedicoSAM / micro-sam) and by the
+evaluator (one deterministic click per iteration at the centre of the larger error, found with a
+distance transform, like a person clicking into the middle of the worst mistake).
+
+Coordinates are (x, y) = (column, row) pixels; label 1 = positive, 0 = negative, -1 = no point
+(SAM's prompt encoder turns -1 into its "not a point" embedding, so it is ignored).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _random_pixel(region: torch.Tensor, generator: torch.Generator | None):
+    """One uniformly random pixel of each (K, H, W) region; `found` is False where a region is empty."""
+    k, h, w = region.shape
+    flat = region.reshape(k, h * w).float()
+    found = flat.sum(1) > 0
+    weights = torch.where(found[:, None], flat, torch.ones_like(flat))
+    idx = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+    xy = torch.stack([idx % w, idx // w], dim=1).to(torch.float32)
+    return xy, found
+
+
+def random_corrections(pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None = None):
+    """One positive point in each object's false negatives and one negative in its false positives.
+
+    pred, gt: (K, H, W) bool. Returns points (K, 2, 2) and labels (K, 2) with -1 where an error region is empty.
+    """
+    pred = pred.bool()
+    gt = gt.bool()
+    pos_xy, pos_ok = _random_pixel(gt & ~pred, generator)
+    neg_xy, neg_ok = _random_pixel(pred & ~gt, generator)
+    points = torch.stack([pos_xy, neg_xy], dim=1)
+    ones = torch.ones_like(pos_ok, dtype=torch.long)
+    labels = torch.stack([torch.where(pos_ok, ones, -ones), torch.where(neg_ok, 0 * ones, -ones)], dim=1)
+    return points, labels
+
+
+def _deepest_pixel(region: np.ndarray):
+    """Pixel farthest from the region's border and its distance (0 if the region is empty)."""
+    from scipy.ndimage import distance_transform_edt
+
+    if not region.any():
+        return None, 0.0
+    # Pad so that the image border counts as outside the error region.
+    dist = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+    flat = int(np.argmax(dist))
+    y, x = divmod(flat, region.shape[1])
+    return (float(x), float(y)), float(dist[y, x])
+
+
+def center_correction(pred: np.ndarray, gt: np.ndarray):
+    """The next click for one object: centre of the false-negative or false-positive region, whichever is deeper.
+
+    Returns ((x, y), label) or None when the prediction is already perfect.
+    """
+    pred = np.asarray(pred, dtype=bool)
+    gt = np.asarray(gt, dtype=bool)
+    fn_xy, fn_d = _deepest_pixel(gt & ~pred)
+    fp_xy, fp_d = _deepest_pixel(pred & ~gt)
+    if fn_xy is None and fp_xy is None:
+        return None
+    if fn_d >= fp_d:
+        return fn_xy, 1
+    return fp_xy, 0
