@@ -1,0 +1,76 @@
+"""Augmentation applied identically to image, label map and boxes.
+
+Geometry (flip, rot90) acts on the un-padded content region only, so padding stays at the
+bottom/right and `input_size` stays meaningful (rot90 swaps it). Intensity changes (gamma,
+contrast) go through a 256-entry lookup table on the uint8 image: one gather gives the float
+image, and 0 stays 0 so the padding stays black.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flip: bool = True
+    rot90: bool = True
+    gamma: tuple[float, float] = (0.7, 1.5)  # sampled log-uniformly
+    contrast: tuple[float, float] = (0.9, 1.1)
+    p_intensity: float = 0.5
+
+    def __post_init__(self):
+        for name in ("gamma", "contrast"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ConfigError(f"augment.{name}: ({lo}, {hi}) should satisfy 0 < low <= high")
+        if not 0.0 <= self.p_intensity <= 1.0:
+            raise ConfigError(f"augment.p_intensity: {self.p_intensity} should be in [0, 1]")
+
+
+IDENTITY_LUT = (np.arange(256, dtype=np.float32) / 255.0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """k counter-clockwise quarter turns after an optional left-right flip, on an h x w region."""
+
+    flip: bool = False
+    k: int = 0
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """View (no copy) of the transformed region; works on (..., h, w) arrays."""
+        if self.flip:
+            array = array[..., ::-1]
+        return np.rot90(array, self.k, axes=(-2, -1)) if self.k else array
+
+    def boxes(self, boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+        """Transform inclusive xyxy boxes (N, 4) of an h x w region the same way as `apply`."""
+        b = boxes.astype(np.int64).copy()
+        if self.flip:
+            b[:, [0, 2]] = w - 1 - b[:, [2, 0]]
+        for _ in range(self.k):  # one turn: (x, y) -> (y, w-1-x), region becomes w x h
+            b = np.stack([b[:, 1], w - 1 - b[:, 2], b[:, 3], w - 1 - b[:, 0]], axis=1)
+            h, w = w, h
+        return b
+
+    def size(self, h: int, w: int) -> tuple[int, int]:
+        return (w, h) if self.k % 2 else (h, w)
+
+
+def sample_geometry(cfg: AugmentConfig | None, rng: np.random.Generator) -> Geometry:
+    if cfg is None:
+        return Geometry()
+    return Geometry(flip=bool(cfg.flip and rng.random() < 0.5), k=int(rng.integers(0, 4)) if cfg.rot90 else 0)
+
+
+def sample_lut(cfg: AugmentConfig | None, rng: np.random.Generator) -> np.ndarray:
+    if cfg is None or rng.random() >= cfg.p_intensity:
+        return IDENTITY_LUT
+    gamma = float(np.exp(rng.uniform(np.log(cfg.gamma[0]), np.log(cfg.gamma[1]))))
+    contrast = float(rng.uniform(*cfg.contrast))
+    return np.clip(IDENTITY_LUT ** gamma * contrast, 0.0, 1.0).astype(np.float32)
