@@ -32,9 +32,10 @@ def _entries(folder: Path) -> list[Path]:
 
 def pair_by_stem(images_dir: str | os.PathLike, labels_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    images = _entries(images_dir)
     labels = {split_stem(p)[0]: p for p in _entries(labels_dir)}
     pairs = []
-    for image in _entries(images_dir):
+    for image in images:
         stem = split_stem(image)[0]
         base = stem[:-5] if stem.endswith("_0000") else stem
         candidates = [base + s for s in LABEL_SUFFIXES] + ([stem] if base != stem else [])
