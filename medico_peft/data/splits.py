@@ -60,19 +60,24 @@ def split_volumes(volume_ids: list[str], fractions: SplitFractions, seed: int) -
 
 def slab_split(foreground: list[int], fractions: SplitFractions, gap: int) -> dict[int, str]:
     """Assign slice positions inside the foreground extent [first, last] to train (lowest part),
-    val (next, after a gap) and test (highest part); slices in the gaps belong to no split."""
+    val (next, after a gap) and test (highest part); slices in the gaps belong to no split.
+    When the extent is too short for fractions + gaps, the largest part gives up slices."""
     if not foreground:
         return {}
     lo, hi = min(foreground), max(foreground)
     length = hi - lo + 1
     sizes = {name: int(getattr(fractions, name) * length) for name in SPLIT_NAMES}
     used = [n for n in SPLIT_NAMES if sizes[n] > 0]
-    needed = sum(sizes.values()) + gap * max(len(used) - 1, 0)
-    if needed > length:
-        raise ConfigError(
-            f"slab split: fractions {fractions} with gap {gap} need {needed} slices, "
-            f"but the foreground extent is only {length} ({lo}..{hi})"
-        )
+    deficit = sum(sizes.values()) + gap * max(len(used) - 1, 0) - length
+    while deficit > 0:  # small extent: the gap wins; shrink the largest part one slice at a time
+        largest = max(used, key=lambda n: sizes[n])
+        if sizes[largest] <= 1:
+            raise ConfigError(
+                f"slab split: fractions {fractions} with gap {gap} do not fit the foreground extent "
+                f"of {length} slices ({lo}..{hi})"
+            )
+        sizes[largest] -= 1
+        deficit -= 1
     assignment: dict[int, str] = {}
     for k in range(lo, lo + sizes["train"]):
         assignment[k] = "train"
