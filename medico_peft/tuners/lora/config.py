@@ -1,0 +1,25 @@
+"""Translate our `PeftConfig` into peft's `LoraConfig` (peft imported lazily: it costs seconds)."""
+
+from __future__ import annotations
+
+from ..config import PeftConfig
+
+
+def to_lora_config(cfg: PeftConfig, target_regex: str):
+    """peft `LoraConfig` for the LoRA family; DoRA when `cfg.method == 'dora'`.
+
+    `target_modules` is a single regex: peft full-matches it against every module name, so names
+    are anchored and `patch_embed.proj` can never be hit by accident.
+    """
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.method == "dora",
+        target_modules=target_regex,
+        bias="none",
+        init_lora_weights=True,  # B = 0: the model starts exactly at the base model
+    )
