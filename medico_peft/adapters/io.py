@@ -1,0 +1,182 @@
+"""Save, load and inspect adapter files (see `format.py` for the layout).
+
+Loading is strict: the file must be ours, not from a newer format, made for this architecture
+and (unless `force`) for these exact base weights, and its keys must be exactly the tensors
+the recorded config trains. A refused load leaves the base model as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, ConfigError, MedicoPeftError
+from ..tuners import PeftConfig, inject, is_injected, trainable_state_dict, unload
+from ..utils.atomic import atomic_path
+from ..utils.hashing import sha256_state_dict
+from .format import FORMAT_NAME, FORMAT_VERSION, build_metadata, file_key
+
+_ARCH_FIELDS = ("name", "family", "encoder", "prompt_dim", "decoder_mlp_dim", "decoder_heads")
+
+
+# --- writing -------------------------------------------------------------------------------------
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors under their file keys (detached CPU copies)."""
+    return {file_key(n): p.detach().cpu().contiguous().clone() for n, p in trainable_state_dict(model).items()}
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
+    """Write only what was trained (PEFT tensors + trained SAM parts) and the metadata needed to reload it."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise AdapterError(f"{path}: adapter files are .safetensors; use a name ending in .safetensors")
+    if not is_injected(model):
+        raise AdapterError("save_adapter: the model has no PEFT config; call medico_peft.tuners.inject(model, cfg) first")
+    if model.base_sha256 is None:
+        raise AdapterError("save_adapter: the model has no base_sha256; load it with medico_peft.models.load_model")
+    tensors = adapter_tensors(model)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    metadata = build_metadata(model, model.peft_config, extra_metadata, created)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+# --- reading -------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(parsed metadata, tensors) of an adapter file; AdapterError for anything malformed."""
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = dict(handle.metadata() or {})
+        tensors = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for truncated/garbled files
+        raise AdapterError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from exc
+    return parse_metadata(raw, path), tensors
+
+
+def parse_metadata(raw: dict, path) -> dict:
+    if raw.get("format") != FORMAT_NAME:
+        raise AdapterError(f"{path}: not a medico_peft adapter file (metadata 'format' is {raw.get('format')!r}, "
+                           f"expected {FORMAT_NAME!r})")
+    try:
+        version = int(raw.get("format_version", ""))
+    except ValueError:
+        raise AdapterError(f"{path}: metadata 'format_version' must be an integer, "
+                           f"got {raw.get('format_version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise AdapterError(f"{path}: adapter format version {version} is newer than this medico_peft "
+                           f"(reads up to version {FORMAT_VERSION}); upgrade medico_peft to load it")
+    meta = dict(raw)
+    meta["format_version"] = version
+    for key in ("config", "base_spec", "extra"):
+        try:
+            meta[key] = json.loads(raw.get(key, "{}" if key == "extra" else ""))
+        except json.JSONDecodeError:
+            raise AdapterError(f"{path}: metadata {key!r} is not valid JSON") from None
+    try:
+        meta["config"] = PeftConfig.from_dict(meta["config"])
+    except ConfigError as exc:
+        raise AdapterError(f"{path}: metadata 'config' is invalid: {exc}") from None
+    return meta
+
+
+def check_base(meta: dict, model: nn.Module, path, force: bool = False) -> None:
+    """Same architecture always; same base weights (sha256) unless `force`."""
+    spec = meta["base_spec"]
+    mine = model.spec.to_dict()
+    diff = [f for f in _ARCH_FIELDS if spec.get(f) != mine.get(f)]
+    if diff:
+        raise AdapterError(f"{path}: adapter was made for a {spec.get('name')} base, this model is a "
+                           f"{model.spec.name} (differs in {', '.join(diff)})")
+    theirs = meta.get("base_sha256")
+    ours = model.base_sha256 or sha256_state_dict(model.state_dict())
+    if theirs != ours and not force:
+        raise AdapterError(f"{path}: adapter was trained on base weights sha256 {theirs}, but this base has sha256 "
+                           f"{ours}; load the matching base or pass force=True (--force) to apply it anyway")
+
+
+def apply_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
+    """Copy file tensors into the model's trained parameters; keys and shapes must match exactly."""
+    params = {file_key(n): p for n, p in trainable_state_dict(model).items()}
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    wrong = sorted(k for k in set(params) & set(tensors) if params[k].shape != tensors[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {tuple(tensors[k].shape)}, "
+                         f"model {tuple(params[k].shape)})")
+        raise AdapterError(f"{path}: adapter tensors do not match its config: " + "; ".join(parts))
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
+def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = False,
+                 name: str = "default") -> nn.Module:
+    """Inject the file's config into `base_model` (in place) and load its tensors; returns the model."""
+    meta, tensors = read_adapter(path)
+    if is_injected(base_model):
+        raise AdapterError(f"{path}: the model already has an adapter; load onto a plain base model "
+                           "(or use AdapterBank to switch between several)")
+    check_base(meta, base_model, path, force)
+    saved = {k: v.detach().clone() for k, v in base_model.state_dict().items()
+             if not k.startswith("image_encoder.")}
+    try:
+        inject(base_model, meta["config"], adapter_name=name)
+        apply_tensors(base_model, tensors, path)
+    except MedicoPeftError:
+        _restore(base_model, saved)
+        raise
+    base_model.adapter_metadata = {k: v for k, v in meta.items() if k != "config"}
+    return base_model
+
+
+def _restore(model: nn.Module, saved: dict) -> None:
+    """Undo a half-applied load: remove PEFT modules, put back decoder/prompt-encoder weights."""
+    if is_injected(model):
+        unload(model)
+    model.load_state_dict(saved, strict=False)
+
+
+def inspect_adapter(path: str | os.PathLike) -> dict:
+    """Metadata and tensor summary of an adapter file (for `medico-peft adapter inspect`)."""
+    meta, tensors = read_adapter(path)
+    groups: dict[str, int] = {}
+    for key, t in tensors.items():
+        part = key.split(".", 1)[0]
+        groups[part] = groups.get(part, 0) + t.numel()
+    spec = meta["base_spec"]
+    return {
+        "path": str(path),
+        "size_bytes": Path(path).stat().st_size,
+        "format_version": meta["format_version"],
+        "method": meta["config"].method,
+        "config": meta["config"].to_dict(),
+        "base_model": spec.get("name"),
+        "base_img_size": spec.get("img_size"),
+        "base_sha256": meta.get("base_sha256"),
+        "library_version": meta.get("library_version"),
+        "created": meta.get("created"),
+        "extra": meta.get("extra", {}),
+        "tensors": len(tensors),
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "parameters_by_submodule": groups,
+    }

@@ -1,0 +1,75 @@
+"""Several adapters on one base model, switchable without reloading the base.
+
+Each adapter file is read once and kept as tensors. `activate` swaps tensors in place when the new
+adapter has the same structure (same PeftConfig) as the active one; otherwise it removes the PEFT
+modules and injects the new config. The decoder and prompt encoder are reset to the base weights
+before each switch, so an adapter that did not train the decoder runs with the base decoder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..errors import AdapterError, MedicoPeftError
+from ..tuners import inject, is_injected, unload
+from .io import apply_tensors, check_base, read_adapter
+
+
+class AdapterBank:
+    def __init__(self, base_model: nn.Module):
+        if is_injected(base_model):
+            raise AdapterError("AdapterBank needs a base model without adapters")
+        self.model = base_model
+        self._base_parts = {k: v.detach().clone() for k, v in base_model.state_dict().items()
+                            if not k.startswith("image_encoder.")}
+        self._adapters: dict[str, tuple] = {}
+        self.active: str | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._adapters)
+
+    def add(self, name: str, path: str | os.PathLike, force: bool = False) -> None:
+        """Read and check an adapter file (base hash, format version, architecture); activation is separate."""
+        if name in self._adapters:
+            raise AdapterError(f"adapter name {name!r} is already in the bank; choose another name")
+        meta, tensors = read_adapter(path)
+        check_base(meta, self.model, path, force)
+        self._adapters[name] = (meta["config"], tensors, str(path))
+
+    def activate(self, name: str) -> nn.Module:
+        """Make `name` the active adapter; returns the (same) model object."""
+        if name not in self._adapters:
+            raise AdapterError(f"no adapter named {name!r}; loaded: {', '.join(self._adapters) or 'none'}")
+        cfg, tensors, path = self._adapters[name]
+        model = self.model
+        self._reset_base_parts()
+        if not (is_injected(model) and model.peft_config == cfg):
+            if is_injected(model):
+                unload(model)
+            inject(model, cfg)
+        try:
+            apply_tensors(model, tensors, path)
+        except MedicoPeftError:
+            self.deactivate()
+            raise
+        self.active = name
+        return model
+
+    def deactivate(self) -> nn.Module:
+        """Back to the plain base model."""
+        if is_injected(self.model):
+            unload(self.model)
+        self._reset_base_parts()
+        self.active = None
+        return self.model
+
+    def _reset_base_parts(self) -> None:
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for key, value in self._base_parts.items():
+                if key in state:  # decoder Linears under LoRA live at `...base_layer.*` (frozen, untouched)
+                    state[key].copy_(value)
