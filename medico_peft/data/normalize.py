@@ -49,15 +49,18 @@ class IntensityRange:
         return np.clip(out, 0, 255, out=out)
 
 
-def sample_values(volume, axis: int, max_values: int = 2_000_000) -> np.ndarray:
+def sample_values(volume, axis: int, max_values: int = 1_000_000) -> np.ndarray:
     """A strided subsample of every slice, so percentiles of huge volumes need bounded memory."""
     shape = volume.shape
     n = shape[axis]
     per_slice = max(1, max_values // max(n, 1))
     plane = int(np.prod(shape)) // max(n, 1)
     stride = max(1, plane // per_slice)
-    parts = [volume.get_slice(axis, k).ravel()[::stride].astype(np.float32) for k in range(n)]
-    return np.concatenate(parts)
+    per_slice = -(-plane // stride)
+    out = np.empty(n * per_slice, np.float32)
+    for k in range(n):
+        out[k * per_slice:(k + 1) * per_slice] = volume.get_slice(axis, k).ravel()[::stride]
+    return out
 
 
 def intensity_range(preset: str, values: np.ndarray) -> IntensityRange:
