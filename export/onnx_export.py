@@ -1,0 +1,170 @@
+"""Export a `MedSam` (with its adapter fused) to ONNX: `encoder.onnx`, `decoder.onnx`, `export.json`.
+
+Uses the legacy TorchScript exporter (`dynamo=False`): the dynamo exporter fails on the decoder
+with a variable number of points. Everything is written to a staging folder first and moved
+under the final names only after the parity gate passes, so a failed export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from medico_peft.errors import ExportError
+
+from .parity import Tolerance, gate, run_parity
+from .sidecar import ONNX_SIDECAR, onnx_io, write_sidecar
+from .wrappers import DecoderWrapper, EncoderWrapper
+
+MIN_OPSET = 17
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's 2 GiB cap
+DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
+
+
+@contextlib.contextmanager
+def staging_folder(out: Path):
+    """Yield an empty folder beside `out`; on success move its files into `out`, sidecar last."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    try:
+        yield tmp
+        out.mkdir(parents=True, exist_ok=True)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        sidecars = [p for p in files if p.suffix == ".json"]
+        for old in sidecars:  # an old sidecar must never describe half-replaced graphs
+            with contextlib.suppress(FileNotFoundError):
+                (out / old.name).unlink()
+        for p in [p for p in files if p not in sidecars] + sidecars:
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_graph(module, args, path: Path, opset: int, input_names, output_names, dynamic_axes,
+                  external_data: bool | None) -> None:
+    work = path.parent / f".{path.stem}.work"
+    work.mkdir()
+    raw = work / path.name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about tensor→int conversions we avoid on purpose
+        torch.onnx.export(module, args, str(raw), dynamo=False, opset_version=opset, do_constant_folding=True,
+                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes)
+    _save_consolidated(raw, path, external_data)
+    shutil.rmtree(work)
+
+
+def _save_consolidated(src: Path, dst: Path, external_data: bool | None) -> None:
+    """Re-save with all weights inline, or (large models / on request) in one `<name>.data` file."""
+    import onnx
+
+    model = onnx.load(str(src))  # pulls in scattered external tensors if torch wrote any
+    size = model.ByteSize() if external_data is None else 0
+    if external_data or (external_data is None and size > PROTOBUF_LIMIT):
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _simplify(path: Path) -> None:
+    import onnx
+    import onnxslim
+
+    external = (path.parent / (path.name + ".data")).exists()
+    slim = onnxslim.slim(str(path))
+    if external:
+        (path.parent / (path.name + ".data")).unlink()
+        onnx.save_model(slim, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(slim, str(path))
+
+
+def _file_info(path: Path) -> dict:
+    from medico_peft.utils.hashing import sha256_file
+
+    info = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    data = path.parent / (path.name + ".data")
+    if data.exists():
+        info["external_data"] = {"name": data.name, "sha256": sha256_file(data), "bytes": data.stat().st_size}
+    return info
+
+
+def export_onnx(model, out_dir: str | os.PathLike, *, opset: int = MIN_OPSET, with_preprocess: bool = False,
+                input_dtype: str = "uint8", mask_outputs: str = "all", simplify: bool = False,
+                tolerance: Tolerance | None = None, adapter_info: dict | None = None,
+                external_data: bool | None = None, parity_random: int = 4, parity_real: int = 1,
+                threads: int | None = None) -> dict:
+    """Export, gate on parity, write atomically; returns the sidecar dict."""
+    import onnx
+    import onnxruntime
+
+    from medico_peft import __version__
+    from medico_peft.runtime.ort_backend import OrtBackend
+    from medico_peft.runtime.preprocess import intensity_mode
+
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset: expected >= {MIN_OPSET} (LayerNormalization, dynamic Resize), got {opset}")
+    if input_dtype not in ("uint8", "float32"):
+        raise ExportError(f"input_dtype: expected uint8 or float32, got {input_dtype!r}")
+    tolerance = tolerance or Tolerance()
+    model = model.eval()
+    spec, s, e = model.spec, model.img_size, model.spec.embedding_size
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    with staging_folder(out) as stage, torch.no_grad():
+        intensity = intensity_mode(spec.family, input_dtype)
+        enc = EncoderWrapper(model, with_preprocess, intensity)
+        if with_preprocess:
+            dummy = (torch.randint(0, 255, (s * 3 // 4, s, 3), dtype=torch.uint8) if input_dtype == "uint8"
+                     else torch.rand(s * 3 // 4, s, 3))
+            enc_axes = {"image": {0: "height", 1: "width"}}
+        else:
+            dummy, enc_axes = torch.rand(1, 3, s, s), None
+        _export_graph(enc, (dummy,), stage / "encoder.onnx", opset, ["image"], ["image_embeddings"], enc_axes,
+                      external_data)
+        dec = DecoderWrapper(model, mask_outputs)
+        c = spec.prompt_dim
+        dec_args = (torch.randn(1, c, e, e), torch.tensor([[[10.0, 20.0], [30.0, 5.0], [0.0, 0.0]]]),
+                    torch.tensor([[1.0, 0.0, -1.0]]), torch.zeros(1, 1, 4 * e, 4 * e), torch.tensor([0.0]),
+                    torch.tensor([float(s) * 0.75, float(s)]))
+        dec_axes = {"point_coords": {1: "num_points"}, "point_labels": {1: "num_points"},
+                    "masks": {2: "height", 3: "width"}}
+        _export_graph(dec, dec_args, stage / "decoder.onnx", opset, DECODER_INPUTS, DECODER_OUTPUTS, dec_axes,
+                      external_data)
+        if simplify:
+            for name in ("encoder.onnx", "decoder.onnx"):
+                _simplify(stage / name)
+        export_seconds = time.perf_counter() - t0
+        meta = {
+            "kind": "onnx",
+            "model": {"spec": spec.to_dict(), "embedding_size": e, "base_sha256": getattr(model, "base_sha256", None),
+                      "base_source": getattr(model, "base_source", None)},
+            "adapter": (adapter_info or {}).get("adapter"),
+            "fuse_max_abs_error": (adapter_info or {}).get("fuse_max_abs_error"),
+            "opset": opset, "with_preprocess": with_preprocess, "input_dtype": input_dtype, "intensity": intensity,
+            "mask_outputs": mask_outputs, "simplified": simplify,
+            "mask_index": "0 = single-mask answer, 1..3 = multimask answers" if mask_outputs == "all" else mask_outputs,
+            "files": {"encoder": _file_info(stage / "encoder.onnx"), "decoder": _file_info(stage / "decoder.onnx")},
+            "io": {"encoder": onnx_io(stage / "encoder.onnx"), "decoder": onnx_io(stage / "decoder.onnx")},
+            "versions": {"medico_peft": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "export_seconds": round(export_seconds, 2),
+        }
+        write_sidecar(stage / ONNX_SIDECAR, meta)
+        backend = OrtBackend(stage, threads=threads)
+        multimask_cases = {"all": (False, True), "single": (False,), "multi": (True,)}[mask_outputs]
+        rows = run_parity(model, backend, parity_random, parity_real, multimask_cases)
+        maxima = gate(rows, tolerance, f"ONNX export to {out}")
+        meta["parity"] = {"backend": "onnxruntime-cpu", "reference": "torch fp32", "tolerance": tolerance.to_dict(),
+                          "max": maxima, "rows": rows}
+        write_sidecar(stage / ONNX_SIDECAR, meta)
+    return meta

@@ -1,0 +1,87 @@
+"""ONNX-friendly modules around a `MedSam`: the image encoder (optionally with preprocessing in
+the graph) and the prompt decoder with SAM's ONNX interface.
+
+The decoder takes `orig_im_size` as an *input* (float h, w) and derives the resized size with
+tensor arithmetic, so one graph serves every aspect ratio. It returns all four mask tokens
+(index 0 = the single-mask answer, 1..3 = the multimask answers) unless `mask_outputs` narrows it,
+so one exported decoder serves `predict(multimask=False)` and `predict(multimask=True)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medico_peft.runtime.preprocess import preprocess_image, resized_hw, upscale_masks
+
+MASK_OUTPUTS = {"all": slice(0, None), "single": slice(0, 1), "multi": slice(1, None)}
+
+
+class EncoderWrapper(nn.Module):
+    """image → embeddings. Without preprocessing the input is (1, 3, S, S) in [0, 1] (padded);
+    with it, an (H, W, 3) uint8 or float image of any size (resize, intensity, pad in-graph)."""
+
+    def __init__(self, model, with_preprocess: bool = False, intensity: str = "minmax"):
+        super().__init__()
+        self.model = model
+        self.with_preprocess = with_preprocess
+        self.intensity = intensity
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if self.with_preprocess:
+            image = preprocess_image(image, self.model.img_size, self.intensity)
+        return self.model.image_encoder(self.model.normalize(image))
+
+
+class DecoderWrapper(nn.Module):
+    """SAM's ONNX decoder interface; coordinates are pixels of the *original* image."""
+
+    def __init__(self, model, mask_outputs: str = "all"):
+        super().__init__()
+        if mask_outputs not in MASK_OUTPUTS:
+            raise ValueError(f"mask_outputs: expected one of {list(MASK_OUTPUTS)}, got {mask_outputs!r}")
+        self.model = model
+        self.mask_slice = MASK_OUTPUTS[mask_outputs]
+
+    def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pe_layer = self.model.prompt_encoder.pe_layer
+        pe = pe_layer._pe_encoding((coords + 0.5) / self.model.img_size)
+        labels = labels.unsqueeze(-1)
+        pe = pe * (labels != -1)
+        pe = pe + self.model.prompt_encoder.not_a_point_embed.weight * (labels == -1)
+        for i, emb in enumerate(self.model.prompt_encoder.point_embeddings):
+            pe = pe + emb.weight * (labels == i)
+        return pe
+
+    def _embed_mask(self, mask_input: torch.Tensor, has_mask_input: torch.Tensor) -> torch.Tensor:
+        pe = self.model.prompt_encoder
+        dense = pe.mask_downscaling(mask_input) * has_mask_input
+        return dense + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
+
+    def _decode_all(self, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+        """`MedSam.decode` for one image, returning every mask token (the parity gate checks it)."""
+        md = self.model.mask_decoder
+        tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0).unsqueeze(0)
+        tokens = torch.cat([tokens, sparse], dim=1)
+        src = emb + dense
+        pos = self.model.prompt_encoder.get_dense_pe()
+        b, c, h, w = src.shape
+        hs, src = md.transformer(src, pos, tokens)
+        mask_out = hs[:, 1:1 + md.num_mask_tokens, :]
+        up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
+        b, c, h, w = up.shape
+        masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        iou = md.iou_prediction_head(hs[:, 0, :])
+        return masks[:, self.mask_slice], iou[:, self.mask_slice]
+
+    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input, orig_im_size):
+        h, w = orig_im_size[0], orig_im_size[1]
+        nh, nw = resized_hw(h, w, self.model.img_size)
+        coords = point_coords * torch.stack([nw / w, nh / h])
+        sparse = self._embed_points(coords, point_labels)
+        dense = self._embed_mask(mask_input, has_mask_input)
+        low, iou = self._decode_all(image_embeddings, sparse, dense)
+        # TensorRT builds drop `masks` (see tensorrt_build.strip_full_res_output): there
+        # orig_im_size then only feeds arithmetic, never a shape.
+        return upscale_masks(low, orig_im_size, self.model.img_size), iou, low

@@ -1,0 +1,105 @@
+"""onnxruntime backend over the folder written by `medico-peft export onnx`.
+
+The sessions' inputs/outputs are checked against the sidecar on load, so a graph copied in from
+another model fails with the expected and found shapes instead of a cryptic runtime error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, ExportError
+from .preprocess import intensity_mode, preprocess_image
+
+MASK_SLICES = {"all": {False: slice(0, 1), True: slice(1, None)}, "single": {False: slice(0, None)},
+               "multi": {True: slice(0, None)}}
+
+
+def make_session(path: Path, threads: int | None = None, providers=None, optimize: bool = True):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ExportError(f"{path}: onnxruntime cannot load this graph ({type(exc).__name__}: {exc})") from None
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None, providers=None):
+        from medico_peft.export.sidecar import ONNX_SIDECAR, check_io, ort_io, read_sidecar
+
+        folder = Path(folder)
+        self.meta = read_sidecar(folder / ONNX_SIDECAR)
+        spec = self.meta["model"]["spec"]
+        self.img_size = int(spec["img_size"])
+        self.family = spec["family"]
+        self.embedding_size = int(self.meta["model"]["embedding_size"])
+        self.with_preprocess = bool(self.meta["with_preprocess"])
+        self.input_dtype = self.meta.get("input_dtype", "uint8")
+        self.mask_outputs = self.meta["mask_outputs"]
+        self.sessions = {}
+        for part in ("encoder", "decoder"):
+            path = folder / self.meta["files"][part]["name"]
+            if not path.is_file():
+                raise ExportError(f"{path}: missing; expected the {part} graph listed in {folder / ONNX_SIDECAR}")
+            sess = make_session(path, threads, providers)
+            check_io(self.meta["io"][part], ort_io(sess), str(path))
+            self.sessions[part] = sess
+        enc_out = list(self.sessions["encoder"].get_outputs()[0].shape)
+        dec_in = list(self.sessions["decoder"].get_inputs()[0].shape)
+        if all(isinstance(d, int) for d in enc_out + dec_in) and enc_out != dec_in:
+            raise ExportError(f"{folder}: encoder output {enc_out} does not fit decoder input {dec_in}; "
+                              "the two graphs come from different models")
+
+    def encode(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        if self.with_preprocess:
+            if np.dtype(self.input_dtype) != image_hwc3.dtype:
+                if self.input_dtype == "float32":
+                    image_hwc3 = image_hwc3.astype(np.float32)
+                else:
+                    raise DataError(f"image: this encoder was exported for {self.input_dtype} input (in-graph "
+                                    f"preprocessing), got {image_hwc3.dtype}; re-export or pass {self.input_dtype}")
+            feed = image_hwc3
+        else:
+            mode = intensity_mode(self.family, image_hwc3.dtype)
+            feed = preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).numpy()
+        (emb,) = self.sessions["encoder"].run(None, {"image": feed})
+        return torch.from_numpy(emb)
+
+    def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
+        sl = MASK_SLICES[self.mask_outputs].get(bool(multimask))
+        if sl is None:
+            raise ExportError(f"decoder was exported with mask_outputs={self.mask_outputs!r}; it cannot answer "
+                              f"multimask={multimask} (re-export with --mask-outputs all)")
+        feed = decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, self.embedding_size)
+        outputs = dict(zip([o.name for o in self.sessions["decoder"].get_outputs()],
+                           self.sessions["decoder"].run(None, feed)))
+        low = torch.from_numpy(outputs["low_res_masks"])[:, sl]
+        iou = torch.from_numpy(outputs["iou_predictions"])[:, sl]
+        return low, iou
+
+
+def decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, embedding_size: int) -> dict:
+    side = 4 * embedding_size
+    if mask_input is None:
+        mask_input = np.zeros((1, 1, side, side), np.float32)
+    return {
+        "image_embeddings": np.ascontiguousarray(np.asarray(embeddings, dtype=np.float32)),
+        "point_coords": np.asarray(coords, np.float32),
+        "point_labels": np.asarray(labels, np.float32),
+        "mask_input": np.asarray(mask_input, np.float32).reshape(1, 1, side, side),
+        "has_mask_input": np.asarray([has_mask_input], np.float32).reshape(1),
+        "orig_im_size": np.asarray(orig_hw, np.float32),
+    }

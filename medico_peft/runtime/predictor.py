@@ -1,0 +1,84 @@
+"""One predictor over every backend: the same `set_image` / `predict` call, the same preprocessing
+and postprocessing, whichever engine computes the embeddings and the decoder."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import DataError
+from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
+
+
+@dataclass
+class Prediction:
+    masks: np.ndarray            # (M, H, W) bool at the original resolution
+    scores: np.ndarray           # (M,) predicted IoU
+    low_res_logits: np.ndarray   # (M, 4E, 4E) — feed one back as `mask_input` to refine
+    logits: np.ndarray           # (M, H, W) float logits at the original resolution
+
+
+class Predictor:
+    def __init__(self, backend, cache_size: int = 4):
+        self.backend = backend
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = cache_size
+        self._embeddings = None
+        self._orig_hw = None
+
+    @classmethod
+    def from_torch(cls, model, **kw) -> "Predictor":
+        from .torch_backend import TorchBackend
+
+        return cls(TorchBackend(model), **kw)
+
+    @classmethod
+    def from_onnx(cls, folder, threads: int | None = None, providers=None, **kw) -> "Predictor":
+        from .ort_backend import OrtBackend
+
+        return cls(OrtBackend(folder, threads=threads, providers=providers), **kw)
+
+    @classmethod
+    def from_tensorrt(cls, folder, **kw) -> "Predictor":
+        from .trt_backend import TrtBackend
+
+        return cls(TrtBackend(folder), **kw)
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def set_image(self, image) -> "Predictor":
+        """Encode an image (H×W, H×W×1 or H×W×3; uint8 or float); embeddings are cached by content."""
+        arr = as_hwc3(image)
+        key = hashlib.sha256(arr.tobytes() + str((arr.shape, arr.dtype.str)).encode()).hexdigest()
+        if key in self._cache:
+            self._cache.move_to_end(key)
+        else:
+            self._cache[key] = self.backend.encode(arr)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        self._embeddings = self._cache[key]
+        self._orig_hw = (arr.shape[0], arr.shape[1])
+        return self
+
+    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False) -> Prediction:
+        """Points (x, y) and box (x0, y0, x1, y1) are pixels of the original image."""
+        if self._embeddings is None:
+            raise DataError("predict: no image set; call set_image(image) first")
+        coords, labs = build_prompt_arrays(self._orig_hw, points, labels, box)
+        side = 4 * self.backend.embedding_size
+        has_mask = 0.0
+        if mask_input is not None:
+            mask_input = np.asarray(mask_input, np.float32)
+            if mask_input.size != side * side:
+                raise DataError(f"mask_input: expected {side}×{side} low-res logits, got shape {mask_input.shape}")
+            mask_input, has_mask = mask_input.reshape(1, 1, side, side), 1.0
+        low, iou = self.backend.decode(self._embeddings, coords, labs, mask_input, has_mask, self._orig_hw, multimask)
+        logits = upscale_masks(low.float(), torch.tensor(self._orig_hw, dtype=torch.float32), self.backend.img_size)
+        return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),
+                          logits=logits[0].numpy())
