@@ -8,6 +8,7 @@ The fused model is checked against the unfused one on a random input before it i
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -17,16 +18,11 @@ from medico_peft.errors import ExportError
 FUSE_ATOL = 1e-4
 
 
-def is_injected(model) -> bool:
-    """True when tuner modules (ours or peft's) are present, i.e. there is something to merge."""
-    return any(type(m).__module__.startswith(("medico_peft.tuners", "peft.")) for m in model.modules())
-
-
 def fuse(model, adapter: str | os.PathLike | None = None, check: bool = True):
     """(model with LoRA folded, info dict with the adapter's sha256 and method)."""
     from medico_peft.utils.hashing import sha256_file
 
-    info: dict = {"adapter": None}
+    info: dict = {"adapter": None, "base_sha256": getattr(model, "base_sha256", None)}
     if adapter is not None:
         try:
             from medico_peft.adapters import load_adapter
@@ -34,15 +30,21 @@ def fuse(model, adapter: str | os.PathLike | None = None, check: bool = True):
             raise ExportError(f"{adapter}: adapters need medico_peft.adapters ({exc})") from None
         model = load_adapter(model, adapter)  # verifies the base sha256 (AdapterError otherwise)
         info["adapter"] = {"path": str(Path(adapter)), "sha256": sha256_file(adapter)}
+    try:
+        from medico_peft.tuners import is_injected, merge
+    except ImportError:  # tuners not installed: nothing can be injected either
+        return model.eval(), info
     if not is_injected(model):
         return model.eval(), info
-    from medico_peft.tuners import merge
-
     model.eval()
+    info["method"] = model.peft_config.method
+    if model.peft_config.method == "adapter":
+        info["kept_as_ops"] = "bottleneck adapters (cannot fold into weights)"
     probe = _probe_outputs(model) if check else None
-    merged = merge(model).eval()
-    if merged.base_sha256 is None:
-        merged.base_sha256 = getattr(model, "base_sha256", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # merge warns that bottleneck adapters stay: expected here
+        merged = merge(model).eval()
+    info["merged_sha256"] = merged.base_sha256
     if check:
         err = max((a - b).abs().max().item() for a, b in zip(probe, _probe_outputs(merged)))
         info["fuse_max_abs_error"] = err

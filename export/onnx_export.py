@@ -146,10 +146,12 @@ def export_onnx(model, out_dir: str | os.PathLike, *, opset: int = MIN_OPSET, wi
         export_seconds = time.perf_counter() - t0
         meta = {
             "kind": "onnx",
-            "model": {"spec": spec.to_dict(), "embedding_size": e, "base_sha256": getattr(model, "base_sha256", None),
+            "model": {"spec": spec.to_dict(), "embedding_size": e,
+                      "base_sha256": (adapter_info or {}).get("base_sha256") or getattr(model, "base_sha256", None),
+                      "merged_sha256": (adapter_info or {}).get("merged_sha256"),
                       "base_source": getattr(model, "base_source", None)},
             "adapter": (adapter_info or {}).get("adapter"),
-            "fuse_max_abs_error": (adapter_info or {}).get("fuse_max_abs_error"),
+            "fuse": {k: v for k, v in (adapter_info or {}).items() if k not in ("adapter", "base_sha256")},
             "opset": opset, "with_preprocess": with_preprocess, "input_dtype": input_dtype, "intensity": intensity,
             "mask_outputs": mask_outputs, "simplified": simplify,
             "mask_index": "0 = single-mask answer, 1..3 = multimask answers" if mask_outputs == "all" else mask_outputs,
