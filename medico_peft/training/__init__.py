@@ -1,1 +1,22 @@
-"""training stage."""
+"""Training: interactive (point/box + corrective clicks) PEFT training of SAM with memory modes and exact resume.
+
+    from medico_peft.training import TrainConfig, train
+    cfg = TrainConfig.from_yaml("configs/litemedsam_lora.yaml", overrides=["optim.lr=3e-4"])
+    result = train(cfg)          # TrainResult: out_dir, adapter_path, best_val_dice, history, ...
+
+Heavy modules (torch, peft) load on first use of `train`.
+"""
+
+from __future__ import annotations
+
+from .config import TrainConfig
+
+__all__ = ["TrainConfig", "train", "TrainResult", "NonFiniteLossError"]
+
+
+def __getattr__(name: str):
+    if name in ("train", "TrainResult", "NonFiniteLossError"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

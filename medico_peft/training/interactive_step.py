@@ -1,0 +1,131 @@
+"""One training step of interactive segmentation (the MedicoSAM / micro-sam recipe).
+
+Per batch the images are encoded once. Every valid object starts from a single point (multimask
+output; the loss takes the best of the three masks, since one point is ambiguous) or from its box
+(one mask), alternating per iteration. Then `sub_iterations` times: a random positive click in the
+false negatives and a negative click in the false positives of the current best mask are appended
+to the prompt, and with probability `mask_feed_prob` the previous low-res logits are fed back as
+mask input. The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
+sub-iterations and back-propagated once.
+
+Gradient choice: all sub-iterations share the image embedding, so gradients of every
+sub-iteration reach the encoder through it. The fed-back logits and the clicks are detached (as in
+micro-sam): a click is a discrete choice anyway, and the graph then grows linearly, not
+quadratically, with the number of sub-iterations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..evaluation.clicks import random_corrections
+from ..evaluation.metrics import dice_per_object
+from .losses import mask_losses, true_iou
+from .memory import SegmentedEncoder
+
+
+def valid_objects(batch: dict, device: torch.device) -> dict:
+    """Flatten (B, N, ...) objects to (K, ...) rows, dropping padding objects; adds `image_index`."""
+    valid = batch["object_valid"].bool()
+    image_index = valid.nonzero()[:, 0]
+    out = {"image_index": image_index.to(device)}
+    for key in ("masks", "boxes", "points", "point_labels"):
+        out[key] = batch[key][valid].to(device)
+    return out
+
+
+def first_prompt(objs: dict, kind: str) -> dict:
+    """A single (positive) point with multimask output, or the box with one mask."""
+    if kind == "point":
+        return {"points": objs["points"][:, :1].float(), "point_labels": objs["point_labels"][:, :1].long(),
+                "boxes": None, "multimask": True}
+    return {"points": None, "point_labels": None, "boxes": objs["boxes"].float(), "multimask": False}
+
+
+def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator) -> dict:
+    """Append one corrective positive and one negative click per object (on CPU: the generator lives there)."""
+    pts, lbl = random_corrections(pred.cpu(), gt.cpu(), generator)
+    device = gt.device
+    pts, lbl = pts.to(device), lbl.to(device)
+    if prompt["points"] is not None:
+        pts = torch.cat([prompt["points"], pts], dim=1)
+        lbl = torch.cat([prompt["point_labels"], lbl], dim=1)
+    return {**prompt, "points": pts, "point_labels": lbl, "multimask": False}
+
+
+class InteractiveStep(nn.Module):
+    """Module whose forward is the whole interactive loss, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, encoder: SegmentedEncoder, loss_cfg, sub_iterations: int,
+                 mask_feed_prob: float):
+        super().__init__()
+        self.model = model
+        self.encoder = encoder
+        self.loss_cfg = loss_cfg
+        self.sub_iterations = sub_iterations
+        self.mask_feed_prob = mask_feed_prob
+
+    def forward(self, images: torch.Tensor, batch: dict, prompt_kind: str, generator: torch.Generator):
+        model = self.model
+        emb = self.encoder(images)
+        objs = valid_objects(batch, images.device)
+        if objs["image_index"].numel() == 0:  # nothing to learn from; keep every rank's graph alive
+            return emb.float().sum() * 0.0, {"dice": float("nan"), "objects": 0}
+        gt = objs["masks"] > 0.5
+        prompt = first_prompt(objs, prompt_kind)
+        mask_input = None
+        total = 0.0
+        n_iter = self.sub_iterations + 1
+        for it in range(n_iter):
+            sparse, dense = model.embed_prompts(prompt["points"], prompt["point_labels"], prompt["boxes"], mask_input)
+            low, iou_pred = model.decode(emb, sparse, dense, image_index=objs["image_index"],
+                                         multimask=prompt["multimask"])
+            logits = model.upscale_logits(low).float()
+            per_mask = mask_losses(logits, gt, self.loss_cfg)  # (K, M)
+            best = per_mask.argmin(dim=1)
+            rows = torch.arange(best.numel(), device=best.device)
+            loss = per_mask[rows, best].mean()
+            if self.loss_cfg.iou_mse:
+                loss = loss + self.loss_cfg.iou_mse * ((iou_pred.float() - true_iou(logits, gt)) ** 2).mean()
+            total = total + loss
+            pred = (logits[rows, best] > 0).detach()
+            if it == n_iter - 1:
+                break
+            prompt = add_clicks(prompt, pred, gt, generator)
+            feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
+            mask_input = low[rows, best].unsqueeze(1).detach() if feed else None
+        dice = dice_per_object(pred, gt).mean().item()
+        return total / n_iter, {"dice": dice, "objects": int(gt.shape[0])}
+
+
+def prompt_kind_for(step: int, mode: str) -> str:
+    """`alternate` switches between a point and a box every iteration (micro-sam)."""
+    if mode == "alternate":
+        return "point" if step % 2 == 0 else "box"
+    return mode
+
+
+@torch.no_grad()
+def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, device: torch.device, clicks: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice per object after the box prompt and after `clicks` corrective clicks (logits fed back)."""
+    images = batch["image"].to(device)
+    emb = encoder(images)
+    objs = valid_objects(batch, device)
+    if objs["image_index"].numel() == 0:
+        empty = torch.zeros(0)
+        return empty, empty
+    gt = objs["masks"] > 0.5
+    prompt = first_prompt(objs, "box")
+    mask_input = None
+    for it in range(clicks + 1):
+        sparse, dense = model.embed_prompts(prompt["points"], prompt["point_labels"], prompt["boxes"], mask_input)
+        low, _ = model.decode(emb, sparse, dense, image_index=objs["image_index"], multimask=False)
+        pred = model.upscale_logits(low)[:, 0] > 0
+        if it == 0:
+            box_dice = dice_per_object(pred, gt).cpu()
+        if it < clicks:
+            prompt = add_clicks(prompt, pred, gt, generator)
+            mask_input = low
+    return box_dice, dice_per_object(pred, gt).cpu()

@@ -1,0 +1,99 @@
+"""What a person watches and reads: a tqdm bar, TensorBoard scalars, `metrics.csv` and `curves.png`.
+
+Only rank 0 logs. TensorBoard is optional (imported lazily, skipped with one warning when missing).
+`metrics.csv` is rewritten from the full history each epoch (atomically), so a resumed run never
+duplicates or loses rows.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import warnings
+from pathlib import Path
+
+from ..utils.atomic import atomic_path, atomic_write_text
+
+
+def progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False,
+                unit="it")
+
+
+class RunLogger:
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
+        self.out_dir = out_dir
+        self.enabled = enabled
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                warnings.warn("tensorboard is not installed; TensorBoard logging skipped "
+                              "(pip install 'medico-peft[logging]')", stacklevel=2)
+            else:
+                self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+
+    def scalars(self, step: int, values: dict, prefix: str) -> None:
+        if self.writer is None:
+            return
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def epoch(self, history: list[dict]) -> None:
+        if not self.enabled or not history:
+            return
+        self.scalars(int(history[-1].get("step", 0)), history[-1], "epoch")
+        if self.writer is not None:
+            self.writer.flush()
+        write_metrics_csv(self.out_dir / "metrics.csv", history)
+
+    def close(self, history: list[dict]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.enabled and history:
+            plot_curves(self.out_dir / "curves.png", history)
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    columns: list[str] = []
+    for row in history:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, buf.getvalue())
+
+
+def plot_curves(path: Path, history: list[dict]) -> None:
+    """Loss and Dice per epoch in one PNG (matplotlib Agg, no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [row.get("train_loss", math.nan) for row in history], marker="o", label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    for key, label in (("train_dice", "train Dice"), ("val_dice_box", "val Dice (box)"),
+                       ("val_dice", "val Dice (box + clicks)")):
+        values = [row.get(key, math.nan) for row in history]
+        if any(isinstance(v, float) and math.isfinite(v) for v in values):
+            ax_dice.plot(epochs, values, marker="o", label=label)
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("Dice")
+    ax_dice.set_ylim(0, 1)
+    ax_dice.legend()
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
