@@ -1,0 +1,292 @@
+"""MedicoSAM's interactive segmentation protocol: a start prompt, then corrective clicks.
+
+Per object: start from one tight box (single-mask output) or one positive point at the object's
+centre (the maximum of its distance transform; multimask output, keep the mask with the highest
+predicted IoU). Then `n_clicks` times: one click at the centre of the deeper error region
+(`center_correction`), added to all previous points, with the previous low-res logits fed back
+as mask input. Dice is measured after every step, at the model input resolution (S×S, cropped to
+the non-padded content), which is where the labels live in the shards.
+
+All objects of a slice are decoded together against one image embedding, so an image is encoded
+once per slice whatever the number of objects and clicks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .clicks import center_correction
+from .metrics import dice_per_object
+from .segmenter import Segmenter, as_segmenter
+
+STARTS = ("box", "point")
+
+
+def object_center(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the pixel deepest inside the mask: a click in its middle, even for a ring or a C shape."""
+    from scipy.ndimage import distance_transform_edt
+
+    dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    return float(x), float(y)
+
+
+def tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """Inclusive xyxy box around the mask (the box a reader draws exactly around the object)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
+
+
+def logits_to_masks(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
+    """(K, 1, h, w) low-res logits → (K, H, W) bool masks at the S×S input, cropped to the content."""
+    up = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
+    return up[:, 0, : input_size[0], : input_size[1]] > 0
+
+
+@dataclass
+class SliceTrace:
+    """Everything one slice's protocol produced: Dice per object per step and the prompts used."""
+
+    dice: np.ndarray  # (K, n_clicks + 1)
+    start_masks: np.ndarray  # (K, H, W) bool
+    final_masks: np.ndarray  # (K, H, W) bool
+    points: np.ndarray  # (K, P, 2) xy of all clicks (start point included for start="point")
+    point_labels: np.ndarray  # (K, P) 1/0/-1
+    boxes: np.ndarray | None  # (K, 4) for start="box"
+
+
+def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, input_size: tuple[int, int],
+                 start: str = "box", n_clicks: int = 7, use_mask_input: bool = True) -> SliceTrace:
+    """Run the protocol for K objects of one image; gt is (K, H, W) bool at the cropped input size.
+
+    `use_mask_input=False` drops the fed-back logits (a diagnostic: box-only models such as
+    zero-shot LiteMedSAM never saw mask inputs and can degrade with them).
+    """
+    if start not in STARTS:
+        raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
+    k = gt.shape[0]
+    gt_t = torch.from_numpy(gt)
+    emb = segmenter.embed(image)
+    size = segmenter.img_size
+
+    points = torch.zeros((k, 0, 2), dtype=torch.float32)
+    labels = torch.zeros((k, 0), dtype=torch.long)
+    boxes = None
+    if start == "box":
+        boxes = torch.tensor([tight_box(m) for m in gt], dtype=torch.float32)
+        low, _ = segmenter.predict(emb, None, None, boxes, None, False)
+    else:
+        points = torch.tensor([[object_center(m)] for m in gt], dtype=torch.float32)
+        labels = torch.ones((k, 1), dtype=torch.long)
+        low, iou = segmenter.predict(emb, points, labels, None, None, True)
+        best = iou.argmax(dim=1)
+        low = low[torch.arange(k), best].unsqueeze(1)
+    low = low[:, :1]
+    masks = logits_to_masks(low, size, input_size)
+    dice = [dice_per_object(masks, gt_t).numpy()]
+    start_masks = masks.numpy().copy()
+
+    for _ in range(n_clicks):
+        new_xy = torch.zeros((k, 1, 2), dtype=torch.float32)
+        new_label = torch.full((k, 1), -1, dtype=torch.long)  # -1: already perfect, no click
+        for j in range(k):
+            click = center_correction(masks[j].numpy(), gt[j])
+            if click is not None:
+                new_xy[j, 0] = torch.tensor(click[0])
+                new_label[j, 0] = click[1]
+        points = torch.cat([points, new_xy], dim=1)
+        labels = torch.cat([labels, new_label], dim=1)
+        low, _ = segmenter.predict(emb, points, labels, boxes, low if use_mask_input else None, False)
+        low = low[:, :1]
+        masks = logits_to_masks(low, size, input_size)
+        dice.append(dice_per_object(masks, gt_t).numpy())
+
+    return SliceTrace(np.stack(dice, axis=1), start_masks, masks.numpy(), points.numpy(), labels.numpy(),
+                      None if boxes is None else boxes.numpy())
+
+
+@dataclass
+class OverlayCase:
+    """One object kept for an overlay figure (image crop, truth, start and final predictions)."""
+
+    title: str
+    image: np.ndarray  # (H, W) float
+    gt: np.ndarray
+    start_mask: np.ndarray
+    final_mask: np.ndarray
+    points: np.ndarray
+    point_labels: np.ndarray
+    box: np.ndarray | None
+    dice_start: float
+    dice_final: float
+
+
+@dataclass
+class EvalResult:
+    """Dice per step (0 = start prompt, i = after i clicks): overall, per label, and per object rows."""
+
+    start: str
+    n_clicks: int
+    split: str
+    mean_dice: list[float]
+    per_label: dict[str, list[float]]
+    label_counts: dict[str, int]
+    rows: list[dict]
+    n_slices: int
+    seconds: float
+    cases: list[OverlayCase] = field(default_factory=list, repr=False)
+    out_dir: Path | None = None
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.rows)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (rows and overlay pixels left out; they live in per_object.csv / PNGs)."""
+        return {"start": self.start, "n_clicks": self.n_clicks, "split": self.split,
+                "mean_dice": self.mean_dice, "per_label": self.per_label, "label_counts": self.label_counts,
+                "n_slices": self.n_slices, "n_objects": self.n_objects, "seconds": round(self.seconds, 2),
+                "files": {k: str(v) for k, v in self.files.items()}}
+
+
+def resolve_labels(labels: Sequence[int | str] | None, label_names: dict[int, str], where: str) -> list[int] | None:
+    """Label ids from ids, names or shell-style globs ("Precentral_*"); ConfigError names what matched nothing."""
+    if labels is None or len(labels) == 0:
+        return None
+    ids: set[int] = set()
+    for item in labels:
+        text = str(item).strip()
+        if text.isdigit():
+            if int(text) not in label_names:
+                raise ConfigError(f"labels: id {text} is not in {where} (ids {min(label_names)}..{max(label_names)})")
+            ids.add(int(text))
+            continue
+        hits = [i for i, name in label_names.items() if fnmatch.fnmatchcase(name.lower(), text.lower())]
+        if not hits:
+            raise ConfigError(f"labels: {text!r} matches no label name in {where}")
+        ids.update(hits)
+    return sorted(ids)
+
+
+def _count_slices(manifest, split: str) -> int:
+    return sum(entry.n_samples for entry in manifest.shards_for(split))
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def evaluate_interactive(model, manifest, split: str = "test", start: str = "box", n_clicks: int = 7,
+                         out_dir=None, max_slices: int | None = None, labels: Sequence[int | str] | None = None,
+                         n_overlays: int = 4, max_objects_per_batch: int = 16, progress: bool = True,
+                         title: str | None = None, use_mask_input: bool = True) -> EvalResult:
+    """Score a model (a `MedSam`, or any `Segmenter`) with the interactive protocol on one split.
+
+    With `out_dir`, writes per_object.csv, summary.md, summary.json, dice_vs_clicks.png and
+    overlay PNGs there. `max_slices` takes the first N eligible slices in shard order, so two
+    models evaluated with the same arguments see exactly the same objects.
+    """
+    from tqdm.auto import tqdm
+
+    from ..data.dataset import iter_eval_slices
+    from ..data.manifest import load_manifest
+
+    if start not in STARTS:
+        raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
+    if not isinstance(n_clicks, int) or n_clicks < 0:
+        raise ConfigError(f"clicks: {n_clicks!r} should be an int >= 0")
+    if max_slices is not None and max_slices < 1:
+        raise ConfigError(f"max_slices: {max_slices!r} should be >= 1")
+    loaded = load_manifest(manifest)
+    label_ids = resolve_labels(labels, loaded.label_names, str(manifest))
+    segmenter = as_segmenter(model)
+    if segmenter.img_size != loaded.image_size:
+        raise ConfigError(f"{manifest}: shards are {loaded.image_size}² but the model takes "
+                          f"{segmenter.img_size}² input; convert the data with --size {segmenter.img_size}")
+    module = model if isinstance(model, torch.nn.Module) else None
+    was_training = module.training if module is not None else False
+    if module is not None:
+        module.eval()
+
+    started = time.perf_counter()
+    rows: list[dict] = []
+    cases: list[OverlayCase] = []
+    total = _count_slices(loaded, split)
+    total = min(total, max_slices) if max_slices else total
+    n_slices = 0
+    bar = tqdm(total=total, desc=f"evaluate {split} ({start} + {n_clicks} clicks)", unit="slice",
+               disable=not progress)
+    try:
+        for item in iter_eval_slices(manifest, split=split, label_ids=label_ids):
+            if max_slices is not None and n_slices >= max_slices:
+                break
+            h, w = item["input_size"]
+            label_map = item["label_map"][:h, :w].numpy()
+            ids = item["label_ids"]
+            gt = np.stack([label_map == i for i in ids])
+            dice_parts = []
+            traces = []
+            for lo in range(0, len(ids), max_objects_per_batch):
+                trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w),
+                                     start, n_clicks, use_mask_input)
+                traces.append((lo, trace))
+                dice_parts.append(trace.dice)
+            dice = np.concatenate(dice_parts, axis=0)
+            for j, obj in enumerate(ids):
+                row = {"volume_id": item["volume_id"], "slice_index": item["slice_index"], "sample": item["sample"],
+                       "label_id": obj, "label_name": item["label_names"][obj], "area": int(gt[j].sum()),
+                       "start": start}
+                row.update({f"dice_{i}": float(dice[j, i]) for i in range(n_clicks + 1)})
+                rows.append(row)
+            if len(cases) < n_overlays:
+                cases.append(_overlay_case(item, gt, traces, n_slices))
+            n_slices += 1
+            bar.update(1)
+            bar.set_postfix(dice=f"{_mean([r[f'dice_{n_clicks}'] for r in rows]):.3f}")
+    finally:
+        bar.close()
+        if module is not None:
+            module.train(was_training)
+
+    steps = [f"dice_{i}" for i in range(n_clicks + 1)]
+    per_label, counts = {}, {}
+    for name in sorted({r["label_name"] for r in rows}):
+        mine = [r for r in rows if r["label_name"] == name]
+        per_label[name] = [_mean([r[s] for r in mine]) for s in steps]
+        counts[name] = len(mine)
+    result = EvalResult(start=start, n_clicks=n_clicks, split=split,
+                        mean_dice=[_mean([r[s] for r in rows]) for s in steps], per_label=per_label,
+                        label_counts=counts, rows=rows, n_slices=n_slices,
+                        seconds=time.perf_counter() - started, cases=cases)
+    if out_dir is not None:
+        from .report import write_eval_outputs
+
+        write_eval_outputs(result, out_dir, title=title)
+    return result
+
+
+def _overlay_case(item: dict, gt: np.ndarray, traces, slice_no: int) -> OverlayCase:
+    """Pick one object per slice (cycling through the objects) so overlays show several labels."""
+    j = slice_no % gt.shape[0]
+    for lo, trace in traces:
+        if lo <= j < lo + trace.dice.shape[0]:
+            t, jj = trace, j - lo
+            break
+    h, w = gt.shape[1:]
+    obj = item["label_ids"][j]
+    return OverlayCase(
+        title=f"{item['volume_id']} slice {item['slice_index']} · {item['label_names'][obj]}",
+        image=item["image"][0, :h, :w].numpy(), gt=gt[j], start_mask=t.start_masks[jj],
+        final_mask=t.final_masks[jj], points=t.points[jj], point_labels=t.point_labels[jj],
+        box=None if t.boxes is None else t.boxes[jj],
+        dice_start=float(t.dice[jj, 0]), dice_final=float(t.dice[jj, -1]))

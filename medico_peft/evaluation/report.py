@@ -1,0 +1,147 @@
+"""Evaluation outputs: per-object CSV, markdown summary table, Dice-vs-clicks plot, overlay PNGs.
+
+Every file is written through `atomic_path`, so an interrupted evaluation never leaves a
+half-written report that looks finished. Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..utils.atomic import atomic_path, atomic_write_text
+
+
+def _fmt(value: float) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def step_names(n_clicks: int) -> list[str]:
+    return ["start"] + [f"+{i}" for i in range(1, n_clicks + 1)]
+
+
+def write_csv(rows: Sequence[dict], path) -> Path:
+    """One line per object: slice, label, area and Dice after each step."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        if rows:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def summary_markdown(result, title: str | None = None) -> str:
+    """Table: per label mean Dice at the start prompt and after each click, then the overall mean."""
+    steps = step_names(result.n_clicks)
+    head = title or f"Interactive evaluation ({result.split} split, {result.start} start)"
+    lines = [f"# {head}", "",
+             f"{result.n_objects} objects on {result.n_slices} slices; start = one {result.start}"
+             f"{' (tight)' if result.start == 'box' else ' at the object centre'}, then {result.n_clicks} "
+             f"corrective clicks; Dice at model input resolution; {result.seconds:.0f} s.", "",
+             "| label | n | " + " | ".join(steps) + " |",
+             "|---|---:|" + "---:|" * len(steps)]
+    for name, values in result.per_label.items():
+        lines.append(f"| {name} | {result.label_counts[name]} | " + " | ".join(_fmt(v) for v in values) + " |")
+    lines.append(f"| **overall (mean over objects)** | {result.n_objects} | "
+                 + " | ".join(f"**{_fmt(v)}**" for v in result.mean_dice) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_dice_curves(curves: dict[str, Sequence[float]], path, title: str = "Dice vs corrective clicks") -> Path:
+    """One line per curve (x = clicks after the start prompt); used for labels and for model comparisons."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, values in curves.items():
+        ax.plot(range(len(values)), values, marker="o", label=name)
+    ax.set_xlabel("corrective clicks (0 = start prompt)")
+    ax.set_ylabel("mean Dice")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def save_overlay(case, path) -> Path:
+    """Two panels (start prompt | final): image, ground-truth contour (green), prediction (red), prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), dpi=100)
+    start_points = 0 if case.box is not None else 1  # a point start shows its centre click
+    panels = [(case.start_mask, f"start: Dice {case.dice_start:.3f}", start_points),
+              (case.final_mask, f"after clicks: Dice {case.dice_final:.3f}", len(case.points))]
+    for ax, (mask, label, n_points) in zip(axes, panels):
+        ax.imshow(case.image, cmap="gray", vmin=0, vmax=1)
+        if case.gt.any():
+            ax.contour(case.gt.astype(float), levels=[0.5], colors="lime", linewidths=1.0)
+        if mask.any():
+            ax.contour(mask.astype(float), levels=[0.5], colors="red", linewidths=1.0)
+        if case.box is not None:
+            x0, y0, x1, y1 = case.box
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color="yellow", lw=0.8))
+        for (x, y), lab in zip(case.points[:n_points], case.point_labels[:n_points]):
+            if lab >= 0:
+                ax.plot(x, y, marker="+" if lab == 1 else "x", color="cyan" if lab == 1 else "magenta",
+                        markersize=7, mew=1.5)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(case.title + "  (green: truth, red: prediction)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def write_eval_outputs(result, out_dir, title: str | None = None) -> dict[str, Path]:
+    """All files of one evaluation into `out_dir`; their paths are recorded in `result.files`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"per_object_csv": write_csv(result.rows, out / "per_object.csv")}
+    curves = {"overall": result.mean_dice}
+    if len(result.per_label) <= 8:
+        curves.update(result.per_label)
+    files["dice_vs_clicks_png"] = plot_dice_curves(curves, out / "dice_vs_clicks.png",
+                                                   title=f"Dice vs clicks ({result.start} start)")
+    for i, case in enumerate(result.cases):
+        files[f"overlay_{i}"] = save_overlay(case, out / f"overlay_{i:02d}.png")
+    md = out / "summary.md"
+    atomic_write_text(md, summary_markdown(result, title))
+    files["summary_md"] = md
+    result.files = files
+    result.out_dir = out
+    js = out / "summary.json"
+    atomic_write_text(js, json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}},
+                                     indent=2) + "\n")
+    files["summary_json"] = js
+    return files
+
+
+def comparison_table(results: dict[str, object], after: int | None = None) -> str:
+    """Markdown rows "model | start | after N clicks" for several EvalResults with the same protocol."""
+    lines = []
+    for name, res in results.items():
+        n = res.n_clicks if after is None else min(after, res.n_clicks)
+        lines.append(f"| {name} | {_fmt(res.mean_dice[0])} | {_fmt(res.mean_dice[n])} |")
+    return "\n".join(lines)
+

@@ -1,0 +1,141 @@
+"""The interactive protocol's mechanics, with scripted segmenters whose answers are known exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medico_peft.errors import ConfigError
+from medico_peft.evaluation.interactive import object_center, resolve_labels, run_protocol, tight_box
+from medico_peft.evaluation.segmenter import Segmenter, TorchSegmenter, as_segmenter
+
+S = 32
+
+
+class BoxAndClicks:
+    """Fills the box, adds a 5×5 blob per positive click and removes one per negative click.
+
+    Records every call so the test can check what the protocol sent (points, mask inputs).
+    """
+
+    img_size = S
+
+    def __init__(self, multimask_iou=None):
+        self.calls = []
+        self.multimask_iou = multimask_iou
+
+    def embed(self, image):
+        return image
+
+    def predict(self, emb, points, point_labels, boxes, mask_input, multimask):
+        self.calls.append(dict(points=points, labels=point_labels, boxes=boxes, mask_input=mask_input,
+                               multimask=multimask))
+        k = (boxes if boxes is not None else points).shape[0]
+        logits = torch.full((k, 1, S, S), -5.0)
+        for j in range(k):
+            if boxes is not None:
+                x0, y0, x1, y1 = boxes[j].long().tolist()
+                logits[j, 0, y0:y1 + 1, x0:x1 + 1] = 5.0
+            if points is not None:
+                for (x, y), lab in zip(points[j].long().tolist(), point_labels[j].tolist()):
+                    if lab >= 0:
+                        logits[j, 0, max(y - 2, 0):y + 3, max(x - 2, 0):x + 3] = 5.0 if lab == 1 else -5.0
+        if multimask:
+            # Three candidates: empty, the real answer, everything; IoU head scores decide.
+            cands = torch.stack([torch.full_like(logits[:, 0], -5.0), logits[:, 0], torch.full_like(logits[:, 0], 5.0)], 1)
+            return cands, torch.tensor(self.multimask_iou).expand(k, 3)
+        self.calls[-1]["output"] = logits
+        return logits, torch.ones(k, 1)
+
+
+def _image():
+    return torch.zeros(3, S, S)
+
+
+def test_box_start_on_a_rectangle_is_perfect_and_needs_no_click():
+    gt = np.zeros((1, S, S), bool)
+    gt[0, 4:12, 6:20] = True
+    seg = BoxAndClicks()
+    trace = run_protocol(seg, _image(), gt, (S, S), "box", n_clicks=3)
+    assert trace.dice.shape == (1, 4)
+    assert np.allclose(trace.dice, 1.0)
+    assert (trace.point_labels == -1).all()  # perfect: every later step sends "no point"
+    assert seg.calls[0]["boxes"].tolist() == [[6.0, 4.0, 19.0, 11.0]]
+
+
+def test_corrective_clicks_accumulate_and_feed_back_previous_logits():
+    gt = np.zeros((1, S, S), bool)
+    gt[0, 2:30, 2:30] = True
+    gt[0, 2:20, 14:30] = False  # an L shape: the box over-segments the missing quadrant
+    seg = BoxAndClicks()
+    trace = run_protocol(seg, _image(), gt, (S, S), "box", n_clicks=3)
+    assert trace.dice[0, -1] > trace.dice[0, 0]
+    assert trace.point_labels[0, 0] == 0  # first fix: a negative click in the false-positive quadrant
+    for i, call in enumerate(seg.calls[1:], start=1):
+        assert call["points"].shape == (1, i, 2)  # all previous clicks are re-sent
+        assert call["boxes"] is not None  # the box stays part of the prompt
+        assert torch.equal(call["mask_input"], seg.calls[i - 1]["output"])  # previous logits fed back
+        assert not call["multimask"]
+    assert len(seg.calls) == 4
+
+
+def test_point_start_clicks_the_centre_and_keeps_the_highest_iou_mask():
+    gt = np.zeros((1, S, S), bool)
+    gt[0, 10:15, 10:15] = True
+    seg = BoxAndClicks(multimask_iou=[0.1, 0.9, 0.3])
+    trace = run_protocol(seg, _image(), gt, (S, S), "point", n_clicks=0)
+    assert seg.calls[0]["multimask"] and seg.calls[0]["boxes"] is None
+    assert seg.calls[0]["points"].tolist() == [[[12.0, 12.0]]]
+    assert trace.dice[0, 0] == pytest.approx(1.0)  # the 5×5 blob at the centre, not the empty/full candidates
+
+
+def test_without_mask_input_the_segmenter_never_receives_logits():
+    gt = np.zeros((2, S, S), bool)
+    gt[0, 3:9, 3:9] = True
+    gt[1, 20:30, 5:28] = True
+    gt[1, 20:25, 10:20] = False
+    seg = BoxAndClicks()
+    trace = run_protocol(seg, _image(), gt, (S, S), "box", n_clicks=2, use_mask_input=False)
+    assert trace.dice.shape == (2, 3)
+    assert all(call["mask_input"] is None for call in seg.calls)
+
+
+def test_dice_is_measured_on_the_unpadded_content_only():
+    gt = np.zeros((1, 20, S), bool)  # content is 20 rows; rows 20.. are padding
+    gt[0, 5:10, 5:10] = True
+    trace = run_protocol(BoxAndClicks(), _image(), gt, (20, S), "box", n_clicks=0)
+    assert trace.start_masks.shape == (1, 20, S)
+    assert trace.dice[0, 0] == pytest.approx(1.0)
+
+
+def test_object_center_is_inside_a_ring_and_box_is_inclusive():
+    ring = np.zeros((21, 21), bool)
+    ring[2:19, 2:19] = True
+    ring[6:15, 6:15] = False
+    x, y = object_center(ring)
+    assert ring[int(y), int(x)]
+    assert tight_box(ring) == (2.0, 2.0, 18.0, 18.0)
+
+
+def test_unknown_start_and_labels_are_config_errors():
+    with pytest.raises(ConfigError, match="start"):
+        run_protocol(BoxAndClicks(), _image(), np.ones((1, S, S), bool), (S, S), "scribble", 1)
+    names = {1: "Precentral_L", 2: "Precentral_R", 3: "Frontal_Sup_L"}
+    assert resolve_labels(["precentral_*", "3"], names, "m.json") == [1, 2, 3]
+    assert resolve_labels(None, names, "m.json") is None
+    with pytest.raises(ConfigError, match="'Thalamus\\*' matches no label name in m.json"):
+        resolve_labels(["Thalamus*"], names, "m.json")
+    with pytest.raises(ConfigError, match="id 9 is not in m.json"):
+        resolve_labels(["9"], names, "m.json")
+
+
+def test_as_segmenter_wraps_modules_and_passes_protocol_objects_through():
+    seg = BoxAndClicks()
+    assert isinstance(seg, Segmenter) and as_segmenter(seg) is seg
+    with pytest.raises(TypeError):
+        as_segmenter(object())
+    from medico_peft.models import load_model
+
+    wrapped = as_segmenter(load_model("vit_tiny"))
+    assert isinstance(wrapped, TorchSegmenter) and wrapped.img_size == load_model("vit_tiny").img_size
