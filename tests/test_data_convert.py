@@ -117,13 +117,13 @@ def test_label_selection_by_name(tmp_path):
     assert read_label_names(names) == {1: "Thalamus_L", 2: "Thalamus_R", 3: "Caudate_L"}
     m = LabelSelection(keep=["Thalamus*"], names_file=str(names)).resolve()
     assert m.names == {1: "Thalamus_L", 2: "Thalamus_R"}
-    assert m.apply(np.array([0, 1, 2, 3])).tolist() == [0, 1, 2, 0] and m.storage_dtype == np.uint8
+    assert m.apply(np.array([0, 1, 2, 3])).tolist() == [0, 1, 2, 0]
     merged = LabelSelection(keep=["*"], merge={"Thalamus": ["Thalamus*"]}, rename={3: "caudate"},
                             names_file=str(names)).resolve()
     assert merged.names == {1: "Thalamus", 3: "caudate"}
     assert merged.apply(np.array([0, 1, 2, 3])).tolist() == [0, 1, 1, 3]
     open_map = LabelSelection(merge={9: [1, 2]}).resolve()
-    assert open_map.apply(np.array([1, 2, 5])).tolist() == [9, 9, 5] and open_map.storage_dtype == np.uint16
+    assert open_map.apply(np.array([1, 2, 5])).tolist() == [9, 9, 5]
 
 
 @pytest.mark.parametrize("kind", ["npy", "npz", "png", "tiff"])
@@ -228,3 +228,15 @@ def test_cli_convert(nifti_dirs, tmp_path, capsys):
     assert data["label_names"] == {"1": "blob"} and data["image_size"] == 32
     assert cli_main(["convert", "--out", str(out)]) == 2
     assert "--images" in capsys.readouterr().err
+
+
+def test_label_dtype_widens_for_large_ids(tmp_path):
+    image, label = make_volume((20, 20, 6))
+    big = label.astype(np.uint16) * 150  # ids 150 and 300
+    save_nifti(tmp_path / "a.nii.gz", image), save_nifti(tmp_path / "a_seg.nii.gz", label)
+    save_nifti(tmp_path / "b.nii.gz", image), save_nifti(tmp_path / "b_seg.nii.gz", big)
+    pairs = [(tmp_path / "a.nii.gz", tmp_path / "a_seg.nii.gz"), (tmp_path / "b.nii.gz", tmp_path / "b_seg.nii.gz")]
+    report = convert(pairs, tmp_path / "out", size=20, split="train", progress=False)
+    m = load_manifest(report.manifest_path)
+    dtypes = [h5py.File(m.shard_path(e))[F.LABELS].dtype for e in m.shards]
+    assert dtypes == [np.uint8, np.uint16] and set(m.label_names) == {1, 2, 150, 300}

@@ -147,7 +147,7 @@ def convert_volume(image_path, label_path, volume_id: str, split: str, cfg: Conv
         raise DataError(f"{image.path}: image shape {image.shape} differs from label {label.path} shape {label.shape}")
     axis = 2 if image.shape[2] == 1 else cfg.axis
     n = image.shape[axis]
-    dtype = label_map.storage_dtype
+    dtype = np.uint16  # the shard writer narrows to uint8 when every id fits
 
     # Pass 1: labels -> selection -> resize -> small objects removed; keep only the non-empty ones.
     kept_labels: dict[int, np.ndarray] = {}
@@ -255,7 +255,7 @@ def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertC
         "normalization": cfg.normalization, "image_size": cfg.size,
         "label_names": encode_label_names(label_map.names),
     }
-    writers = {s: ShardWriter(out_dir, s, attrs, label_map.storage_dtype, cfg.compression,
+    writers = {s: ShardWriter(out_dir, s, attrs, np.uint8, cfg.compression,
                               cfg.max_samples_per_shard, cfg.max_shard_mb) for s in SPLIT_NAMES}
     tasks = [(img, lab, vid, assignment[vid], cfg, label_map) for (img, lab), vid in zip(pairs, ids)]
     skipped: list[str] = []

@@ -100,13 +100,6 @@ class LabelMap:
     names: dict[int, str]
     closed: bool
 
-    @property
-    def storage_dtype(self):
-        """uint8 when every output id is known to fit (halves label reads), else uint16."""
-        if self.closed and self.lut and max(self.lut.values()) <= 255:
-            return np.uint8
-        return np.uint16
-
     def apply(self, labels: np.ndarray) -> np.ndarray:
         if not self.lut and not self.closed:
             return labels

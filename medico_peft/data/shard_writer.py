@@ -47,9 +47,12 @@ def _make_readable(path: Path) -> None:
 
 
 class ShardWriter:
-    """Writes the shards of one split: `<split>-00000.h5`, `<split>-00001.h5`, ..."""
+    """Writes the shards of one split: `<split>-00000.h5`, `<split>-00001.h5`, ...
 
-    def __init__(self, out_dir: Path, split: str, attrs: dict, label_dtype, compression: str = "lzf",
+    Label maps are stored as uint8 while every id fits, else uint16 (readers accept both).
+    """
+
+    def __init__(self, out_dir: Path, split: str, attrs: dict, label_dtype=np.uint8, compression: str = "lzf",
                  max_samples: int = 1000, max_mb: float = 512.0, buffer: int = 32):
         self.out_dir, self.split, self.attrs = Path(out_dir), split, attrs
         self.label_dtype, self.compression = label_dtype, compression
@@ -86,6 +89,11 @@ class ShardWriter:
         self._bytes = 0
 
     def add(self, sample: SliceSample) -> None:
+        if self.label_dtype == np.uint8 and sample.object_ids.size and int(sample.object_ids.max()) > 255:
+            # Labels start as uint8 (half the bytes to read); the first id > 255 ends that shard.
+            if self._file is not None:
+                self._close_shard()
+            self.label_dtype = np.uint16
         if self._file is None:
             self._open(sample)
         self._pending.append(sample)

@@ -1,0 +1,142 @@
+"""Data-stage figures: loader samples/s per worker, shard size per 1000 slices, conversion speed.
+
+Run: .venv/bin/python benchmarks/bench_data.py [--quick]
+Writes benchmarks/results/data.md. Synthetic shards (200 slices with 8 labelled blobs each) at
+256² and 1024² for each compression, plus the real Colin27+AAL shards at 256².
+num_workers=0, so samples/s is what ONE DataLoader worker delivers (n_objects=5, default prompts
+and augmentation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from medico_peft.data.convert import convert  # noqa: E402
+from medico_peft.data.dataset import SliceDataset  # noqa: E402
+from medico_peft.data.manifest import load_manifest  # noqa: E402
+
+torch.set_num_threads(1)
+RESULTS = Path(__file__).parent / "results" / "data.md"
+
+
+def synthetic_volume(n_slices: int, size: int = 256, seed: int = 0):
+    """Smooth tissue-like background + 8 ellipses of different ids drifting through the slices."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    image = np.zeros((size, size, n_slices), np.float32)
+    label = np.zeros((size, size, n_slices), np.uint8)
+    head = ((yy - size / 2) / (size * 0.45)) ** 2 + ((xx - size / 2) / (size * 0.38)) ** 2 <= 1
+    centres = rng.uniform(0.3, 0.7, (8, 2)) * size
+    for k in range(n_slices):
+        img = head * (80 + 10 * np.sin(xx / 9 + k / 7) * np.cos(yy / 11))
+        lab = np.zeros((size, size), np.uint8)
+        for i, (cy, cx) in enumerate(centres, 1):
+            r = size * (0.04 + 0.02 * np.sin(k / 15 + i))
+            inside = (yy - cy - 10 * np.sin(k / 20)) ** 2 + (xx - cx) ** 2 <= r * r
+            lab[inside], img[inside] = i, 120 + 12 * i
+        image[..., k] = img + rng.normal(0, 3, img.shape)
+        label[..., k] = lab
+    return image, label
+
+
+def loader_rate(manifest, n_items: int) -> float:
+    ds = SliceDataset(manifest, n_objects=5, verify=False)
+    for i in range(5):
+        ds[i]  # warm-up: opens the file
+    start = time.perf_counter()
+    for i in range(n_items):
+        ds[i % len(ds)]
+    return n_items / (time.perf_counter() - start)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer slices/items (smoke run)")
+    args = parser.parse_args()
+    n_slices, n_items = (40, 40) if args.quick else (200, 300)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        image, label = synthetic_volume(n_slices)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(tmp / "syn.nii"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp / "syn_seg.nii"))
+        pair = [(tmp / "syn.nii", tmp / "syn_seg.nii")]
+        for size in (256, 1024):
+            base = {}
+            for comp in ("none", "lzf", "gzip"):
+                out = tmp / f"s{size}{comp}"
+                report = convert(pair, out, size=size, compression=comp, split="train", empty_share=0.0,
+                                 min_area=0, progress=False)
+                m = load_manifest(report.manifest_path)
+                mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
+                rate = loader_rate(report.manifest_path, n_items)
+                base.setdefault("mb", mb_per_1000)
+                base.setdefault("rate", rate)
+                rows.append((f"synthetic {size}²", comp, report.total_samples, mb_per_1000,
+                             mb_per_1000 / base["mb"], rate, rate / base["rate"]))
+                print(rows[-1], flush=True)
+        try:
+            from medico_peft.data.real_data import build_colin27_aal_shards
+
+            conv = {}
+            base = {}
+            for comp in ("none", "lzf", "gzip"):
+                start = time.perf_counter()
+                report = build_colin27_aal_shards(tmp / f"colin{comp}", size=256, compression=comp)
+                conv[comp] = (report.total_samples, time.perf_counter() - start)
+                m = load_manifest(report.manifest_path)
+                mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
+                rate = loader_rate(report.manifest_path, n_items)
+                base.setdefault("mb", mb_per_1000)
+                base.setdefault("rate", rate)
+                rows.append(("Colin27+AAL 256² (train)", comp, report.total_samples, mb_per_1000,
+                             mb_per_1000 / base["mb"], rate, rate / base["rate"]))
+                print(rows[-1], flush=True)
+        except Exception as exc:  # mricron-data missing
+            print(f"Colin27 skipped: {exc}", file=sys.stderr)
+            conv = {}
+
+    header = ("| data | compression | slices | MB / 1000 slices | size vs none | loader samples/s (1 worker) "
+              "| speed vs none |\n|---|---|---:|---:|---:|---:|---:|")
+    lines = [header] + [f"| {d} | {c} | {n} | {mb:.1f} | {mr:.2f} | {r:.0f} | {rr:.2f} |"
+                        for d, c, n, mb, mr, r, rr in rows]
+    conv_lines = [f"| Colin27 (181 axial slices in, {n} kept) | {c} | {n / s:.0f} slices/s ({s:.2f} s) |"
+                  for c, (n, s) in conv.items()]
+    text = "\n".join([
+        "# Data stage benchmark",
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
+        f"Python {platform.python_version()}. Command: `python benchmarks/bench_data.py`"
+        + (" --quick" if args.quick else "") + ".",
+        "Loader: `SliceDataset(n_objects=5)` default prompts (1 positive point, box jitter 0.025) and "
+        "augmentation (flip, rot90, gamma/contrast), `num_workers=0`, i.e. one worker.",
+        "",
+        *lines,
+        "",
+        "Conversion throughput (train+test slices written, 1 process; includes reading the .nii.gz):",
+        "",
+        "| input | compression | throughput |",
+        "|---|---|---:|",
+        *conv_lines,
+        "",
+    ])
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
