@@ -74,12 +74,15 @@ def _maxabs(a, b) -> float:
 
 
 @torch.no_grad()
-def run_parity(model, backend, n_random: int = 4, n_real: int = 1, multimask_cases=(False, True),
+def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask_cases=(False, True),
                seed: int = 0) -> list[dict]:
-    """Rows of max errors (ONNX/TensorRT `backend` vs the torch model) per image and prompt."""
+    """Rows of max errors (`backend` vs `reference`: a torch model or another backend) per image and prompt."""
     from medico_peft.runtime.preprocess import as_hwc3, build_prompt_arrays, upscale_masks
-    from medico_peft.runtime.torch_backend import torch_decode, torch_encode
+    from medico_peft.runtime.torch_backend import TorchBackend
 
+    if isinstance(reference, torch.nn.Module):
+        reference = TorchBackend(reference)
+    img_size = reference.img_size
     rng = np.random.default_rng(seed)
     rows = []
     for img_name, image in test_images(n_random, n_real, seed):
@@ -92,22 +95,22 @@ def run_parity(model, backend, n_random: int = 4, n_real: int = 1, multimask_cas
                 arr = np.round(255 * (arr - lo) / max(hi - lo, 1e-8)).astype(np.uint8)
         h, w = arr.shape[:2]
         hw = torch.tensor([h, w], dtype=torch.float32)
-        ref_emb = torch_encode(model, arr)
+        ref_emb = reference.encode(arr)
         out_emb = backend.encode(arr)
         emb_err = _maxabs(ref_emb, out_emb)
         for case, prompt in prompt_cases(h, w, rng):
             coords, labels = build_prompt_arrays((h, w), prompt.get("points"), prompt.get("labels"), prompt.get("box"))
             mask_in, has_mask = None, 0.0
             if prompt.get("mask"):
-                prev, _ = torch_decode(model, ref_emb, coords, labels, orig_hw=(h, w))
+                prev, _ = reference.decode(ref_emb, coords, labels, None, 0.0, (h, w), False)
                 mask_in, has_mask = prev[:, :1].numpy(), 1.0
             for multimask in multimask_cases:
-                ref_low, ref_iou = torch_decode(model, ref_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
+                ref_low, ref_iou = reference.decode(ref_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
                 low, iou = backend.decode(ref_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
                 e2e_low, _ = backend.decode(out_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
-                ref_full = upscale_masks(ref_low.float(), hw, model.img_size)
-                full = upscale_masks(low.float(), hw, model.img_size)
-                e2e_full = upscale_masks(e2e_low.float(), hw, model.img_size)
+                ref_full = upscale_masks(ref_low.float(), hw, img_size)
+                full = upscale_masks(low.float(), hw, img_size)
+                e2e_full = upscale_masks(e2e_low.float(), hw, img_size)
                 rows.append({
                     "image": img_name, "prompt": case, "multimask": multimask,
                     "embeddings": emb_err,

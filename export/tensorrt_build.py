@@ -1,0 +1,227 @@
+"""TensorRT engines from an ONNX export folder (TensorRT 10 and 11 Python API).
+
+- The decoder is rebuilt without its full-resolution `masks` output (`strip_full_res_output`):
+  that Resize takes its size from `orig_im_size`, which TensorRT would have to treat as a host
+  shape tensor. Without it, `orig_im_size` only feeds coordinate arithmetic (an ordinary device
+  tensor) and the predictor upscales the low-res logits itself — as it does for every backend.
+- TensorRT 11 removed weak typing: networks are strongly typed and the ONNX types decide the
+  precision, so fp16/bf16 graphs are converted first (`mixed_precision`). TensorRT 10 uses the
+  classic builder flags (FP16/BF16) on the fp32 graph.
+- Optimisation profiles cover 1..max_points prompt points; engines refuse to load on another GPU
+  or TensorRT version (`sidecar.check_engine_compat`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from medico_peft.errors import ExportError
+
+from .parity import Tolerance
+
+LOW_RES_OUTPUTS = ("iou_predictions", "low_res_masks")
+TOLERANCES = {  # engine vs onnxruntime fp32
+    "fp32": Tolerance(embeddings_atol=1e-2, logits_atol=2e-2, iou_atol=1e-2, end_to_end_atol=5e-2, mask_mismatch=5e-3),
+    "fp16": Tolerance(embeddings_atol=0.1, logits_atol=0.25, iou_atol=0.05, end_to_end_atol=1.0, mask_mismatch=0.02),
+    "bf16": Tolerance(embeddings_atol=0.5, logits_atol=1.0, iou_atol=0.1, end_to_end_atol=2.0, mask_mismatch=0.03),
+}
+
+
+def strip_full_res_output(model, keep_outputs=LOW_RES_OUTPUTS):
+    """Copy of the decoder graph with only `keep_outputs`, unused nodes and initializers pruned."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    missing = [o for o in keep_outputs if o not in {x.name for x in g.output}]
+    if missing:
+        raise ExportError(f"decoder graph has no output {missing[0]!r}; expected the decoder from `export onnx`")
+    needed = set(keep_outputs)
+    kept = []
+    for node in reversed(list(g.node)):
+        if any(o in needed for o in node.output):
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+    kept.reverse()
+    outputs = [o for o in g.output if o.name in keep_outputs]
+    del g.node[:]
+    g.node.extend(kept)
+    del g.output[:]
+    g.output.extend(outputs)
+    inits = [t for t in g.initializer if t.name in needed]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+    vis = [v for v in g.value_info if v.name in needed]
+    del g.value_info[:]
+    g.value_info.extend(vis)
+    return model
+
+
+def decoder_profile(max_points: int, opt_points: int | None = None) -> dict:
+    """min/opt/max shapes of the point inputs (points include box corners and the padding point)."""
+    if max_points < 1:
+        raise ExportError(f"--max-points: expected >= 1, got {max_points}")
+    opt = min(opt_points or min(max_points, 4), max_points)
+    return {"point_coords": [[1, 1, 2], [1, opt, 2], [1, max_points, 2]],
+            "point_labels": [[1, 1], [1, opt], [1, max_points]]}
+
+
+def encoder_profile(img_size: int, with_preprocess: bool, max_side: int = 4096) -> dict:
+    if not with_preprocess:
+        return {}
+    return {"image": [[2, 2, 3], [img_size, img_size, 3], [max_side, max_side, 3]]}
+
+
+def check_shapes_fit(profile: dict, shapes: dict, source: str) -> None:
+    """Refuse inputs outside the engine's optimisation profile, naming the input and its range."""
+    for name, (lo, _opt, hi) in profile.items():
+        shape = list(shapes[name])
+        if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
+            extra = ""
+            if name in ("point_coords", "point_labels"):
+                extra = f" ({shape[1]} points incl. box corners/padding; engine built for 1..{hi[1]}: " \
+                        "rebuild with a larger --max-points)"
+            raise ExportError(f"{source}: input {name} shape {shape} is outside the engine profile "
+                              f"{lo}..{hi}{extra}")
+
+
+def trt_major(version: str) -> int:
+    return int(str(version).split(".")[0])
+
+
+def uses_strong_typing(version: str, precision: str) -> bool:
+    """TensorRT >= 11 is always strongly typed; TensorRT 10 uses builder flags for fp16/bf16."""
+    return trt_major(version) >= 11
+
+
+def current_device_info() -> dict:
+    import tensorrt as trt
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExportError("TensorRT needs a CUDA GPU; none is visible to torch")
+    major, minor = torch.cuda.get_device_capability()
+    return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(),
+            "compute_capability": [major, minor]}
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise ExportError(f"TensorRT is not installed ({exc}); install the tensorrt wheel for your CUDA version") \
+            from None
+    if trt_major(trt.__version__) < 10:
+        raise ExportError(f"TensorRT {trt.__version__} is too old; expected 10 or newer")
+    return trt
+
+
+def build_engine(onnx_path: Path, engine_path: Path, precision: str, profile: dict, workspace_gb: float,
+                 timing_cache: str | None) -> dict:
+    """Parse, configure and build one engine; returns what was used (for the sidecar)."""
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strong = uses_strong_typing(trt.__version__, precision)
+    flags = 0
+    if strong and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"{onnx_path}: TensorRT cannot parse this graph: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 1024**3))
+    if not strong:
+        if precision == "fp16":
+            config.set_flag(trt.BuilderFlag.FP16)
+        elif precision == "bf16":
+            config.set_flag(trt.BuilderFlag.BF16)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32: TF32 matmuls drift by ~1e-3
+    if profile:
+        opt_profile = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            opt_profile.set_shape(name, lo, opt, hi)
+        config.add_optimization_profile(opt_profile)
+    cache_bytes = Path(timing_cache).read_bytes() if timing_cache and Path(timing_cache).is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"{onnx_path}: TensorRT failed to build the {precision} engine (see the log above)")
+    from medico_peft.utils.atomic import atomic_write_bytes
+
+    atomic_write_bytes(engine_path, bytes(serialized))
+    if timing_cache:
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    return {"strongly_typed": bool(flags), "build_seconds": round(time.perf_counter() - t0, 1)}
+
+
+def prepare_onnx(src: Path, dst: Path, precision: str, strong: bool, strip: bool) -> None:
+    """Copy of the ONNX graph as the builder needs it: low-res decoder, mixed precision when strongly typed."""
+    import onnx
+
+    model = onnx.load(str(src))
+    if strip:
+        model = strip_full_res_output(model)
+    if strong and precision in ("fp16", "bf16"):
+        from .mixed_precision import convert_to_mixed_precision
+
+        model = convert_to_mixed_precision(model, precision)
+    large = model.ByteSize() > 2 * 1024**3 - 64 * 1024**2
+    onnx.save_model(model, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=dst.name + ".data")
+
+
+def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32",
+                  max_points: int = 16, workspace_gb: float = 4.0, timing_cache: str | None = None,
+                  atol: float | None = None, parity_random: int = 4, parity_real: int = 1) -> dict:
+    """encoder.engine + decoder.engine + engine.json in `out_dir`, after a parity check vs onnxruntime."""
+    from medico_peft.runtime.ort_backend import OrtBackend
+    from medico_peft.runtime.trt_backend import TrtBackend
+
+    from .onnx_export import staging_folder
+    from .parity import gate, run_parity
+    from .sidecar import ENGINE_SIDECAR, ONNX_SIDECAR, read_sidecar, write_sidecar
+
+    if precision not in TOLERANCES:
+        raise ExportError(f"--precision: expected fp32, fp16 or bf16, got {precision!r}")
+    trt = import_tensorrt()
+    device = current_device_info()
+    onnx_dir = Path(onnx_dir)
+    onnx_meta = read_sidecar(onnx_dir / ONNX_SIDECAR)
+    strong = uses_strong_typing(trt.__version__, precision)
+    spec = onnx_meta["model"]["spec"]
+    profiles = {"encoder": encoder_profile(int(spec["img_size"]), bool(onnx_meta["with_preprocess"])),
+                "decoder": decoder_profile(max_points)}
+    tol = TOLERANCES[precision]
+    if atol is not None:
+        tol = Tolerance(atol, atol, atol, max(atol, tol.end_to_end_atol), tol.mask_mismatch)
+    out = Path(out_dir)
+    with staging_folder(out) as stage:
+        built = {}
+        for part in ("encoder", "decoder"):
+            src = onnx_dir / onnx_meta["files"][part]["name"]
+            prepared = stage / f".{part}.prepared.onnx"
+            prepare_onnx(src, prepared, precision, strong, strip=(part == "decoder"))
+            built[part] = build_engine(prepared, stage / f"{part}.engine", precision, profiles[part], workspace_gb,
+                                       timing_cache)
+            built[part]["onnx_sha256"] = onnx_meta["files"][part]["sha256"]
+            for p in stage.glob(f".{part}.prepared.onnx*"):
+                p.unlink()
+        meta = {**device, "kind": "tensorrt", "precision": precision, "profiles": profiles, "engines": built,
+                "max_points": max_points, "workspace_gb": workspace_gb,
+                "onnx": {k: onnx_meta[k] for k in ("model", "adapter", "opset", "with_preprocess", "input_dtype",
+                                                     "intensity", "mask_outputs")}}
+        write_sidecar(stage / ENGINE_SIDECAR, meta)
+        rows = run_parity(OrtBackend(onnx_dir), TrtBackend(stage), parity_random, parity_real,
+                          {"all": (False, True), "single": (False,), "multi": (True,)}[onnx_meta["mask_outputs"]])
+        maxima = gate(rows, tol, f"TensorRT {precision} engines in {out}")
+        meta["parity"] = {"reference": "onnxruntime fp32", "tolerance": tol.to_dict(), "max": maxima, "rows": rows}
+        write_sidecar(stage / ENGINE_SIDECAR, meta)
+    return meta

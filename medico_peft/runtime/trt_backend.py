@@ -1,0 +1,109 @@
+"""TensorRT backend over the folder written by `medico-peft export tensorrt`.
+
+Buffers are torch CUDA tensors (no pycuda): inputs get `set_input_shape` + `set_tensor_address`,
+outputs are allocated at the shape the context reports, and `execute_async_v3` runs on torch's
+current stream. The engine sidecar is checked against this GPU and TensorRT version first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import DataError, ExportError
+from .ort_backend import MASK_SLICES, decoder_feed
+from .preprocess import intensity_mode, preprocess_image
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+                 "INT64": torch.int64, "UINT8": torch.uint8, "BOOL": torch.bool}
+
+
+class TrtEngine:
+    def __init__(self, path: Path, runtime):
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise ExportError(f"{path}: TensorRT could not deserialize this engine (corrupt, or built elsewhere)")
+        self.engine = engine
+        self.context = engine.create_execution_context()
+        self.names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        import tensorrt as trt
+
+        self.inputs = [n for n in self.names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in self.names if n not in self.inputs]
+
+    def __call__(self, feed: dict) -> dict:
+        stream = torch.cuda.current_stream()
+        keep = []
+        for name in self.inputs:
+            dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+            t = torch.as_tensor(np.ascontiguousarray(feed[name])).to("cuda", dtype).contiguous()
+            keep.append(t)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        results = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name]
+            results[name] = torch.empty(shape, dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, results[name].data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise ExportError("TensorRT execution failed (see the TensorRT log)")
+        stream.synchronize()
+        return {k: v.float().cpu() for k, v in results.items()}
+
+
+class TrtBackend:
+    name = "tensorrt"
+
+    def __init__(self, folder: str | os.PathLike):
+        from medico_peft.export.sidecar import ENGINE_SIDECAR, check_engine_compat, read_sidecar
+        from medico_peft.export.tensorrt_build import current_device_info, import_tensorrt
+
+        folder = Path(folder)
+        self.meta = read_sidecar(folder / ENGINE_SIDECAR)
+        trt = import_tensorrt()
+        check_engine_compat(self.meta, current_device_info(), str(folder / ENGINE_SIDECAR))
+        onnx_meta = self.meta["onnx"]
+        spec = onnx_meta["model"]["spec"]
+        self.img_size = int(spec["img_size"])
+        self.family = spec["family"]
+        self.embedding_size = int(onnx_meta["model"]["embedding_size"])
+        self.with_preprocess = bool(onnx_meta["with_preprocess"])
+        self.input_dtype = onnx_meta.get("input_dtype", "uint8")
+        self.mask_outputs = onnx_meta["mask_outputs"]
+        self.profiles = self.meta["profiles"]
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self.engines = {part: TrtEngine(folder / f"{part}.engine", runtime) for part in ("encoder", "decoder")}
+
+    def encode(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        from medico_peft.export.tensorrt_build import check_shapes_fit
+
+        if self.with_preprocess:
+            if np.dtype(self.input_dtype) != image_hwc3.dtype:
+                if self.input_dtype != "float32":
+                    raise DataError(f"image: this engine takes {self.input_dtype} input (in-graph preprocessing), "
+                                    f"got {image_hwc3.dtype}")
+                image_hwc3 = image_hwc3.astype(np.float32)
+            check_shapes_fit(self.profiles["encoder"], {"image": image_hwc3.shape}, "encoder.engine")
+            feed = image_hwc3
+        else:
+            mode = intensity_mode(self.family, image_hwc3.dtype)
+            feed = preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).numpy()
+        return self.engines["encoder"]({"image": feed})["image_embeddings"]
+
+    def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
+        from medico_peft.export.tensorrt_build import check_shapes_fit
+
+        sl = MASK_SLICES[self.mask_outputs].get(bool(multimask))
+        if sl is None:
+            raise ExportError(f"engine was built from a decoder with mask_outputs={self.mask_outputs!r}; "
+                              f"it cannot answer multimask={multimask}")
+        feed = decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, self.embedding_size)
+        check_shapes_fit(self.profiles["decoder"], {k: feed[k].shape for k in ("point_coords", "point_labels")},
+                         "decoder.engine")
+        out = self.engines["decoder"](feed)
+        return out["low_res_masks"][:, sl], out["iou_predictions"][:, sl]
