@@ -101,7 +101,7 @@ def main() -> int:
                 rate = loader_rate(report.manifest_path, n_items)
                 base.setdefault("mb", mb_per_1000)
                 base.setdefault("rate", rate)
-                rows.append(("Colin27+AAL 256² (train)", comp, report.total_samples, mb_per_1000,
+                rows.append(("Colin27+AAL 256² (loader: train split)", comp, report.total_samples, mb_per_1000,
                              mb_per_1000 / base["mb"], rate, rate / base["rate"]))
                 print(rows[-1], flush=True)
         except Exception as exc:  # mricron-data missing
