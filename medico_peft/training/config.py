@@ -283,7 +283,12 @@ class TrainConfig:
         try:
             return PeftConfig.from_dict(dict(self.peft))
         except ConfigError as exc:
+            import re
+
             msg = str(exc)
+            unknown = re.match(r"^peft config: unknown key '([^']+)'(.*)$", msg)
+            if unknown:
+                msg = f"peft.{unknown.group(1)}: unknown key{unknown.group(2)}"
             raise ConfigError(msg if msg.startswith("peft.") else f"peft.{msg}") from None
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"peft: {exc}") from None

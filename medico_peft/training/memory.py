@@ -114,7 +114,7 @@ class FeatureCache:
             size = f.numel() * torch.empty((), dtype=self.dtype).element_size()
             if self.bytes + size > self.max_bytes:
                 return
-            self.store[k] = f.detach().to(self.dtype).clone()
+            self.store[k] = f.detach().to(self.dtype).contiguous().clone()
             self.bytes += size
 
 
@@ -153,6 +153,8 @@ class SegmentedEncoder(nn.Module):
             x = self._prefix(self.model.normalize(images))
             if keys is not None:
                 self.cache.put(keys, x)
+                # Hits and misses must give bit-identical results (exact resume): same rounding, same layout.
+                x = x.to(self.cache.dtype).to(torch.float32).contiguous()
         for _, module, fn in self.segments[self.n_prefix:]:
             if self.checkpointing and self.training and _trainable(module) and torch.is_grad_enabled():
                 x = torch_checkpoint.checkpoint(fn, x, use_reentrant=False)

@@ -158,6 +158,9 @@ class _Run:
         self.resumed_from = 0
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            # A kill during a save leaves an orphaned temporary file (never the final name): tidy up.
+            for stale in self.out_dir.glob(".*.pt.*.tmp"):
+                stale.unlink(missing_ok=True)
         if resume:
             self._resume()
 

@@ -1,0 +1,137 @@
+"""Memory modes and losses: segmented encoder = encoder, frozen prefix keeps no graph, checkpointing and
+the feature cache change nothing numerically, bf16 autocast trains on CPU, best-of-3 Dice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medico_peft.models import build_model
+from medico_peft.training.config import LossConfig
+from medico_peft.training.interactive_step import InteractiveStep, validate_batch
+from medico_peft.training.losses import dice_loss, mask_losses, true_iou
+from medico_peft.training.memory import FeatureCache, SegmentedEncoder, autocast, peak_memory_bytes
+from medico_peft.tuners import PeftConfig, inject
+
+
+def _model(name="vit_tiny", **peft):
+    model = build_model(name, seed=0)
+    inject(model, PeftConfig(**peft))
+    return model.train()
+
+
+def _batch(s=128, b=2, n=3):
+    masks = torch.zeros(b, n, s, s)
+    masks[:, 0, 20:60, 30:80] = 1
+    masks[:, 1, 70:110, 10:50] = 1
+    boxes = torch.tensor([[30.0, 20, 79, 59], [10, 70, 49, 109], [0, 0, 0, 0]]).expand(b, n, 4)
+    points = torch.tensor([[[50.0, 40]], [[30, 90]], [[0, 0]]]).expand(b, n, 1, 2)
+    return {"image": torch.rand(b, 3, s, s), "masks": masks, "boxes": boxes, "points": points,
+            "point_labels": torch.tensor([[1], [1], [-1]]).expand(b, n, 1),
+            "object_valid": torch.tensor([[True, True, False], [True, False, False]])}
+
+
+@pytest.mark.parametrize("name,peft", [
+    ("vit_tiny", {"method": "lora", "blocks": 2}), ("vit_tiny", {"method": "full"}),
+    ("vit_tiny", {"method": "decoder_only"}), ("litemedsam", {"method": "lora", "blocks": 4}),
+])
+def test_segmented_encoder_equals_encoder_and_finds_prefix(name, peft):
+    model = _model(name, **peft)
+    enc = SegmentedEncoder(model)
+    x = torch.rand(1, 3, model.img_size, model.img_size)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), model.encode(x), rtol=0, atol=0)
+    n_blocks = {"vit_tiny": 4, "litemedsam": 10}[name]
+    first_trainable = {"lora": n_blocks - peft.get("blocks", n_blocks), "full": None, "decoder_only": "all"}[peft["method"]]
+    names = [s[0] for s in enc.segments]
+    if first_trainable is None:
+        assert enc.n_prefix == 0
+    elif first_trainable == "all":
+        assert enc.n_prefix == len(names)  # decoder-only: the whole encoder is frozen prefix (embeddings cached)
+    else:
+        assert all(not any(p.requires_grad for p in s[1].parameters()) for s in enc.segments[: enc.n_prefix])
+        assert any(p.requires_grad for p in enc.segments[enc.n_prefix][1].parameters())
+    if name == "litemedsam":
+        assert names[0] == "stem"  # patch_embed + the full-resolution conv stage: always frozen prefix
+
+
+def test_frozen_prefix_and_checkpointing_give_identical_gradients():
+    """No-grad prefix and activation checkpointing are memory tricks only: same loss, same gradients."""
+    batch = _batch()
+    results = []
+    for frozen_prefix, checkpointing in ((False, False), (True, False), (True, True)):
+        model = _model(method="lora", blocks=2)
+        step = InteractiveStep(model, SegmentedEncoder(model, frozen_prefix, checkpointing), LossConfig(), 2, 0.5)
+        loss, _ = step(batch["image"], batch, "point", torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.item(), grads))
+    for loss, grads in results[1:]:
+        assert loss == pytest.approx(results[0][0], abs=1e-6)
+        for n, g in grads.items():
+            torch.testing.assert_close(g, results[0][1][n], atol=1e-6, rtol=1e-4)
+
+
+def test_frozen_prefix_keeps_no_autograd_graph():
+    model = _model(method="lora", blocks=1)
+    enc = SegmentedEncoder(model, frozen_prefix=True)
+    x = torch.rand(1, 3, 128, 128)
+    prefix_out = enc._prefix(model.normalize(x))
+    assert enc.n_prefix == 4 and prefix_out.grad_fn is None and not prefix_out.requires_grad
+
+
+def test_feature_cache_reuses_prefix_output_exactly():
+    model = _model(method="lora", blocks=1)
+    cache = FeatureCache(torch.float32)
+    enc = SegmentedEncoder(model, cache=cache)
+    calls = []
+    model.image_encoder.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(2, 3, 128, 128)
+    first = enc(x)
+    second = enc(x)
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert len(calls) == 1 and cache.hits == 2 and cache.misses == 2 and len(cache.store) == 2
+    enc(torch.rand(2, 3, 128, 128))  # other images never hit stale entries
+    assert cache.misses == 4 and len(cache.store) == 4
+    tiny = FeatureCache(torch.float16, max_bytes=1)  # over budget: computed, not stored
+    tiny.put(FeatureCache.keys(x), first)
+    assert tiny.store == {}
+
+
+def test_bf16_autocast_step_on_cpu_trains():
+    model = _model(method="lora", blocks=2)
+    step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(), 1, 0.5)
+    batch = _batch()
+    with autocast("bf16", torch.device("cpu")):
+        loss, stats = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and stats["objects"] == 3
+    loss.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_grads and all(g is not None and torch.isfinite(g).all() for g in lora_grads)
+    assert peak_memory_bytes(torch.device("cpu")) > 50 * 2**20
+
+
+def test_padding_objects_are_excluded_and_validation_reports_per_object():
+    model = _model(method="lora", blocks=2)
+    enc = SegmentedEncoder(model)
+    batch = _batch()
+    box, final = validate_batch(model, enc, batch, torch.device("cpu"), 2, torch.Generator().manual_seed(0))
+    assert box.shape == (3,) and final.shape == (3,)  # 3 valid objects of 6 rows
+    batch["object_valid"][:] = False
+    loss, stats = InteractiveStep(model, enc, LossConfig(), 1, 0.5)(batch["image"], batch, "box", torch.Generator())
+    assert stats["objects"] == 0 and loss.item() == 0.0
+
+
+def test_losses_best_of_multimask_and_iou_target():
+    gt = torch.zeros(1, 8, 8)
+    gt[0, 2:6, 2:6] = 1
+    perfect = (gt * 20 - 10).unsqueeze(1)
+    wrong = torch.full_like(perfect, -10.0)
+    logits = torch.cat([wrong, perfect, wrong], dim=1)  # (1, 3, 8, 8): only mask 1 is right
+    d = dice_loss(logits, gt)
+    assert d.shape == (1, 3) and d[0, 1] < 1e-3 and d[0, 0] > 0.99
+    assert d.min(1).values.item() < 1e-3  # best of the three masks is what the trainer uses
+    iou = true_iou(logits, gt)
+    assert iou[0].tolist() == [0.0, 1.0, 0.0]
+    both = mask_losses(logits, gt, LossConfig(dice=1.0, bce=1.0, focal=1.0))
+    assert both.shape == (1, 3) and both[0, 1] < both[0, 0]

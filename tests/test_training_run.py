@@ -1,0 +1,139 @@
+"""End-to-end training on the tiny recipe: artefacts, exact resume, NaN stop, disk full, corrupt shard, CLI."""
+
+from __future__ import annotations
+
+import errno
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from _training_helpers import TINY, tiny_cfg
+from medico_peft.errors import CheckpointError
+from medico_peft.training import NonFiniteLossError, train
+from medico_peft.training import checkpointing as ckpt
+
+
+def test_tiny_run_writes_adapter_metrics_curves_and_checkpoints(tmp_path):
+    result = train(tiny_cfg(tmp_path, "output.tensorboard=true"))
+    out = result.out_dir
+    for name in ("adapter.safetensors", "config.yaml", "metrics.csv", "curves.png", "latest.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").iterdir())
+    assert len(result.history) == 2 and len(result.steps) == 8
+    assert all(math.isfinite(r["train_loss"]) and 0 <= r["val_dice"] <= 1 for r in result.history)
+    assert result.best_val_dice == max(r["val_dice"] for r in result.history)
+    assert result.peak_memory_bytes > 0 and result.train_seconds > 0
+    header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train_loss", "train_dice", "val_dice", "step_seconds", "peak_memory_mb", "skipped_samples"} <= set(header)
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = ckpt.load_checkpoint(out / "latest.pt")  # weights_only=True inside
+    assert state["global_step"] == 8 and state["epoch"] == 2 and "rng" in state and "optimizer" in state
+    assert all(not k.startswith("image_encoder.blocks.0.attn.qkv.base_layer") for k in state["trainable"])
+    # The adapter holds only trained tensors and loads onto a fresh base model.
+    from medico_peft.adapters import load_adapter
+    from medico_peft.training.trainer import build_model_for
+
+    fresh = build_model_for(tiny_cfg(tmp_path))
+    load_adapter(fresh, result.adapter_path)
+    best = ckpt.load_checkpoint(out / "best.pt")["trainable"]
+    params = dict(fresh.named_parameters())
+    for name, value in best.items():
+        torch.testing.assert_close(params[name].detach(), value)
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path):
+    """N steps straight == N/2 steps, stop, --resume, the rest: losses equal within 1e-6 (CPU)."""
+    extra = ["peft.blocks=2", "train.epochs=2", "output.checkpoint_every_steps=1"]  # prefix + cache in play
+    straight = train(tiny_cfg(tmp_path / "a", *extra))
+    first = train(tiny_cfg(tmp_path / "b", *extra, "train.max_steps=3"))  # stops mid-epoch 0
+    assert [s["step"] for s in first.steps] == [1, 2, 3]
+    second = train(tiny_cfg(tmp_path / "b", *extra), resume=True)
+    assert second.resumed_from_step == 3
+    losses = [s["loss"] for s in first.steps + second.steps]
+    expected = [s["loss"] for s in straight.steps]
+    assert len(losses) == len(expected) == 8
+    np.testing.assert_allclose(losses, expected, rtol=0, atol=1e-6)
+    assert second.history[-1]["val_dice"] == pytest.approx(straight.history[-1]["val_dice"], abs=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    import medico_peft.training.interactive_step as step_module
+
+    real = step_module.mask_losses
+    calls = {"n": 0}
+
+    def poisoned(logits, target, weights):
+        calls["n"] += 1
+        out = real(logits, target, weights)
+        return out * float("nan") if calls["n"] > 3 * 3 else out  # 3 iterations per step: NaN at step 4
+
+    monkeypatch.setattr(step_module, "mask_losses", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 3: the loss is nan .*latest\.pt"):
+        train(tiny_cfg(tmp_path, "output.checkpoint_every_steps=1"))
+    state = ckpt.load_checkpoint(tmp_path / "latest.pt")
+    assert state["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["trainable"].values())
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk(obj, f, *a, **k):
+        calls["n"] += 1
+        if calls["n"] >= 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"latest\.pt: could not write checkpoint, disk full \(ENOSPC\); "
+                                              r"the previous checkpoint was kept"):
+        train(tiny_cfg(tmp_path, "output.checkpoint_every_steps=1"))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert ckpt.load_checkpoint(tmp_path / "latest.pt")["global_step"] == 1
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_corrupt_shard_mid_run_is_skipped_counted_and_logged(tmp_path):
+    """A real shard set; a chunk goes bad on disk after epoch 0. New DataLoader workers reopen the file,
+    hit the bad sample, skip it, and the trainer counts it; the run finishes."""
+    import h5py
+
+    from medico_peft.data.convert import convert
+    from test_data_synthetic import make_volume
+
+    image, label = make_volume((30, 30, 10))
+    np.save(tmp_path / "v.npy", image)
+    np.save(tmp_path / "v_seg.npy", label)
+    report = convert([(tmp_path / "v.npy", tmp_path / "v_seg.npy")], tmp_path / "shards", size=128, split="train",
+                     progress=False)
+    shard = next((tmp_path / "shards").glob("train-*.h5"))
+
+    def corrupt_after_first_epoch(event, run):
+        if event == "epoch_start" and run.epoch == 1:
+            with h5py.File(shard, "r") as f:
+                info = f["images"].id.get_chunk_info(0)
+            with open(shard, "r+b") as fh:
+                fh.seek(info.byte_offset + 2)
+                fh.write(b"\xff" * max(1, info.size - 4))
+
+    cfg = tiny_cfg(tmp_path / "run", "data.synthetic=0", f"data.manifest={report.manifest_path}",
+                   "data.num_workers=1", "data.val_split=train", "data.max_val_samples=2", "train.epochs=2")
+    result = train(cfg, callbacks=[corrupt_after_first_epoch])
+    assert result.history[0]["skipped_samples"] == 0
+    assert result.skipped_samples >= 1 and result.history[1]["skipped_samples"] == result.skipped_samples
+    assert "skipped_samples" in (tmp_path / "run" / "metrics.csv").read_text()
+    assert result.adapter_path.is_file()
+
+
+def test_cli_train_and_resume_of_finished_run(tmp_path, capsys):
+    from medico_peft.cli import main
+
+    args = ["train", "--config", str(TINY), f"output.dir={tmp_path}", "output.progress=false", "train.epochs=1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "adapter:" in out and "best val Dice:" in out and "skipped samples: 0" in out
+    assert main(args + ["--resume"]) == 0  # nothing left to do: writes the adapter again, no error
+    assert ckpt.load_checkpoint(tmp_path / "latest.pt")["global_step"] == 4
