@@ -11,6 +11,7 @@ from medico_peft.errors import AdapterError
 from medico_peft.tuners import PeftConfig, inject
 
 
+@pytest.mark.slow
 def test_switching_between_adapters_is_exact(tmp_path):
     plain = logits(base("litemedsam"))
     files, expected = {}, {}
