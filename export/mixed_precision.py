@@ -24,6 +24,8 @@ KEEP_FP32_EXAMPLES = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceSum"
 # preprocessing) with a single scope level ("/Mul_3"); the positional encoding lives under "/pe_layer/".
 DEFAULT_KEEP_FP32_PREFIXES = ("/pe_layer/",)
 FP16_MAX = 65504.0
+# ONNX only allows bfloat16 for these from opset 22 on; below that they stay fp32 in bf16 graphs.
+BF16_FROM_OPSET_22 = frozenset({"Conv", "ConvTranspose", "MaxPool", "AveragePool"})
 
 
 def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
@@ -75,6 +77,8 @@ def convert_to_mixed_precision(model, target: str = "fp16", keep_fp32_prefixes=D
     g = model.graph
     types = _tensor_types(model)
     inits = {t.name: t for t in g.initializer}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    allowed = LOW_PRECISION_OPS - (BF16_FROM_OPSET_22 if target == "bf16" and opset < 22 else frozenset())
     low: set[str] = set()          # tensors that now hold low-precision values (original names)
     low_copy: dict[str, str] = {}  # fp32 tensor -> its low-precision copy
     f32_copy: dict[str, str] = {}  # low tensor -> its fp32 copy
@@ -100,7 +104,7 @@ def convert_to_mixed_precision(model, target: str = "fp16", keep_fp32_prefixes=D
         typed = all(types.get(o) is not None for o in node.output if o)
         forced = any(node.name.startswith(p) for p in keep_fp32_prefixes) or \
             (keep_top_level and node.name.count("/") <= 1)
-        if node.op_type in LOW_PRECISION_OPS and typed and not forced and (float_in or any(i in low for i in node.input)):
+        if node.op_type in allowed and typed and not forced and (float_in or any(i in low for i in node.input)):
             for k, name in enumerate(node.input):
                 if name and name not in low and types.get(name) == TensorProto.FLOAT:
                     node.input[k] = to_low(name)
