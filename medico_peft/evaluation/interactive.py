@@ -179,6 +179,7 @@ def resolve_labels(labels: Sequence[int | str] | None, label_names: dict[int, st
 
 
 def _count_slices(manifest, split: str) -> int:
+    """Upper bound for the progress bar (slices without a selected object are skipped)."""
     return sum(entry.n_samples for entry in manifest.shards_for(split))
 
 
@@ -193,8 +194,9 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
     """Score a model (a `MedSam`, or any `Segmenter`) with the interactive protocol on one split.
 
     With `out_dir`, writes per_object.csv, summary.md, summary.json, dice_vs_clicks.png and
-    overlay PNGs there. `max_slices` takes the first N eligible slices in shard order, so two
-    models evaluated with the same arguments see exactly the same objects.
+    overlay PNGs there. `max_slices` takes N eligible slices evenly spaced over the split (in shard
+    order), so a subset spans the whole held-out slab and two models evaluated with the same
+    arguments see exactly the same objects.
     """
     from tqdm.auto import tqdm
 
@@ -221,15 +223,19 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
     started = time.perf_counter()
     rows: list[dict] = []
     cases: list[OverlayCase] = []
+    chosen = None
     total = _count_slices(loaded, split)
-    total = min(total, max_slices) if max_slices else total
+    if max_slices is not None:
+        eligible = sum(1 for _ in iter_eval_slices(manifest, split=split, label_ids=label_ids, verify=False))
+        chosen = set(np.linspace(0, eligible - 1, min(max_slices, eligible)).round().astype(int).tolist())
+        total = len(chosen)
     n_slices = 0
     bar = tqdm(total=total, desc=f"evaluate {split} ({start} + {n_clicks} clicks)", unit="slice",
                disable=not progress)
     try:
-        for item in iter_eval_slices(manifest, split=split, label_ids=label_ids):
-            if max_slices is not None and n_slices >= max_slices:
-                break
+        for position, item in enumerate(iter_eval_slices(manifest, split=split, label_ids=label_ids)):
+            if chosen is not None and position not in chosen:
+                continue
             h, w = item["input_size"]
             label_map = item["label_map"][:h, :w].numpy()
             ids = item["label_ids"]
