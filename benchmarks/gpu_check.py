@@ -1,0 +1,164 @@
+"""GPU check: parity and latency of torch fp32 / bf16 autocast / torch.compile / onnxruntime / TensorRT.
+
+    bash benchmarks/gpu_check.sh                      # on a fresh H100/H200
+    python -m benchmarks.gpu_check --cpu-dry-run      # logic check on CPU (tiny model, few repeats)
+
+Prints one table: per model and backend, encoder and decoder latency (median) and the max
+abs logit error / mask mismatch vs torch fp32. Steps that cannot run (no CUDA EP, no TensorRT)
+are reported as skipped with the reason, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def median_time(fn, repeats: int, sync) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bool, precisions) -> list[dict]:
+    from medico_peft.export.onnx_export import export_onnx
+    from medico_peft.models import load_model
+    from medico_peft.runtime import Predictor
+    from medico_peft.runtime.preprocess import build_prompt_arrays, preprocess_image
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = load_model(name).to(device).eval()
+    s = model.img_size
+    img = np.random.default_rng(0).integers(0, 255, (s * 3 // 4, s, 3), dtype=np.uint8)
+    box = [0.2 * s, 0.1 * s, 0.7 * s, 0.6 * s]
+    coords, labels = build_prompt_arrays(img.shape[:2], box=box)
+    x = preprocess_image(torch.from_numpy(img), s, "div255").to(device)
+    ref = Predictor.from_torch(load_model(name).eval()).set_image(img).predict(box=box)  # CPU fp32 reference
+    rows = []
+
+    def torch_row(label, encode_fn, decode_model):
+        from medico_peft.runtime.torch_backend import torch_decode
+
+        with torch.no_grad():
+            enc_t = median_time(encode_fn, repeats, sync)
+            emb = encode_fn()
+            dec_t = median_time(lambda: torch_decode(decode_model, emb, coords, labels, orig_hw=img.shape[:2]),
+                                repeats, sync)
+            low, _ = torch_decode(decode_model, emb, coords, labels, orig_hw=img.shape[:2])
+        rows.append(_row(name, label, enc_t, dec_t, low.float().cpu(), ref, s))
+
+    torch_row(f"torch fp32 ({device})", lambda: model.encode(x), model)
+    if device == "cuda":
+        def bf16():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model.encode(x).float()
+        torch_row("torch bf16 autocast", bf16, model)
+    if do_compile:
+        compiled = torch.compile(model.image_encoder)
+        torch_row("torch.compile encoder", lambda: compiled(model.normalize(x)), model)
+
+    onnx_dir = work / f"{name}_onnx"
+    export_onnx(load_model(name), onnx_dir, parity_random=2, parity_real=1)
+    import onnxruntime as ort
+
+    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
+                 if "CUDAExecutionProvider" in ort.get_available_providers() and device == "cuda"
+                 else ["CPUExecutionProvider"])
+    rows.append(_predictor_row(name, f"onnxruntime {providers[0].replace('ExecutionProvider', '')}",
+                               Predictor.from_onnx(onnx_dir, providers=providers), img, box, coords, labels,
+                               repeats, ref, s))
+    for precision in precisions:
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": "tensorrt not importable"})
+            continue
+        if device != "cuda":
+            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": "no CUDA device"})
+            continue
+        try:
+            from medico_peft.export.tensorrt_build import build_engines
+
+            build_engines(onnx_dir, work / f"{name}_{precision}", precision=precision, max_points=8,
+                          timing_cache=str(work / "timing.cache"), parity_random=1, parity_real=1)
+            p = Predictor.from_tensorrt(work / f"{name}_{precision}")
+            rows.append(_predictor_row(name, f"tensorrt {precision}", p, img, box, coords, labels, repeats, ref, s))
+        except Exception as exc:  # report and continue: one failing precision must not hide the rest
+            traceback.print_exc()
+            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": f"failed: {exc}"[:120]})
+    return rows
+
+
+def _predictor_row(name, label, predictor, img, box, coords, labels, repeats, ref, s):
+    b = predictor.backend
+    enc_t = median_time(lambda: b.encode(img), repeats, lambda: None)
+    emb = b.encode(img)
+    dec_t = median_time(lambda: b.decode(emb, coords, labels, None, 0.0, img.shape[:2], False), repeats, lambda: None)
+    low, _ = b.decode(emb, coords, labels, None, 0.0, img.shape[:2], False)
+    return _row(name, label, enc_t, dec_t, low.float().cpu(), ref, s)
+
+
+def _row(name, label, enc_t, dec_t, low, ref, s):
+    from medico_peft.runtime.preprocess import upscale_masks
+
+    logits = upscale_masks(low, torch.tensor(ref.logits.shape[-2:], dtype=torch.float32), s)[0].numpy()
+    return {"model": name, "backend": label, "encoder_ms": 1e3 * enc_t, "decoder_ms": 1e3 * dec_t,
+            "max_logit_err": float(np.abs(logits - ref.logits).max()),
+            "mask_mismatch": float(((logits > 0) != ref.masks).mean())}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| model | backend | encoder ms | decoder ms | max logit err | mask mismatch |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['model']} | {r['backend']} | skipped: {r['skipped']} | | | |")
+        else:
+            out.append(f"| {r['model']} | {r['backend']} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | "
+                       f"{r['max_logit_err']:.2e} | {r['mask_mismatch']:.2e} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--cpu-dry-run", action="store_true", help="tiny model on CPU: checks the script's logic")
+    ap.add_argument("--models", nargs="+")
+    ap.add_argument("--repeats", type=int)
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", help="also write the table (markdown) here")
+    args = ap.parse_args(argv)
+    if args.cpu_dry_run:
+        device, models, repeats = "cpu", args.models or ["vit_tiny"], args.repeats or 2
+        torch.set_num_threads(1)
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("no CUDA device visible; use --cpu-dry-run to check the logic on CPU")
+        device, models, repeats = "cuda", args.models or ["litemedsam", "vit_b"], args.repeats or 20
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            rows += check_model(name, device, repeats, Path(tmp), not args.no_compile, args.precisions)
+    text = table(rows)
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU dry run"
+    print(f"\n{gpu}, torch {torch.__version__}\n{text}")
+    if args.out:
+        Path(args.out).write_text(f"{gpu}, torch {torch.__version__}\n\n{text}\n")
+    bad = [r for r in rows if "skipped" not in r and r["mask_mismatch"] > 0.05]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
