@@ -1,15 +1,18 @@
 """Data-stage figures: loader samples/s per worker, shard size per 1000 slices, conversion speed.
 
-Run: .venv/bin/python benchmarks/bench_data.py [--quick]
+Run: .venv/bin/python benchmarks/bench_data.py [--quick] [--out FILE]
 Writes benchmarks/results/data.md. Synthetic shards (200 slices with 8 labelled blobs each) at
-256² and 1024² for each compression, plus the real Colin27+AAL shards at 256².
+256² and 1024² for each compression, plus the real Colin27+AAL shards at 256² and 1024².
 num_workers=0, so samples/s is what ONE DataLoader worker delivers (n_objects=5, default prompts
-and augmentation).
+and augmentation), for mask_dtype float32 (default) and uint8, measured interleaved and repeated
+(median) because the CPU may be shared. Older loaders without `mask_dtype` get float32 only, so
+the same script measures a "before" checkout (PYTHONPATH=old/ python benchmarks/bench_data.py --out x.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import platform
 import sys
@@ -32,7 +35,12 @@ RESULTS = Path(__file__).parent / "results" / "data.md"
 
 
 def synthetic_volume(n_slices: int, size: int = 256, seed: int = 0):
-    """Smooth tissue-like background + 8 ellipses of different ids drifting through the slices."""
+    """A head-like ellipse (smooth tissue texture, mild noise) on a zero background, like an MR/CT
+    slice, + 8 ellipses of different ids drifting through the slices.
+
+    The first version added noise to the whole field of view, background included, which made
+    1024² shards nearly incompressible (590 MB / 1000 slices with lzf) and unlike real data.
+    """
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     image = np.zeros((size, size, n_slices), np.float32)
@@ -46,26 +54,37 @@ def synthetic_volume(n_slices: int, size: int = 256, seed: int = 0):
             r = size * (0.04 + 0.02 * np.sin(k / 15 + i))
             inside = (yy - cy - 10 * np.sin(k / 20)) ** 2 + (xx - cx) ** 2 <= r * r
             lab[inside], img[inside] = i, 120 + 12 * i
-        image[..., k] = img + rng.normal(0, 3, img.shape)
+        image[..., k] = (img + rng.normal(0, 1.5, img.shape)) * head  # background stays exactly 0
         label[..., k] = lab
     return image, label
 
 
-def loader_rate(manifest, n_items: int) -> float:
-    ds = SliceDataset(manifest, n_objects=5, verify=False)
-    for i in range(5):
-        ds[i]  # warm-up: opens the file
-    start = time.perf_counter()
-    for i in range(n_items):
-        ds[i % len(ds)]
-    return n_items / (time.perf_counter() - start)
+MASK_DTYPES = ("float32", "uint8") if "mask_dtype" in inspect.signature(SliceDataset).parameters else ("float32",)
+
+
+def loader_rates(manifest, n_items: int, repeats: int = 3) -> dict[str, float]:
+    """Median samples/s per mask dtype; dtypes alternate within each repeat so load spikes hit both."""
+    sets = {d: SliceDataset(manifest, n_objects=5, verify=False, **({} if d == "float32" else {"mask_dtype": d}))
+            for d in MASK_DTYPES}
+    rates = {d: [] for d in MASK_DTYPES}
+    for ds in sets.values():
+        for i in range(5):
+            ds[i]  # warm-up: opens the file
+    for _ in range(repeats):
+        for d, ds in sets.items():
+            start = time.perf_counter()
+            for i in range(n_items):
+                ds[i % len(ds)]
+            rates[d].append(n_items / (time.perf_counter() - start))
+    return {d: float(np.median(r)) for d, r in rates.items()}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer slices/items (smoke run)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results markdown file")
     args = parser.parse_args()
-    n_slices, n_items = (40, 40) if args.quick else (200, 300)
+    n_slices, n_items = (40, 40) if args.quick else (200, 100)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -81,47 +100,52 @@ def main() -> int:
                                  min_area=0, progress=False)
                 m = load_manifest(report.manifest_path)
                 mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
-                rate = loader_rate(report.manifest_path, n_items)
+                rate = loader_rates(report.manifest_path, n_items)
                 base.setdefault("mb", mb_per_1000)
-                base.setdefault("rate", rate)
+                base.setdefault("rate", rate["float32"])
                 rows.append((f"synthetic {size}²", comp, report.total_samples, mb_per_1000,
-                             mb_per_1000 / base["mb"], rate, rate / base["rate"]))
+                             mb_per_1000 / base["mb"], rate, rate["float32"] / base["rate"]))
                 print(rows[-1], flush=True)
         try:
             from medico_peft.data.real_data import build_colin27_aal_shards
 
             conv = {}
-            base = {}
-            for comp in ("none", "lzf", "gzip"):
-                start = time.perf_counter()
-                report = build_colin27_aal_shards(tmp / f"colin{comp}", size=256, compression=comp)
-                conv[comp] = (report.total_samples, time.perf_counter() - start)
-                m = load_manifest(report.manifest_path)
-                mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
-                rate = loader_rate(report.manifest_path, n_items)
-                base.setdefault("mb", mb_per_1000)
-                base.setdefault("rate", rate)
-                rows.append(("Colin27+AAL 256² (loader: train split)", comp, report.total_samples, mb_per_1000,
-                             mb_per_1000 / base["mb"], rate, rate / base["rate"]))
-                print(rows[-1], flush=True)
+            for size in (256, 1024):
+                base = {}
+                for comp in ("none", "lzf", "gzip"):
+                    start = time.perf_counter()
+                    report = build_colin27_aal_shards(tmp / f"colin{size}{comp}", size=size, compression=comp)
+                    conv[size, comp] = (report.total_samples, time.perf_counter() - start)
+                    m = load_manifest(report.manifest_path)
+                    mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
+                    rate = loader_rates(report.manifest_path, n_items)
+                    base.setdefault("mb", mb_per_1000)
+                    base.setdefault("rate", rate["float32"])
+                    rows.append((f"Colin27+AAL {size}² (loader: train split)", comp, report.total_samples,
+                                 mb_per_1000, mb_per_1000 / base["mb"], rate, rate["float32"] / base["rate"]))
+                    print(rows[-1], flush=True)
         except Exception as exc:  # mricron-data missing
             print(f"Colin27 skipped: {exc}", file=sys.stderr)
             conv = {}
 
-    header = ("| data | compression | slices | MB / 1000 slices | size vs none | loader samples/s (1 worker) "
-              "| speed vs none |\n|---|---|---:|---:|---:|---:|---:|")
-    lines = [header] + [f"| {d} | {c} | {n} | {mb:.1f} | {mr:.2f} | {r:.0f} | {rr:.2f} |"
+    rate_cols = " | ".join(f"samples/s, {d} masks" for d in MASK_DTYPES)
+    header = (f"| data | compression | slices | MB / 1000 slices | size vs none | {rate_cols} "
+              "| speed vs none (float32) |\n|---|---|---:|---:|---:|" + "---:|" * (len(MASK_DTYPES) + 1))
+    lines = [header] + [f"| {d} | {c} | {n} | {mb:.1f} | {mr:.2f} | "
+                        + " | ".join(f"{r[k]:.0f}" for k in MASK_DTYPES) + f" | {rr:.2f} |"
                         for d, c, n, mb, mr, r, rr in rows]
-    conv_lines = [f"| Colin27 (181 axial slices in, {n} kept) | {c} | {n / s:.0f} slices/s ({s:.2f} s) |"
-                  for c, (n, s) in conv.items()]
+    conv_lines = [f"| Colin27 {size}² (181 axial slices in, {n} kept) | {c} | {n / s:.0f} slices/s ({s:.2f} s) |"
+                  for (size, c), (n, s) in conv.items()]
     text = "\n".join([
         "# Data stage benchmark",
         "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
         f"Python {platform.python_version()}. Command: `python benchmarks/bench_data.py`"
-        + (" --quick" if args.quick else "") + ".",
+        + (" --quick" if args.quick else "") + ". The CPU was shared with other processes: figures are "
+        f"medians of 3 interleaved runs of {n_items} items each and still vary by ±30 % between runs.",
         "Loader: `SliceDataset(n_objects=5)` default prompts (1 positive point, box jitter 0.025) and "
-        "augmentation (flip, rot90, gamma/contrast), `num_workers=0`, i.e. one worker.",
+        "augmentation (flip, rot90, gamma/contrast), `num_workers=0`, i.e. one worker. "
+        "Synthetic slices: a smooth head-like ellipse on an exactly-zero background (see `synthetic_volume`).",
         "",
         *lines,
         "",
@@ -132,8 +156,8 @@ def main() -> int:
         *conv_lines,
         "",
     ])
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
     print(text)
     return 0
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, default_collate
 
-from medico_peft.data.augment import AugmentConfig
+from medico_peft.data.augment import IDENTITY_LUT, AugmentConfig, apply_lut, sample_lut
 from medico_peft.data.convert import convert
 from medico_peft.data.dataset import SliceDataset, iter_eval_slices
 from medico_peft.data.labels import LabelSelection
@@ -145,7 +145,38 @@ def test_no_augment_returns_stored_slice(shard_set):
             assert item["boxes"][j].tolist() == [xs.min(), ys.min(), xs.max(), ys.max()]
 
 
+@pytest.mark.parametrize("mask_dtype", ["uint8", "bool"])
+def test_mask_dtype_matches_float32_path(shard_set, mask_dtype):
+    ref = SliceDataset(shard_set[0], n_objects=3, seed=1, prompts=PromptConfig(n_positive=2, n_negative=1))
+    small = SliceDataset(shard_set[0], n_objects=3, seed=1, prompts=PromptConfig(n_positive=2, n_negative=1),
+                         mask_dtype=mask_dtype)
+    for i in range(len(ref)):
+        a, b = ref[i], small[i]
+        assert b["masks"].dtype == getattr(torch, mask_dtype) and b["masks"].shape == a["masks"].shape
+        assert torch.equal(b["masks"].float(), a["masks"])
+        for key in a.keys() - {"masks"}:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_apply_lut_matches_take():
+    rng = np.random.default_rng(0)
+    luts = [IDENTITY_LUT] + [sample_lut(AugmentConfig(p_intensity=1.0), rng) for _ in range(3)]
+    for shape in ((6, 8), (5, 7), (2, 4, 6)):
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        for view in (image, image[..., ::-1], np.rot90(image, 1, axes=(-2, -1))):
+            for lut in luts:
+                expected = np.take(lut, view)
+                out = np.full(view.shape[:-1] + (view.shape[-1] + 3,), -1, np.float32)
+                apply_lut(view, lut, out[..., : view.shape[-1]])  # a non-contiguous destination
+                assert np.array_equal(out[..., : view.shape[-1]], expected) and (out[..., view.shape[-1]:] == -1).all()
+                dense = np.empty(view.shape, np.float32)
+                apply_lut(view, lut, dense)
+                assert np.array_equal(dense, expected)
+
+
 def test_bad_dataset_config(shard_set):
+    with pytest.raises(Exception, match="mask_dtype"):
+        SliceDataset(shard_set[0], mask_dtype="float16")
     with pytest.raises(Exception, match="n_objects"):
         SliceDataset(shard_set[0], n_objects=0)
     with pytest.raises(Exception, match="augment.gamma"):
