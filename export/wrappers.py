@@ -58,30 +58,14 @@ class DecoderWrapper(nn.Module):
         dense = pe.mask_downscaling(mask_input) * has_mask_input
         return dense + (1 - has_mask_input) * pe.no_mask_embed.weight.reshape(1, -1, 1, 1)
 
-    def _decode_all(self, emb: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
-        """`MedSam.decode` for one image, returning every mask token (the parity gate checks it)."""
-        md = self.model.mask_decoder
-        tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0).unsqueeze(0)
-        tokens = torch.cat([tokens, sparse], dim=1)
-        src = emb + dense
-        pos = self.model.prompt_encoder.get_dense_pe()
-        b, c, h, w = src.shape
-        hs, src = md.transformer(src, pos, tokens)
-        mask_out = hs[:, 1:1 + md.num_mask_tokens, :]
-        up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
-        b, c, h, w = up.shape
-        masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        iou = md.iou_prediction_head(hs[:, 0, :])
-        return masks[:, self.mask_slice], iou[:, self.mask_slice]
-
     def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input, orig_im_size):
         h, w = orig_im_size[0], orig_im_size[1]
         nh, nw = resized_hw(h, w, self.model.img_size)
         coords = point_coords * torch.stack([nw / w, nh / h])
         sparse = self._embed_points(coords, point_labels)
         dense = self._embed_mask(mask_input, has_mask_input)
-        low, iou = self._decode_all(image_embeddings, sparse, dense)
+        low, iou = self.model.decode_all_tokens(image_embeddings, sparse, dense)
+        low, iou = low[:, self.mask_slice], iou[:, self.mask_slice]
         # TensorRT builds drop `masks` (see tensorrt_build.strip_full_res_output): there
         # orig_im_size then only feeds arithmetic, never a shape.
         return upscale_masks(low, orig_im_size, self.model.img_size), iou, low

@@ -78,12 +78,13 @@ class MedSam(nn.Module):
         box = boxes if boxes is None else boxes.reshape(-1, 4)
         return self.prompt_encoder(points=pts, boxes=box, masks=mask_input)
 
-    def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
-               image_index: torch.Tensor | None = None, multimask: bool = False):
-        """Mask decoder for K prompt rows → (low-res logits (K, M, 4E, 4E), iou predictions (K, M)).
+    def decode_all_tokens(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+                          image_index: torch.Tensor | None = None):
+        """Mask decoder for K prompt rows, every mask token: logits (K, 4, 4E, 4E), iou (K, 4).
 
-        `image_index` (K,) selects each row's image embedding; omitted, one image is shared by all
-        rows via `expand` (no copy, no `repeat_interleave`).
+        Token 0 is SAM's single-mask answer, tokens 1..3 the multimask answers. `image_index` (K,)
+        selects each row's image embedding; omitted, one image is shared by all rows via `expand`
+        (no copy, no `repeat_interleave`, so the same code exports to ONNX and TensorRT).
         """
         md = self.mask_decoder
         k = sparse.shape[0]
@@ -104,7 +105,12 @@ class MedSam(nn.Module):
         hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         b, c, h, w = up.shape
         masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        iou = md.iou_prediction_head(iou_out)
+        return masks, md.iou_prediction_head(iou_out)
+
+    def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+               image_index: torch.Tensor | None = None, multimask: bool = False):
+        """Low-res logits (K, M, 4E, 4E) and iou predictions (K, M): M = 3 with `multimask`, else 1."""
+        masks, iou = self.decode_all_tokens(embeddings, sparse, dense, image_index)
         sl = slice(1, None) if multimask else slice(0, 1)
         return masks[:, sl], iou[:, sl]
 
