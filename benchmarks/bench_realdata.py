@@ -25,6 +25,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -166,7 +167,7 @@ def write_report(out: Path, rows: list[dict], args, command: str, n_test: int) -
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    command = "python " + shlex.join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
     work = Path(args.work)
     shards = work / "shards"
     manifest = shards / "manifest.json"
