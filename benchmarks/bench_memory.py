@@ -7,6 +7,9 @@ steps (the warm-up also fills the feature cache, which is what every epoch after
 CPU peak memory = process peak RSS (it includes the Python/torch runtime; the "weights" column is
 the RSS right after the base model is loaded, so peak - weights is what training itself adds).
 `--gpu`: torch.cuda.max_memory_allocated instead (weights = memory_allocated after loading).
+Backward as in the trainer: per sub-iteration decoder backward + one encoder backward (the default
+`memory.per_iteration_backward`); `--single-backward` measures the old single backward of the summed loss.
+Every mode, full finetune included, runs the same batch, objects and sub-iterations.
 
     python benchmarks/bench_memory.py                                   # -> benchmarks/results/memory.md
     python benchmarks/bench_memory.py --models litemedsam --steps 1 --warmup 1 --out /tmp/m.md   # quick check
@@ -46,7 +49,7 @@ def worker(args) -> None:
     from medico_peft.models import load_model
     from medico_peft.training.config import LossConfig
     from medico_peft.training.data_source import SyntheticSlices
-    from medico_peft.training.interactive_step import InteractiveStep
+    from medico_peft.training.interactive_step import InteractiveStep, finish_backward
     from medico_peft.training.memory import FeatureCache, SegmentedEncoder, current_rss_bytes, peak_memory_bytes
     from medico_peft.tuners import PeftConfig, inject
 
@@ -68,7 +71,8 @@ def worker(args) -> None:
     model.train()
     cache = FeatureCache(torch.float16) if mem.get("cache") else None
     encoder = SegmentedEncoder(model, frozen_prefix=True, checkpointing=mem.get("checkpointing", False), cache=cache)
-    step = InteractiveStep(model, encoder, LossConfig(), args.sub_iterations, 0.5)
+    step = InteractiveStep(model, encoder, LossConfig(), args.sub_iterations, 0.5,
+                           per_iteration_backward=not args.single_backward)
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=1e-5)
     data = SyntheticSlices(args.batch, model.img_size, n_objects=args.objects, seed=0)
@@ -83,8 +87,8 @@ def worker(args) -> None:
             torch.cuda.synchronize()
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss, _ = step(images, batch, "box", gen)
-        loss.backward()
+            loss, stats = step(images, batch, "box", gen)
+        finish_backward(loss, stats)
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -99,14 +103,17 @@ def worker(args) -> None:
 
 def run_all(args) -> list[dict]:
     rows = []
+    modes = args.modes.split(",") if args.modes else [m[0] for m in MODES]
+    modes = ["full"] + [m for m in modes if m != "full"]  # the ratios' reference
     for model in args.models.split(","):
-        for key, *_ in MODES:
+        for key in modes:
             cmd = [sys.executable, __file__, "--worker-model", model, "--worker-mode", key]
             cmd += [f"--{k.replace('_', '-')}={v}" for k, v in (
                 ("batch", args.batch), ("objects", args.objects), ("steps", args.steps), ("warmup", args.warmup),
                 ("sub_iterations", args.sub_iterations), ("threads", args.threads), ("vit_size", args.vit_size))]
             cmd += ["--gpu"] if args.gpu else []
             cmd += ["--bf16"] if args.bf16 else []
+            cmd += ["--single-backward"] if args.single_backward else []
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
@@ -122,7 +129,9 @@ def table(rows: list[dict], args) -> str:
     unit = "GPU max_memory_allocated" if args.gpu else "process peak RSS"
     lines = [f"Peak memory ({unit}) and step time per memory mode; ratios to full finetune of the same model.",
              f"Batch {args.batch} image(s) × {args.objects} objects, box prompt + {args.sub_iterations} corrective "
-             f"sub-iteration(s), AdamW, {'bf16 autocast' if args.bf16 else 'fp32'}; ViT input {args.vit_size}², "
+             f"sub-iteration(s), AdamW, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+             f"{'single backward of the summed loss' if args.single_backward else 'per-iteration backward'}; "
+             f"ViT input {args.vit_size}², "
              f"LiteMedSAM 256²; median of {args.steps} steps after {args.warmup} warm-up; "
              f"{'GPU' if args.gpu else f'{args.threads} CPU thread(s)'}.", ""]
     lines += ["| model | mode | trainable params | frozen prefix | weights MiB | peak MiB | peak − weights MiB "
@@ -153,6 +162,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="measure torch.cuda.max_memory_allocated on a GPU")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--single-backward", action="store_true",
+                   help="old path: one backward of the summed loss (memory.per_iteration_backward=false)")
+    p.add_argument("--modes", default="", help=f"comma-separated subset of {','.join(m[0] for m in MODES)}")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.md"))
     p.add_argument("--worker-model", help=argparse.SUPPRESS)
     p.add_argument("--worker-mode", help=argparse.SUPPRESS)

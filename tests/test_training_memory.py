@@ -8,7 +8,7 @@ import torch
 
 from medico_peft.models import build_model
 from medico_peft.training.config import LossConfig
-from medico_peft.training.interactive_step import InteractiveStep, validate_batch
+from medico_peft.training.interactive_step import InteractiveStep, finish_backward, validate_batch
 from medico_peft.training.losses import dice_loss, mask_losses, true_iou
 from medico_peft.training.memory import FeatureCache, SegmentedEncoder, autocast, peak_memory_bytes
 from medico_peft.tuners import PeftConfig, inject
@@ -135,3 +135,110 @@ def test_losses_best_of_multimask_and_iou_target():
     assert iou[0].tolist() == [0.0, 1.0, 0.0]
     both = mask_losses(logits, gt, LossConfig(dice=1.0, bce=1.0, focal=1.0))
     assert both.shape == (1, 3) and both[0, 1] < both[0, 0]
+
+
+# --- per-iteration backward --------------------------------------------------------------------
+def _randomise_trainable(model, seed=1):
+    """LoRA B starts at zero (A would get no gradient): give every trainable tensor generic values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _grads(model):
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def _both_paths(model, enc, batch, kind, sub_iterations=2, scale=None, precision="fp32"):
+    """Gradients of the single backward of the summed loss and of the per-iteration backward."""
+    results = []
+    for split in (False, True):
+        step = InteractiveStep(model, enc, LossConfig(), sub_iterations, 0.5, per_iteration_backward=split)
+        with autocast(precision, torch.device("cpu")):
+            loss, stats = step(batch["image"], batch, kind, torch.Generator().manual_seed(0), scale)
+        assert ("rest" in stats) == split and (not split or not loss.requires_grad)
+        finish_backward(loss, stats, scale)
+        results.append((loss.item(), _grads(model)))
+    return results
+
+
+@pytest.mark.parametrize("name,peft,mem,kind", [
+    ("vit_tiny", {"method": "lora"}, {}, "point"),
+    ("vit_tiny", {"method": "lora", "blocks": 2}, {"checkpointing": True}, "box"),
+    ("vit_tiny", {"method": "lora", "blocks": 2}, {"frozen_prefix": False}, "point"),
+    ("vit_tiny", {"method": "lora", "blocks": 2}, {"cache": True}, "point"),
+    ("vit_tiny", {"method": "full"}, {}, "point"),
+    ("vit_tiny", {"method": "decoder_only"}, {"cache": True}, "box"),
+    ("litemedsam", {"method": "lora"}, {}, "point"),
+    ("litemedsam", {"method": "lora", "blocks": 4}, {"checkpointing": True}, "box"),
+])
+def test_per_iteration_backward_gives_the_same_gradients(name, peft, mem, kind):
+    """Graph cut at the embedding + one backward per sub-iteration == one backward of the summed loss."""
+    torch.manual_seed(0)
+    model = _model(name, **peft)
+    _randomise_trainable(model)
+    cache = FeatureCache(torch.float32) if mem.get("cache") else None
+    enc = SegmentedEncoder(model, mem.get("frozen_prefix", True), mem.get("checkpointing", False), cache)
+    s = model.img_size
+    batch = _batch(s)
+    if s != 128:  # litemedsam: 256² input
+        batch = {**batch, "image": torch.rand(2, 3, s, s),
+                 "masks": torch.nn.functional.interpolate(batch["masks"], size=(s, s))}
+        batch["boxes"] = batch["boxes"] * 2
+        batch["points"] = batch["points"] * 2
+    (loss_a, ga), (loss_b, gb) = _both_paths(model, enc, batch, kind, scale=lambda l: l * 3.0)
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) >= 0.9 * sum(p.requires_grad for p in model.parameters())
+    if peft["method"] != "decoder_only":
+        assert any(k.startswith("image_encoder") for k in ga)  # the encoder really got gradients
+    for n in ga:
+        scale_ = ga[n].abs().max().item() + 1e-12
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * scale_, msg=n)
+
+
+def test_per_iteration_backward_under_bf16_autocast_matches_closely():
+    torch.manual_seed(0)
+    model = _model(method="lora", blocks=2)
+    _randomise_trainable(model)
+    (loss_a, ga), (loss_b, gb) = _both_paths(model, SegmentedEncoder(model), _batch(), "box", precision="bf16")
+    assert loss_b == pytest.approx(loss_a, rel=1e-2)
+    for n in ga:
+        assert torch.isfinite(gb[n]).all()
+        cos = torch.nn.functional.cosine_similarity(ga[n].flatten(), gb[n].flatten(), dim=0)
+        assert cos > 0.99 or ga[n].abs().max() < 1e-8, n
+
+
+def test_per_iteration_backward_keeps_one_sub_iteration_of_decoder_graph():
+    """Bytes held by autograd's saved tensors at their peak: the summed loss keeps every sub-iteration's
+    decoder graph; the per-iteration backward keeps one (the encoder graph is the same in both)."""
+    class Counter:
+        now = peak = 0
+
+    class Held:  # what autograd keeps instead of the saved tensor; freed with its graph
+        def __init__(self, t):
+            self.t, self.size = t, t.numel() * t.element_size()
+            Counter.now += self.size
+            Counter.peak = max(Counter.peak, Counter.now)
+
+        def __del__(self):
+            Counter.now -= self.size
+
+    model = _model(method="decoder_only")
+    cache = FeatureCache(torch.float32)
+    enc = SegmentedEncoder(model, cache=cache)
+    batch = _batch()
+    enc(batch["image"])  # fill the cache: the encoder keeps no graph at all here
+    peaks = {}
+    for split in (False, True):
+        step = InteractiveStep(model, enc, LossConfig(), 5, 0.0, per_iteration_backward=split)
+        Counter.now = Counter.peak = 0
+        with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+            loss, stats = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
+            finish_backward(loss, stats)
+        del loss, stats
+        peaks[split] = Counter.peak
+    assert peaks[True] * 4 < peaks[False]  # 6 sub-iterations alive vs 1

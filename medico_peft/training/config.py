@@ -97,6 +97,10 @@ class MemoryConfig:
     feature_cache: str = _choice("auto", "on", "off", default="auto")  # auto = on when augment is off
     cache_dtype: str = _choice("float32", "float16", "bfloat16", default="float16")
     cache_max_gb: float = 4.0
+    # Back-propagate each sub-iteration's decoder loss at once (graph cut at the image embedding), then
+    # the encoder once: same gradients, only one sub-iteration's decoder graph alive. false = one
+    # backward of the summed loss (kept for comparison).
+    per_iteration_backward: bool = True
 
 
 @dataclass

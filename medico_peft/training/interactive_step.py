@@ -6,7 +6,17 @@ output; the loss takes the best of the three masks, since one point is ambiguous
 false negatives and a negative click in the false positives of the current best mask are appended
 to the prompt, and with probability `mask_feed_prob` the previous low-res logits are fed back as
 mask input. The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
-sub-iterations and back-propagated once.
+sub-iterations.
+
+Per-iteration backward (`per_iteration_backward=True`, the default): summing all sub-iterations'
+losses and back-propagating once keeps every sub-iteration's decoder graph (upscaled S×S logits,
+transformer activations, × objects × masks) alive at the same time, and that dominates PEFT
+memory. Instead the graph is cut at the image embedding: the decoder runs on a leaf copy
+`emb_leaf`, each sub-iteration's loss (scaled as in the sum) is back-propagated at once (freeing
+its decoder graph and accumulating into the decoder/prompt parameters and `emb_leaf.grad`), and
+the encoder gets one backward of `emb · emb_leaf.grad`. By linearity the gradients equal the single
+backward of the summed loss (up to float summation order). `forward` then returns the remaining
+encoder backward in `stats["rest"]`; `finish_backward` runs whichever backward is left.
 
 Gradient choice: all sub-iterations share the image embedding, so gradients of every
 sub-iteration reach the encoder through it. The fed-back logits and the clicks are detached (as in
@@ -58,20 +68,35 @@ class InteractiveStep(nn.Module):
     """Module whose forward is the whole interactive loss, so DistributedDataParallel can wrap it."""
 
     def __init__(self, model: nn.Module, encoder: SegmentedEncoder, loss_cfg, sub_iterations: int,
-                 mask_feed_prob: float):
+                 mask_feed_prob: float, per_iteration_backward: bool = False, touch_all_params: bool = False):
         super().__init__()
         self.model = model
         self.encoder = encoder
         self.loss_cfg = loss_cfg
         self.sub_iterations = sub_iterations
         self.mask_feed_prob = mask_feed_prob
+        self.per_iteration_backward = per_iteration_backward
+        # DDP: the remaining backward also reaches every trainable parameter (with a zero gradient), so
+        # the one synchronised backward all-reduces the decoder grads accumulated inside `forward` too.
+        self.touch_all_params = touch_all_params
 
-    def forward(self, images: torch.Tensor, batch: dict, prompt_kind: str, generator: torch.Generator):
+    def forward(self, images: torch.Tensor, batch: dict, prompt_kind: str, generator: torch.Generator,
+                scale=None):
+        """(mean loss over sub-iterations, stats). `scale`: maps a loss to what is back-propagated
+        (e.g. `lambda l: scaler.scale(l / grad_accum)`); used by the per-iteration backward only."""
         model = self.model
         emb = self.encoder(images)
+        split = self.per_iteration_backward and torch.is_grad_enabled()
         objs = valid_objects(batch, images.device)
         if objs["image_index"].numel() == 0:  # nothing to learn from; keep every rank's graph alive
-            return emb.float().sum() * 0.0, {"dice": float("nan"), "objects": 0}
+            zero = emb.float().sum() * 0.0
+            if split:
+                return zero.detach(), {"dice": float("nan"), "objects": 0, "rest": self._rest(zero)}
+            return zero, {"dice": float("nan"), "objects": 0}
+        if split:  # cut the graph: decoder graphs end at this leaf and are freed one by one
+            dec_emb = emb.detach().requires_grad_(emb.requires_grad)
+        else:
+            dec_emb = emb
         gt = objs["masks"] > 0.5
         prompt = first_prompt(objs, prompt_kind)
         mask_input = None
@@ -79,7 +104,7 @@ class InteractiveStep(nn.Module):
         n_iter = self.sub_iterations + 1
         for it in range(n_iter):
             sparse, dense = model.embed_prompts(prompt["points"], prompt["point_labels"], prompt["boxes"], mask_input)
-            low, iou_pred = model.decode(emb, sparse, dense, image_index=objs["image_index"],
+            low, iou_pred = model.decode(dec_emb, sparse, dense, image_index=objs["image_index"],
                                          multimask=prompt["multimask"])
             logits = model.upscale_logits(low).float()
             per_mask = mask_losses(logits, gt, self.loss_cfg)  # (K, M)
@@ -88,15 +113,44 @@ class InteractiveStep(nn.Module):
             loss = per_mask[rows, best].mean()
             if self.loss_cfg.iou_mse:
                 loss = loss + self.loss_cfg.iou_mse * ((iou_pred.float() - true_iou(logits, gt)) ** 2).mean()
-            total = total + loss
             pred = (logits[rows, best] > 0).detach()
+            feed_low = low[rows, best].unsqueeze(1).detach()
+            if split:
+                part = loss / n_iter
+                with torch.autocast(images.device.type, enabled=False):  # backward outside autocast
+                    (scale(part) if scale is not None else part).backward()
+                total = total + part.detach()
+                del logits, per_mask, low, iou_pred, loss, part  # nothing of this sub-iteration stays alive
+            else:
+                total = total + loss
             if it == n_iter - 1:
                 break
             prompt = add_clicks(prompt, pred, gt, generator)
             feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
-            mask_input = low[rows, best].unsqueeze(1).detach() if feed else None
+            mask_input = feed_low if feed else None
         dice = dice_per_object(pred, gt).mean().item()
-        return total / n_iter, {"dice": dice, "objects": int(gt.shape[0])}
+        if not split:
+            return total / n_iter, {"dice": dice, "objects": int(gt.shape[0])}
+        rest = emb.new_zeros(())
+        if dec_emb.grad is not None:  # its backward hands emb exactly the accumulated (scaled) gradient
+            rest = (emb * dec_emb.grad).sum()
+        return total, {"dice": dice, "objects": int(gt.shape[0]), "rest": self._rest(rest)}
+
+    def _rest(self, rest: torch.Tensor) -> torch.Tensor:
+        if self.touch_all_params:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            rest = rest + sum((p.reshape(-1)[:1] * 0.0).sum() for p in params)
+        return rest
+
+
+def finish_backward(loss: torch.Tensor, stats: dict, scale=None) -> None:
+    """Run the backward still due after `InteractiveStep.forward`: the encoder's (per-iteration mode,
+    already scaled) or the whole single backward of the summed loss (through `scale`)."""
+    rest = stats.pop("rest", None)
+    if rest is None:
+        (scale(loss) if scale is not None else loss).backward()
+    elif rest.requires_grad:
+        rest.backward()
 
 
 def prompt_kind_for(step: int, mode: str) -> str:

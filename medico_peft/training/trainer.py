@@ -1,6 +1,7 @@
 """`train(cfg)`: interactive PEFT training of a `MedSam`, resumable, single- or multi-process.
 
 Order of one optimiser step: `grad_accum` micro-batches (each: encode once, interactive loss,
+backward: by default one decoder backward per sub-iteration inside the step, then one encoder
 backward), gradient clipping, AdamW step, scheduler step. Checkpoints are written only right
 after an optimiser step, so the saved data position never splits an accumulation window and a
 resumed run replays exactly the same batches, prompts and clicks.
@@ -22,7 +23,7 @@ from . import checkpointing as ckpt
 from . import distributed as D
 from .config import TrainConfig
 from .data_source import build_datasets
-from .interactive_step import InteractiveStep, prompt_kind_for, validate_batch
+from .interactive_step import InteractiveStep, finish_backward, prompt_kind_for, validate_batch
 from .logging import RunLogger, progress
 from .memory import DTYPES, FeatureCache, SegmentedEncoder, autocast, grad_scaler, peak_memory_bytes
 
@@ -126,10 +127,14 @@ class _Run:
         cache = FeatureCache(DTYPES[mem.cache_dtype], mem.cache_max_gb * 1e9) if use_cache else None
         self.encoder = SegmentedEncoder(self.model, mem.frozen_prefix, mem.checkpointing, cache)
         step = InteractiveStep(self.model, self.encoder, cfg.loss, cfg.train.sub_iterations,
-                               cfg.train.mask_feed_prob)
+                               cfg.train.mask_feed_prob, per_iteration_backward=mem.per_iteration_backward,
+                               touch_all_params=self.info.enabled)
         self.step_module = step
         if self.info.enabled:
             # Box iterations leave the multimask heads unused, and mask feeding is random.
+            # Per-iteration backward: the decoder backwards run inside DDP's forward, before DDP arms its
+            # hooks, so they only accumulate locally; the one encoder backward after it (`rest`, which
+            # also touches every trainable parameter) is the synchronised one and all-reduces all grads.
             ids = [self.info.local_rank] if self.device.type == "cuda" else None
             self.step_module = torch.nn.parallel.DistributedDataParallel(step, device_ids=ids,
                                                                          find_unused_parameters=True)
@@ -224,6 +229,10 @@ class _Run:
             self.scheduler.step()
         self.global_step += 1
 
+    def _scale_fn(self, accum: int):
+        """What is back-propagated for a loss: averaged over the accumulation window, AMP-scaled."""
+        return lambda loss: self.scaler.scale(loss / accum)
+
     def _check_finite(self, loss: torch.Tensor) -> None:
         bad = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
         if D.all_reduce_sum([bad], self.info, self.device)[0] > 0:
@@ -256,11 +265,12 @@ class _Run:
             if self.info.enabled and not last_in_window:
                 sync = self.step_module.no_sync()
             images = batch["image"].to(self.device, non_blocking=True)
+            scale = self._scale_fn(accum)
             with sync:
                 with autocast(cfg.memory.precision, self.device):
-                    loss, stats = self.step_module(images, batch, kind, self.clicks)
+                    loss, stats = self.step_module(images, batch, kind, self.clicks, scale)
                 self._check_finite(loss)
-                self.scaler.scale(loss / accum).backward()
+                finish_backward(loss, stats, scale)
             self.batch_in_epoch += 1
             self.micro_step += 1
             window_loss += loss.item()
