@@ -1,0 +1,44 @@
+"""Run every benchmark one after the other (`make bench`); each writes its own file under
+benchmarks/results/, which the README quotes. Run on a quiet machine: timings are side-by-side
+ratios within each script, but a busy neighbour still adds noise.
+
+    python -m benchmarks.run_all [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+FULL = [
+    ["benchmarks/bench_params.py"],
+    ["benchmarks/bench_data.py"],
+    ["-m", "benchmarks.bench_export", "--models", "litemedsam", "vit_b", "--threads", "2", "--repeats", "5"],
+    ["benchmarks/bench_memory.py"],
+    ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
+]
+QUICK = [
+    ["benchmarks/bench_params.py", "--models", "litemedsam", "--out", "/tmp/params.md"],
+    ["benchmarks/bench_data.py", "--quick", "--out", "/tmp/data.md"],
+    ["-m", "benchmarks.bench_export", "--models", "litemedsam", "--repeats", "1", "--out", "/tmp/export.md"],
+]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run, results to /tmp")
+    args = ap.parse_args()
+    for cmd in QUICK if args.quick else FULL:
+        print(f"\n=== {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        rc = subprocess.call([sys.executable, *cmd])
+        print(f"=== exit {rc} after {time.time() - t0:.0f} s", flush=True)
+        if rc:
+            return rc
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
