@@ -19,6 +19,7 @@ from ..errors import AdapterError, ConfigError, MedicoPeftError
 from ..tuners import PeftConfig, inject, is_injected, trainable_state_dict, unload
 from ..utils.atomic import atomic_path
 from ..utils.hashing import sha256_state_dict
+from ..utils.state import describe_mismatch
 from .format import FORMAT_NAME, FORMAT_VERSION, build_metadata, file_key
 
 _ARCH_FIELDS = ("name", "family", "encoder", "prompt_dim", "decoder_mlp_dim", "decoder_heads")
@@ -110,20 +111,9 @@ def check_base(meta: dict, model: nn.Module, path, force: bool = False) -> None:
 def apply_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:
     """Copy file tensors into the model's trained parameters; keys and shapes must match exactly."""
     params = {file_key(n): p for n, p in trainable_state_dict(model).items()}
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    wrong = sorted(k for k in set(params) & set(tensors) if params[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {tuple(tensors[k].shape)}, "
-                         f"model {tuple(params[k].shape)})")
-        raise AdapterError(f"{path}: adapter tensors do not match its config: " + "; ".join(parts))
+    problem = describe_mismatch(tensors, params)
+    if problem:
+        raise AdapterError(f"{path}: adapter tensors do not match its config: {problem}")
     with torch.no_grad():
         for key, param in params.items():
             param.copy_(tensors[key].to(param.dtype))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError
 from ..utils.hashing import sha256_state_dict
+from ..utils.state import describe_mismatch
 from .build import build_from_spec
 from .sam import MedSam
 from .specs import SPECS, ModelSpec, get_spec
@@ -132,21 +133,9 @@ def resize_vit_state(state: dict, spec: ModelSpec) -> dict:
 
 # --- loading -------------------------------------------------------------------------------------
 def load_state_into(model: MedSam, state: dict, source: str) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: file {tuple(state[k].shape)}, "
-                         f"model {tuple(expected[k].shape)})")
-        raise CheckpointError(f"{source}: weights do not fit {model.spec.name}: " + "; ".join(parts))
+    problem = describe_mismatch(state, model.state_dict())
+    if problem:
+        raise CheckpointError(f"{source}: weights do not fit {model.spec.name}: {problem}")
     model.load_state_dict(state, strict=True)
 
 
