@@ -200,12 +200,9 @@ def _plot_training(steps: list[dict], path: Path):
     """Loss and train Dice per optimiser step (the run is too short for per-epoch curves)."""
     if not steps:
         return None
-    import matplotlib
+    from ..utils.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..utils.atomic import atomic_path
+    plt = pyplot()
 
     x = [r["step"] for r in steps]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -218,7 +215,4 @@ def _plot_training(steps: list[dict], path: Path):
     ax2.set_ylim(0, 1)
     fig.legend(loc="upper center", ncol=2, fontsize=8)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)

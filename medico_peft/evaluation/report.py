@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from ..utils.atomic import atomic_path, atomic_write_text
+from ..utils.figures import pyplot, save_png
 
 
 def _fmt(value: float) -> str:
@@ -56,10 +57,7 @@ def summary_markdown(result, title: str | None = None) -> str:
 
 def plot_dice_curves(curves: dict[str, Sequence[float]], path, title: str = "Dice vs corrective clicks") -> Path:
     """One line per curve (x = clicks after the start prompt); used for labels and for model comparisons."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for name, values in curves.items():
@@ -71,19 +69,12 @@ def plot_dice_curves(curves: dict[str, Sequence[float]], path, title: str = "Dic
     ax.set_title(title)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def save_overlay(case, path) -> Path:
     """Two panels (start prompt | final): image, ground-truth contour (green), prediction (red), prompts."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.4), dpi=100)
     start_points = 0 if case.box is not None else 1  # a point start shows its centre click
@@ -106,11 +97,7 @@ def save_overlay(case, path) -> Path:
         ax.axis("off")
     fig.suptitle(case.title + "  (green: truth, red: prediction)", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def write_eval_outputs(result, out_dir, title: str | None = None) -> dict[str, Path]:
