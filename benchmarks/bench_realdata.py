@@ -61,6 +61,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--minutes-per-method", type=float, default=30.0, help="CPU training budget per method")
+    p.add_argument("--steps-per-method", type=int, default=None,
+                   help="optimiser-step budget per method (fair on a shared CPU); the minutes budget still caps it")
     p.add_argument("--max-slices", type=int, default=20, help="held-out slices evaluated (evenly spaced)")
     p.add_argument("--clicks", type=int, default=4)
     p.add_argument("--lr", type=float, help="one learning rate for every method (default: per method)")
@@ -83,12 +85,13 @@ def train_method(name: str, peft: dict, lr: float, manifest: Path, work: Path, a
         "peft": peft,
         "data": {"manifest": str(manifest), "n_objects": args.n_objects},
         "train": {"epochs": 200, "batch_size": args.batch_size, "sub_iterations": args.sub_iterations,
-                  "device": "cpu"},
+                  "device": "cpu", **({"max_steps": args.steps_per_method} if args.steps_per_method else {})},
         "optim": {"lr": args.lr or lr},
         "schedule": {"kind": "constant", "warmup_steps": 5},
         "output": {"dir": str(work / "runs" / name), "tensorboard": False},
     })
-    print(f"[bench] training {name} for {args.minutes_per_method:g} min", flush=True)
+    steps = f" or {args.steps_per_method} steps" if args.steps_per_method else ""
+    print(f"[bench] training {name} for {args.minutes_per_method:g} min{steps}", flush=True)
     result = train(cfg, callbacks=[time_budget(args.minutes_per_method * 60)])
     return result, cfg
 
@@ -123,7 +126,9 @@ def write_report(out: Path, rows: list[dict], args, command: str, n_test: int) -
         f"Protocol: tight box, then {c} corrective clicks at the centre of the largest error with the previous "
         f"logits fed back (`medico-peft evaluate --start box --clicks {c}`); mean Dice over all objects of "
         f"{rows[0]['n_slices'] if rows else '?'} evenly spaced test slices (of {n_test}); Dice at 256².", "",
-        f"Training: every method gets the same CPU wall-clock budget ({args.minutes_per_method:g} min), batch "
+        f"Training: every method gets the same budget ({args.minutes_per_method:g} min of CPU wall clock"
+        + (f" or {args.steps_per_method} optimiser steps, whichever comes first" if args.steps_per_method else "")
+        + "), batch "
         f"{args.batch_size} slices × {args.n_objects} objects, {args.sub_iterations} click sub-iterations, constant "
         "LR after 5 warm-up steps, no augmentation (frozen-prefix features cached).", "",
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
