@@ -8,15 +8,16 @@ to the prompt, and with probability `mask_feed_prob` the previous low-res logits
 mask input. The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
 sub-iterations.
 
-Per-iteration backward (`per_iteration_backward=True`, the default): summing all sub-iterations'
-losses and back-propagating once keeps every sub-iteration's decoder graph (upscaled S×S logits,
-transformer activations, × objects × masks) alive at the same time, and that dominates PEFT
-memory. Instead the graph is cut at the image embedding: the decoder runs on a leaf copy
-`emb_leaf`, each sub-iteration's loss (scaled as in the sum) is back-propagated at once (freeing
-its decoder graph and accumulating into the decoder/prompt parameters and `emb_leaf.grad`), and
-the encoder gets one backward of `emb · emb_leaf.grad`. By linearity the gradients equal the single
-backward of the summed loss (up to float summation order). `forward` then returns the remaining
-encoder backward in `stats["rest"]`; `finish_backward` runs whichever backward is left.
+Per-iteration backward (`per_iteration_backward=True`; the trainer's default via
+`memory.per_iteration_backward`): summing all sub-iterations' losses and back-propagating once
+keeps every sub-iteration's decoder graph (upscaled logits, transformer and upscaling activations,
+× objects × masks) alive at the same time, and that dominates PEFT memory. Instead the graph is
+cut at the image embedding: the decoder runs on a leaf copy `emb_leaf`, each sub-iteration's loss
+(scaled as in the sum) is back-propagated at once (freeing its decoder graph and accumulating into
+the decoder/prompt parameters and `emb_leaf.grad`), and the encoder gets one backward of
+`emb · emb_leaf.grad`. By linearity the gradients equal the single backward of the summed loss (up
+to float summation order). `forward` then returns the remaining encoder backward in
+`stats["rest"]`; `finish_backward` runs whichever backward is left.
 
 Gradient choice: all sub-iterations share the image embedding, so gradients of every
 sub-iteration reach the encoder through it. The fed-back logits and the clicks are detached (as in
