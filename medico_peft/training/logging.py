@@ -13,7 +13,7 @@ import math
 import warnings
 from pathlib import Path
 
-from ..utils.atomic import atomic_path, atomic_write_text
+from ..utils.atomic import atomic_write_text
 
 
 def progress(total: int, initial: int, desc: str, enabled: bool):
@@ -73,11 +73,9 @@ def write_metrics_csv(path: Path, history: list[dict]) -> None:
 
 def plot_curves(path: Path, history: list[dict]) -> None:
     """Loss and Dice per epoch in one PNG (matplotlib Agg, no display needed)."""
-    import matplotlib
+    from ..utils.figures import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(epochs, [row.get("train_loss", math.nan) for row in history], marker="o", label="train loss")
@@ -94,6 +92,4 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     ax_dice.set_ylim(0, 1)
     ax_dice.legend()
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
