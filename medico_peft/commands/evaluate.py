@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from .info import add_model_arguments
 
 
 def register(subparsers) -> None:
@@ -12,8 +13,7 @@ def register(subparsers) -> None:
                     "the deeper error (previous logits fed back). Writes per_object.csv, summary.md, "
                     "summary.json, dice_vs_clicks.png and overlay PNGs to --out.",
     )
-    p.add_argument("--model", default="litemedsam", help="model name (litemedsam, vit_b, ...)")
-    p.add_argument("--checkpoint", help="base weights file (default: the model's shipped weights)")
+    add_model_arguments(p)
     p.add_argument("--adapter", help="adapter .safetensors to load onto the base model")
     p.add_argument("--manifest", required=True, help="shard set manifest.json (or its folder)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.interactive import evaluate_interactive
     from ..models import load_model
 
-    model = load_model(args.model, checkpoint=args.checkpoint)
+    model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
     if args.adapter:
         from ..adapters import load_adapter
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from .info import add_model_arguments
 
 
 def register(subparsers) -> None:
@@ -10,9 +11,7 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
 
     onnx = sub.add_parser("onnx", help="image encoder + prompt decoder ONNX graphs with a parity gate")
-    onnx.add_argument("--model", help="litemedsam, vit_b, vit_l, vit_h or vit_tiny")
-    onnx.add_argument("--checkpoint", help="base weights (architecture detected from the file)")
-    onnx.add_argument("--img-size", type=int, help="ViT input size (default: the model's)")
+    add_model_arguments(onnx, default=None)
     onnx.add_argument("--adapter", help="adapter .safetensors to fuse (LoRA/DoRA folded, bottleneck kept)")
     onnx.add_argument("--out", required=True, help="output folder")
     onnx.add_argument("--opset", type=int, default=17)

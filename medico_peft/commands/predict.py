@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from .info import add_model_arguments
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("predict", help="segment an image from a box or points (torch, onnxruntime, tensorrt)")
     p.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
-    p.add_argument("--model", help="torch backend: model name (litemedsam, vit_b, ...)")
-    p.add_argument("--checkpoint", help="torch backend: base weights")
+    add_model_arguments(p, default=None)  # torch backend only
     p.add_argument("--adapter", help="torch backend: adapter .safetensors")
     p.add_argument("--onnx", help="onnxruntime backend: folder written by `export onnx`")
     p.add_argument("--engine", help="tensorrt backend: folder written by `export tensorrt`")
@@ -40,7 +40,7 @@ def make_predictor(args):
         raise ConfigError("--model or --checkpoint: the torch backend needs a model")
     from medico_peft.models import load_model
 
-    model = load_model(args.model, checkpoint=args.checkpoint)
+    model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
     if args.adapter:
         from medico_peft.adapters import load_adapter
 
