@@ -77,11 +77,8 @@ class Manifest:
 
 def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     path = Path(out_dir) / MANIFEST_NAME
-    from .shard_writer import _make_readable
-
     with atomic_path(path) as tmp:
         tmp.write_text(manifest.to_json())
-        _make_readable(tmp)
     manifest.path = path
     return path
 

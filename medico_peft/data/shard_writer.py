@@ -39,13 +39,6 @@ class SliceSample:
     object_boxes: np.ndarray  # (K*4,) int32
 
 
-def _make_readable(path: Path) -> None:
-    """mkstemp creates 0600 files; shards are shared data, so use the usual umask-based mode."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 class ShardWriter:
     """Writes the shards of one split: `<split>-00000.h5`, `<split>-00001.h5`, ...
 
@@ -140,9 +133,8 @@ class ShardWriter:
         f.attrs["n_samples"] = self._count
         f.close()
         self._file = None
-        _make_readable(self._tmp)
         digest, nbytes = sha256_file(self._tmp), os.path.getsize(self._tmp)
-        self._ctx.__exit__(None, None, None)  # fsync + rename onto the final name
+        self._ctx.__exit__(None, None, None)  # chmod to the umask's mode, fsync, rename onto the final name
         self._ctx = None
         self.entries.append(ShardEntry(self._final_name, self.split, self._count, digest, nbytes))
 
