@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from medico_peft.errors import ExportError
-
+from ..errors import ExportError
+from ..runtime.artifacts import ONNX_SIDECAR, multimask_modes, write_sidecar
 from .parity import Tolerance, gate, run_parity
-from .sidecar import ONNX_SIDECAR, onnx_io, write_sidecar
+from .sidecar import onnx_io
 from .wrappers import DecoderWrapper, EncoderWrapper
 
 MIN_OPSET = 17
@@ -89,7 +89,7 @@ def _simplify(path: Path) -> None:
 
 
 def _file_info(path: Path) -> dict:
-    from medico_peft.utils.hashing import sha256_file
+    from ..utils.hashing import sha256_file
 
     info = {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size}
     data = path.parent / (path.name + ".data")
@@ -107,9 +107,9 @@ def export_onnx(model, out_dir: str | os.PathLike, *, opset: int = MIN_OPSET, wi
     import onnx
     import onnxruntime
 
-    from medico_peft import __version__
-    from medico_peft.runtime.ort_backend import OrtBackend
-    from medico_peft.runtime.preprocess import intensity_mode
+    from .. import __version__
+    from ..runtime.ort_backend import OrtBackend
+    from ..runtime.preprocess import intensity_mode
 
     if opset < MIN_OPSET:
         raise ExportError(f"--opset: expected >= {MIN_OPSET} (LayerNormalization, dynamic Resize), got {opset}")
@@ -163,8 +163,7 @@ def export_onnx(model, out_dir: str | os.PathLike, *, opset: int = MIN_OPSET, wi
         }
         write_sidecar(stage / ONNX_SIDECAR, meta)
         backend = OrtBackend(stage, threads=threads)
-        multimask_cases = {"all": (False, True), "single": (False,), "multi": (True,)}[mask_outputs]
-        rows = run_parity(model, backend, parity_random, parity_real, multimask_cases)
+        rows = run_parity(model, backend, parity_random, parity_real, multimask_modes(mask_outputs))
         maxima = gate(rows, tolerance, f"ONNX export to {out}")
         meta["parity"] = {"backend": "onnxruntime-cpu", "reference": "torch fp32", "tolerance": tolerance.to_dict(),
                           "max": maxima, "rows": rows}

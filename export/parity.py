@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from medico_peft.errors import ExportError
+from ..errors import ExportError
 
 ASPECTS = {"1:1": (240, 240), "3:4": (300, 400), "16:9": (270, 480), "tall 3:1": (480, 160)}
 
@@ -77,8 +77,8 @@ def _maxabs(a, b) -> float:
 def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask_cases=(False, True),
                seed: int = 0) -> list[dict]:
     """Rows of max errors (`backend` vs `reference`: a torch model or another backend) per image and prompt."""
-    from medico_peft.runtime.preprocess import as_hwc3, build_prompt_arrays, upscale_masks
-    from medico_peft.runtime.torch_backend import TorchBackend
+    from ..runtime.preprocess import as_hwc3, build_prompt_arrays, upscale_masks
+    from ..runtime.torch_backend import TorchBackend
 
     if isinstance(reference, torch.nn.Module):
         reference = TorchBackend(reference)

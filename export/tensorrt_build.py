@@ -8,7 +8,7 @@
   precision, so fp16/bf16 graphs are converted first (`mixed_precision`). TensorRT 10 uses the
   classic builder flags (FP16/BF16) on the fp32 graph.
 - Optimisation profiles cover 1..max_points prompt points; engines refuse to load on another GPU
-  or TensorRT version (`sidecar.check_engine_compat`).
+  or TensorRT version (`runtime.artifacts.check_engine_compat`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ import os
 import time
 from pathlib import Path
 
-from medico_peft.errors import ExportError
-
-from .parity import Tolerance
+from ..errors import ExportError
+from ..runtime.artifacts import ENGINE_SIDECAR, ONNX_SIDECAR, PARTS, current_device_info, import_tensorrt, \
+    multimask_modes, read_sidecar, trt_major, write_sidecar
+from .parity import Tolerance, gate, run_parity
 
 LOW_RES_OUTPUTS = ("iou_predictions", "low_res_masks")
 TOLERANCES = {  # engine vs onnxruntime fp32
@@ -74,48 +75,9 @@ def encoder_profile(img_size: int, with_preprocess: bool, max_side: int = 4096) 
     return {"image": [[2, 2, 3], [img_size, img_size, 3], [max_side, max_side, 3]]}
 
 
-def check_shapes_fit(profile: dict, shapes: dict, source: str) -> None:
-    """Refuse inputs outside the engine's optimisation profile, naming the input and its range."""
-    for name, (lo, _opt, hi) in profile.items():
-        shape = list(shapes[name])
-        if len(shape) != len(lo) or any(s < a or s > b for s, a, b in zip(shape, lo, hi)):
-            extra = ""
-            if name in ("point_coords", "point_labels"):
-                extra = f" ({shape[1]} points incl. box corners/padding; engine built for 1..{hi[1]}: " \
-                        "rebuild with a larger --max-points)"
-            raise ExportError(f"{source}: input {name} shape {shape} is outside the engine profile "
-                              f"{lo}..{hi}{extra}")
-
-
-def trt_major(version: str) -> int:
-    return int(str(version).split(".")[0])
-
-
 def uses_strong_typing(version: str, precision: str) -> bool:
     """TensorRT >= 11 is always strongly typed; TensorRT 10 uses builder flags for fp16/bf16."""
     return trt_major(version) >= 11
-
-
-def current_device_info() -> dict:
-    import tensorrt as trt
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ExportError("TensorRT needs a CUDA GPU; none is visible to torch")
-    major, minor = torch.cuda.get_device_capability()
-    return {"tensorrt_version": trt.__version__, "gpu_name": torch.cuda.get_device_name(),
-            "compute_capability": [major, minor]}
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise ExportError(f"TensorRT is not installed ({exc}); install the tensorrt wheel for your CUDA version") \
-            from None
-    if trt_major(trt.__version__) < 10:
-        raise ExportError(f"TensorRT {trt.__version__} is too old; expected 10 or newer")
-    return trt
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, profile: dict, workspace_gb: float,
@@ -154,7 +116,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, profile: di
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"{onnx_path}: TensorRT failed to build the {precision} engine (see the log above)")
-    from medico_peft.utils.atomic import atomic_write_bytes
+    from ..utils.atomic import atomic_write_bytes
 
     atomic_write_bytes(engine_path, bytes(serialized))
     if timing_cache:
@@ -182,12 +144,9 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
                   max_points: int = 16, workspace_gb: float = 4.0, timing_cache: str | None = None,
                   atol: float | None = None, parity_random: int = 4, parity_real: int = 1) -> dict:
     """encoder.engine + decoder.engine + engine.json in `out_dir`, after a parity check vs onnxruntime."""
-    from medico_peft.runtime.ort_backend import OrtBackend
-    from medico_peft.runtime.trt_backend import TrtBackend
-
+    from ..runtime.ort_backend import OrtBackend
+    from ..runtime.trt_backend import TrtBackend
     from .onnx_export import staging_folder
-    from .parity import gate, run_parity
-    from .sidecar import ENGINE_SIDECAR, ONNX_SIDECAR, read_sidecar, write_sidecar
 
     if precision not in TOLERANCES:
         raise ExportError(f"--precision: expected fp32, fp16 or bf16, got {precision!r}")
@@ -205,7 +164,7 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
     out = Path(out_dir)
     with staging_folder(out) as stage:
         built = {}
-        for part in ("encoder", "decoder"):
+        for part in PARTS:
             src = onnx_dir / onnx_meta["files"][part]["name"]
             prepared = stage / f".{part}.prepared.onnx"
             prepare_onnx(src, prepared, precision, strong, strip=(part == "decoder"))
@@ -220,7 +179,7 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
                                                      "intensity", "mask_outputs")}}
         write_sidecar(stage / ENGINE_SIDECAR, meta)
         rows = run_parity(OrtBackend(onnx_dir), TrtBackend(stage), parity_random, parity_real,
-                          {"all": (False, True), "single": (False,), "multi": (True,)}[onnx_meta["mask_outputs"]])
+                          multimask_modes(onnx_meta["mask_outputs"]))
         maxima = gate(rows, tol, f"TensorRT {precision} engines in {out}")
         meta["parity"] = {"reference": "onnxruntime fp32", "tolerance": tol.to_dict(), "max": maxima, "rows": rows}
         write_sidecar(stage / ENGINE_SIDECAR, meta)

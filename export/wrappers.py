@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medico_peft.runtime.preprocess import preprocess_image, resized_hw, upscale_masks
-
-MASK_OUTPUTS = {"all": slice(0, None), "single": slice(0, 1), "multi": slice(1, None)}
+from ..runtime.artifacts import MASK_OUTPUTS
+from ..runtime.preprocess import preprocess_image, resized_hw, upscale_masks
 
 
 class EncoderWrapper(nn.Module):

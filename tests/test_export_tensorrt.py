@@ -14,8 +14,8 @@ from medico_peft.errors import ExportError  # noqa: E402
 from medico_peft.export import tensorrt_build as tb  # noqa: E402
 from medico_peft.export.mixed_precision import convert_to_mixed_precision, precision_summary  # noqa: E402
 from medico_peft.export.onnx_export import export_onnx  # noqa: E402
-from medico_peft.export.sidecar import check_engine_compat  # noqa: E402
 from medico_peft.models import load_model  # noqa: E402
+from medico_peft.runtime.artifacts import check_engine_compat, check_shapes_fit  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +76,9 @@ def test_low_res_decoder_has_no_resize_and_matches_full_graph(tiny_dir):
 def test_profiles_and_points_outside_profile():
     prof = tb.decoder_profile(8)
     assert prof["point_coords"] == [[1, 1, 2], [1, 4, 2], [1, 8, 2]]
-    tb.check_shapes_fit(prof, {"point_coords": (1, 8, 2), "point_labels": (1, 8)}, "decoder.engine")
+    check_shapes_fit(prof, {"point_coords": (1, 8, 2), "point_labels": (1, 8)}, "decoder.engine")
     with pytest.raises(ExportError, match=r"9 points .* built for 1\.\.8: rebuild with a larger --max-points"):
-        tb.check_shapes_fit(prof, {"point_coords": (1, 9, 2), "point_labels": (1, 9)}, "decoder.engine")
+        check_shapes_fit(prof, {"point_coords": (1, 9, 2), "point_labels": (1, 9)}, "decoder.engine")
     assert tb.encoder_profile(256, False) == {}
     assert tb.encoder_profile(256, True)["image"][1] == [256, 256, 3]
     with pytest.raises(ExportError, match="max-points"):

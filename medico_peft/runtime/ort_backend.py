@@ -13,10 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError, ExportError
+from .artifacts import PARTS, check_io, ort_io, read_onnx_export
 from .preprocess import intensity_mode, preprocess_image
-
-MASK_SLICES = {"all": {False: slice(0, 1), True: slice(1, None)}, "single": {False: slice(0, None)},
-               "multi": {True: slice(0, None)}}
 
 
 def make_session(path: Path, threads: int | None = None, providers=None, optimize: bool = True):
@@ -38,22 +36,20 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, providers=None):
-        from medico_peft.export.sidecar import ONNX_SIDECAR, check_io, ort_io, read_sidecar
-
-        folder = Path(folder)
-        self.meta = read_sidecar(folder / ONNX_SIDECAR)
-        spec = self.meta["model"]["spec"]
-        self.img_size = int(spec["img_size"])
-        self.family = spec["family"]
-        self.embedding_size = int(self.meta["model"]["embedding_size"])
-        self.with_preprocess = bool(self.meta["with_preprocess"])
-        self.input_dtype = self.meta.get("input_dtype", "uint8")
-        self.mask_outputs = self.meta["mask_outputs"]
+        self.artifact = read_onnx_export(folder)
+        self.meta = self.artifact.meta
+        self.img_size = self.artifact.img_size
+        self.family = self.artifact.family
+        self.embedding_size = self.artifact.embedding_size
+        self.with_preprocess = self.artifact.with_preprocess
+        self.input_dtype = self.artifact.input_dtype
+        self.mask_outputs = self.artifact.mask_outputs
+        folder = self.artifact.folder
         self.sessions = {}
-        for part in ("encoder", "decoder"):
-            path = folder / self.meta["files"][part]["name"]
+        for part in PARTS:
+            path = self.artifact.part_path(part)
             if not path.is_file():
-                raise ExportError(f"{path}: missing; expected the {part} graph listed in {folder / ONNX_SIDECAR}")
+                raise ExportError(f"{path}: missing; expected the {part} graph listed in {self.artifact.sidecar}")
             sess = make_session(path, threads, providers)
             check_io(self.meta["io"][part], ort_io(sess), str(path))
             self.sessions[part] = sess
@@ -79,7 +75,7 @@ class OrtBackend:
         return torch.from_numpy(emb)
 
     def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
-        sl = MASK_SLICES[self.mask_outputs].get(bool(multimask))
+        sl = self.artifact.mask_slice(multimask)
         if sl is None:
             raise ExportError(f"decoder was exported with mask_outputs={self.mask_outputs!r}; it cannot answer "
                               f"multimask={multimask} (re-export with --mask-outputs all)")

@@ -14,7 +14,9 @@ import numpy as np
 import torch
 
 from ..errors import DataError, ExportError
-from .ort_backend import MASK_SLICES, decoder_feed
+from .artifacts import PARTS, check_engine_compat, check_shapes_fit, current_device_info, import_tensorrt, \
+    read_engine_export
+from .ort_backend import decoder_feed
 from .preprocess import intensity_mode, preprocess_image
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -59,29 +61,22 @@ class TrtBackend:
     name = "tensorrt"
 
     def __init__(self, folder: str | os.PathLike):
-        from medico_peft.export.sidecar import ENGINE_SIDECAR, check_engine_compat, read_sidecar
-        from medico_peft.export.tensorrt_build import current_device_info, import_tensorrt
-
-        folder = Path(folder)
-        self.meta = read_sidecar(folder / ENGINE_SIDECAR)
+        self.artifact = read_engine_export(folder)
+        self.meta = self.artifact.meta
         trt = import_tensorrt()
-        check_engine_compat(self.meta, current_device_info(), str(folder / ENGINE_SIDECAR))
-        onnx_meta = self.meta["onnx"]
-        spec = onnx_meta["model"]["spec"]
-        self.img_size = int(spec["img_size"])
-        self.family = spec["family"]
-        self.embedding_size = int(onnx_meta["model"]["embedding_size"])
-        self.with_preprocess = bool(onnx_meta["with_preprocess"])
-        self.input_dtype = onnx_meta.get("input_dtype", "uint8")
-        self.mask_outputs = onnx_meta["mask_outputs"]
-        self.profiles = self.meta["profiles"]
+        check_engine_compat(self.meta, current_device_info(), str(self.artifact.sidecar))
+        self.img_size = self.artifact.img_size
+        self.family = self.artifact.family
+        self.embedding_size = self.artifact.embedding_size
+        self.with_preprocess = self.artifact.with_preprocess
+        self.input_dtype = self.artifact.input_dtype
+        self.mask_outputs = self.artifact.mask_outputs
+        self.profiles = self.artifact.profiles
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
-        self.engines = {part: TrtEngine(folder / f"{part}.engine", runtime) for part in ("encoder", "decoder")}
+        self.engines = {part: TrtEngine(self.artifact.part_path(part), runtime) for part in PARTS}
 
     def encode(self, image_hwc3: np.ndarray) -> torch.Tensor:
-        from medico_peft.export.tensorrt_build import check_shapes_fit
-
         if self.with_preprocess:
             if np.dtype(self.input_dtype) != image_hwc3.dtype:
                 if self.input_dtype != "float32":
@@ -96,9 +91,7 @@ class TrtBackend:
         return self.engines["encoder"]({"image": feed})["image_embeddings"]
 
     def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
-        from medico_peft.export.tensorrt_build import check_shapes_fit
-
-        sl = MASK_SLICES[self.mask_outputs].get(bool(multimask))
+        sl = self.artifact.mask_slice(multimask)
         if sl is None:
             raise ExportError(f"engine was built from a decoder with mask_outputs={self.mask_outputs!r}; "
                               f"it cannot answer multimask={multimask}")
