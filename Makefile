@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: env system-deps test test-fast demo bench clean
+.PHONY: env system-deps lint-imports test test-fast demo bench clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -26,10 +26,20 @@ system-deps:
 	  else echo "warning: not root, mricron-data not installed; real-atlas tests will skip"; fi; \
 	fi
 
-test: $(STAMP) system-deps
+# Import-layer contracts ([tool.importlinter] in pyproject.toml). import-linter walks medico_peft/ on
+# disk, where export/ (installed as medico_peft.export through package-dir) is absent, so it runs in a
+# scratch mirror whose medico_peft/ links every entry of the real one plus export -> export/.
+IMPORT_MIRROR := build/import-graph
+lint-imports: $(STAMP)
+	@rm -rf $(IMPORT_MIRROR) && mkdir -p $(IMPORT_MIRROR)/medico_peft
+	@for p in medico_peft/*; do ln -s "$(CURDIR)/$$p" "$(IMPORT_MIRROR)/$$p"; done
+	@ln -sfn "$(CURDIR)/export" "$(IMPORT_MIRROR)/medico_peft/export"
+	cd $(IMPORT_MIRROR) && $(abspath $(VENV))/bin/lint-imports --no-cache --config "$(CURDIR)/pyproject.toml"
+
+test: $(STAMP) system-deps lint-imports
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) lint-imports
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
