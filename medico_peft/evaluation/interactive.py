@@ -21,10 +21,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.prompts import deepest_pixel, mask_box
 from ..errors import ConfigError
+from ..models.postprocess import upscale_logits
 from .clicks import center_correction
 from .metrics import dice_per_object
 from .segmenter import Segmenter, as_segmenter
@@ -48,8 +48,7 @@ def tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
 
 def logits_to_masks(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
     """(K, 1, h, w) low-res logits → (K, H, W) bool masks at the S×S input, cropped to the content."""
-    up = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
-    return up[:, 0, : input_size[0], : input_size[1]] > 0
+    return upscale_logits(low_res, img_size, input_size)[:, 0] > 0
 
 
 @dataclass
