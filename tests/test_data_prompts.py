@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from medico_peft.data.augment import Geometry
-from medico_peft.data.prompts import PromptConfig, mask_box, prompts_for_mask
+from medico_peft.data.prompts import PromptConfig, deepest_pixel, mask_box, prompts_for_mask
 
 masks = st.integers(1, 24).flatmap(
     lambda h: st.integers(1, 24).flatmap(lambda w: arrays(bool, (h, w)))
@@ -65,3 +65,19 @@ def test_geometry_moves_boxes_with_pixels(mask, flip, k):
     moved = g.apply(mask)
     assert moved.shape == g.size(*mask.shape)
     assert tuple(g.boxes(mask_box(mask)[None], *mask.shape)[0]) == tuple(mask_box(moved))
+
+
+@settings(max_examples=100, deadline=None)
+@given(mask=masks)
+def test_deepest_pixel_is_inside_and_counts_the_border_as_outside(mask):
+    from scipy.ndimage import distance_transform_edt
+
+    r, c, d = deepest_pixel(mask)
+    dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    assert mask[r, c] and d == dist.max() == dist[r, c] >= 1.0
+    assert deepest_pixel(np.zeros_like(mask)) == (0, 0, 0.0)
+    ring = np.zeros((21, 21), bool)
+    ring[2:19, 2:19] = True
+    ring[8:13, 8:13] = False
+    r, c, _ = deepest_pixel(ring)
+    assert ring[r, c] and tuple(mask_box(ring)) == (2, 2, 18, 18)

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import AdapterError, ConfigError, MedicoPeftError
-from ..tuners import PeftConfig, inject, is_injected
+from ..errors import AdapterError, ConfigError
+from ..tuners import PeftConfig, is_injected, peft_state
 from ..utils.atomic import atomic_path, atomic_write_text
-from .io import _restore, adapter_tensors, apply_tensors, check_base
+from .io import adapter_tensors, check_base, inject_and_apply
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -39,12 +39,12 @@ def export_peft_dir(model: nn.Module, directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     if not is_injected(model):
         raise AdapterError("export_peft_dir: the model has no PEFT config; inject or load an adapter first")
-    cfg: PeftConfig = model.peft_config
+    state = peft_state(model)
+    cfg: PeftConfig = state.config
     if not cfg.uses_lora or cfg.method == "adapter":
         raise AdapterError(f"export_peft_dir: method {cfg.method!r} cannot be written in peft's format "
                            "(only lora/dora, or decoder_lora, are peft methods)")
-    lora_config = model.peft_lora_config
-    config = lora_config.to_dict()
+    config = state.lora_config.to_dict()
     modules_to_save = []
     if cfg.train_decoder and not cfg.decoder_lora:
         modules_to_save.append("mask_decoder")
@@ -92,11 +92,5 @@ def import_peft_dir(base_model: nn.Module, directory: str | os.PathLike, force: 
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise AdapterError(f"{weights}: key {bad[0]!r} does not start with {PREFIX!r}")
-    saved = {k: v.detach().clone() for k, v in base_model.state_dict().items() if not k.startswith("image_encoder.")}
-    try:
-        inject(base_model, cfg)
-        apply_tensors(base_model, {k[len(PREFIX):]: v for k, v in tensors.items()}, weights)
-    except MedicoPeftError:
-        _restore(base_model, saved)
-        raise
+    inject_and_apply(base_model, cfg, {k[len(PREFIX):]: v for k, v in tensors.items()}, weights)
     return base_model

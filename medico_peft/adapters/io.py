@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError, ConfigError, MedicoPeftError
-from ..tuners import PeftConfig, inject, is_injected, trainable_state_dict, unload
+from ..tuners import PeftConfig, inject, is_injected, peft_state, trainable_state_dict, unload
 from ..utils.atomic import atomic_path
 from ..utils.hashing import sha256_state_dict
 from ..utils.state import describe_mismatch
@@ -44,7 +44,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict
         raise AdapterError("save_adapter: the model has no base_sha256; load it with medico_peft.models.load_model")
     tensors = adapter_tensors(model)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    metadata = build_metadata(model, model.peft_config, extra_metadata, created)
+    metadata = build_metadata(model, peft_state(model).config, extra_metadata, created)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
@@ -127,23 +127,42 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = F
         raise AdapterError(f"{path}: the model already has an adapter; load onto a plain base model "
                            "(or use AdapterBank to switch between several)")
     check_base(meta, base_model, path, force)
-    saved = {k: v.detach().clone() for k, v in base_model.state_dict().items()
-             if not k.startswith("image_encoder.")}
-    try:
-        inject(base_model, meta["config"], adapter_name=name)
-        apply_tensors(base_model, tensors, path)
-    except MedicoPeftError:
-        _restore(base_model, saved)
-        raise
+    inject_and_apply(base_model, meta["config"], tensors, path, adapter_name=name)
     base_model.adapter_metadata = {k: v for k, v in meta.items() if k != "config"}
     return base_model
 
 
-def _restore(model: nn.Module, saved: dict) -> None:
-    """Undo a half-applied load: remove PEFT modules, put back decoder/prompt-encoder weights."""
-    if is_injected(model):
-        unload(model)
-    model.load_state_dict(saved, strict=False)
+def snapshot_base_parts(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every weight outside the image encoder: the parts an adapter may train in place.
+
+    `unload` removes PEFT modules but cannot revert a decoder or prompt encoder trained in place;
+    this snapshot is what `restore_base_parts` puts back.
+    """
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("image_encoder.")}
+
+
+def restore_base_parts(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Copy a `snapshot_base_parts` back; keys the model lacks are skipped (a decoder Linear under LoRA
+    lives at `...base_layer.*`, frozen and untouched)."""
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, value in saved.items():
+            if key in state:
+                state[key].copy_(value)
+
+
+def inject_and_apply(model: nn.Module, cfg: PeftConfig, tensors: dict[str, torch.Tensor], path,
+                     adapter_name: str = "default") -> None:
+    """Inject `cfg` and load `tensors` into it; on failure the model is left as it was (then re-raise)."""
+    saved = snapshot_base_parts(model)
+    try:
+        inject(model, cfg, adapter_name=adapter_name)
+        apply_tensors(model, tensors, path)
+    except MedicoPeftError:
+        if is_injected(model):
+            unload(model)
+        restore_base_parts(model, saved)
+        raise
 
 
 def inspect_adapter(path: str | os.PathLike) -> dict:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 
-import torch
 from torch import nn
 
 from ..errors import AdapterError, MedicoPeftError
-from ..tuners import inject, is_injected, unload
-from .io import apply_tensors, check_base, read_adapter
+from ..tuners import inject, is_injected, peft_state, unload
+from .io import apply_tensors, check_base, read_adapter, restore_base_parts, snapshot_base_parts
 
 
 class AdapterBank:
@@ -23,8 +22,7 @@ class AdapterBank:
         if is_injected(base_model):
             raise AdapterError("AdapterBank needs a base model without adapters")
         self.model = base_model
-        self._base_parts = {k: v.detach().clone() for k, v in base_model.state_dict().items()
-                            if not k.startswith("image_encoder.")}
+        self._base_parts = snapshot_base_parts(base_model)
         self._adapters: dict[str, tuple] = {}
         self.active: str | None = None
 
@@ -47,7 +45,7 @@ class AdapterBank:
         cfg, tensors, path = self._adapters[name]
         model = self.model
         self._reset_base_parts()
-        if not (is_injected(model) and model.peft_config == cfg):
+        if not (is_injected(model) and peft_state(model).config == cfg):
             if is_injected(model):
                 unload(model)
             inject(model, cfg)
@@ -68,8 +66,4 @@ class AdapterBank:
         return self.model
 
     def _reset_base_parts(self) -> None:
-        state = self.model.state_dict()
-        with torch.no_grad():
-            for key, value in self._base_parts.items():
-                if key in state:  # decoder Linears under LoRA live at `...base_layer.*` (frozen, untouched)
-                    state[key].copy_(value)
+        restore_base_parts(self.model, self._base_parts)

@@ -63,12 +63,18 @@ def _random_pixels(region: np.ndarray, count: int, rng: np.random.Generator) -> 
     return np.stack([pick // w, pick % w], axis=1)
 
 
-def _centre_pixel(crop: np.ndarray) -> tuple[int, int]:
+def deepest_pixel(region: np.ndarray) -> tuple[int, int, float]:
+    """(row, col, distance) of the pixel farthest from the outside of a boolean region.
+
+    The image border counts as outside (the region is padded before the distance transform), so the
+    pixel lies in the middle of the region even for a ring or a C shape. The first maximum in row-major
+    order wins; an empty region gives (0, 0, 0.0).
+    """
     from scipy.ndimage import distance_transform_edt
 
-    dist = distance_transform_edt(np.pad(crop, 1))[1:-1, 1:-1]
+    dist = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
     r, c = np.unravel_index(int(np.argmax(dist)), dist.shape)
-    return int(r), int(c)
+    return int(r), int(c), float(dist[r, c])
 
 
 def object_prompts(mask_of: MaskOf, box: np.ndarray, bounds: tuple[int, int], rng: np.random.Generator,
@@ -86,7 +92,7 @@ def object_prompts(mask_of: MaskOf, box: np.ndarray, bounds: tuple[int, int], rn
     n_random = cfg.n_positive
     positives = []
     if cfg.centre_point and cfg.n_positive:
-        positives.append(_centre_pixel(crop))
+        positives.append(deepest_pixel(crop)[:2])
         n_random -= 1
     if n_random > 0 or not positives:  # one anchor pixel is always needed for the box check below
         positives.extend(map(tuple, _random_pixels(crop, max(n_random, 1), rng)))

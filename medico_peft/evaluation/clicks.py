@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.prompts import deepest_pixel
+
 
 def _random_pixel(region: torch.Tensor, generator: torch.Generator | None):
     """One uniformly random pixel of each (K, H, W) region; `found` is False where a region is empty."""
@@ -43,15 +45,10 @@ def random_corrections(pred: torch.Tensor, gt: torch.Tensor, generator: torch.Ge
 
 def _deepest_pixel(region: np.ndarray):
     """Pixel farthest from the region's border and its distance (0 if the region is empty)."""
-    from scipy.ndimage import distance_transform_edt
-
     if not region.any():
         return None, 0.0
-    # Pad so that the image border counts as outside the error region.
-    dist = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
-    flat = int(np.argmax(dist))
-    y, x = divmod(flat, region.shape[1])
-    return (float(x), float(y)), float(dist[y, x])
+    y, x, dist = deepest_pixel(region)  # the image border counts as outside the error region
+    return (float(x), float(y)), dist
 
 
 def center_correction(pred: np.ndarray, gt: np.ndarray):

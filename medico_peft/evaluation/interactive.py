@@ -21,9 +21,10 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..data.prompts import deepest_pixel, mask_box
 from ..errors import ConfigError
+from ..models.postprocess import upscale_logits
 from .clicks import center_correction
 from .metrics import dice_per_object
 from .segmenter import Segmenter, as_segmenter
@@ -33,23 +34,21 @@ STARTS = ("box", "point")
 
 def object_center(mask: np.ndarray) -> tuple[float, float]:
     """(x, y) of the pixel deepest inside the mask: a click in its middle, even for a ring or a C shape."""
-    from scipy.ndimage import distance_transform_edt
-
-    dist = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    y, x = np.unravel_index(int(np.argmax(dist)), dist.shape)
+    y, x, _ = deepest_pixel(mask)
     return float(x), float(y)
 
 
 def tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     """Inclusive xyxy box around the mask (the box a reader draws exactly around the object)."""
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    return float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1])
+    box = mask_box(mask)
+    if box is None:
+        raise ValueError("empty mask has no box")
+    return tuple(float(v) for v in box)
 
 
 def logits_to_masks(low_res: torch.Tensor, img_size: int, input_size: tuple[int, int]) -> torch.Tensor:
     """(K, 1, h, w) low-res logits → (K, H, W) bool masks at the S×S input, cropped to the content."""
-    up = F.interpolate(low_res, (img_size, img_size), mode="bilinear", align_corners=False)
-    return up[:, 0, : input_size[0], : input_size[1]] > 0
+    return upscale_logits(low_res, img_size, input_size)[:, 0] > 0
 
 
 @dataclass

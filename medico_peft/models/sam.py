@@ -15,9 +15,9 @@ Conventions used across the library:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .postprocess import upscale_logits
 from .specs import ModelSpec
 
 
@@ -125,10 +125,4 @@ class MedSam(nn.Module):
 
     def upscale_logits(self, low_res: torch.Tensor, input_size=None, original_size=None) -> torch.Tensor:
         """Low-res logits → logits at the S×S input, or cropped to `input_size` and resized to `original_size`."""
-        x = F.interpolate(low_res, (self.img_size, self.img_size), mode="bilinear", align_corners=False)
-        if input_size is not None:
-            x = x[..., : int(input_size[0]), : int(input_size[1])]
-        if original_size is not None:
-            x = F.interpolate(x, (int(original_size[0]), int(original_size[1])), mode="bilinear",
-                              align_corners=False)
-        return x
+        return upscale_logits(low_res, self.img_size, input_size, original_size)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DataError
+from ..models.postprocess import upscale_logits
 
 
 def intensity_mode(family: str, dtype) -> str:
@@ -128,8 +129,5 @@ def upscale_masks(low_res: torch.Tensor, orig_hw, img_size: int) -> torch.Tensor
 
     Traceable with `orig_hw` a float tensor (h, w); used in the ONNX decoder and by the predictor.
     """
-    x = F.interpolate(low_res, size=(img_size, img_size), mode="bilinear", align_corners=False)
     h, w = _as_float(orig_hw[0]), _as_float(orig_hw[1])
-    nh, nw = resized_hw(h, w, img_size)
-    x = x[..., : nh.to(torch.int64), : nw.to(torch.int64)]
-    return F.interpolate(x, size=(h.to(torch.int64), w.to(torch.int64)), mode="bilinear", align_corners=False)
+    return upscale_logits(low_res, img_size, resized_hw(h, w, img_size), (h, w))

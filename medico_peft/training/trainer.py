@@ -110,11 +110,11 @@ class _Run:
         self.main = self.info.is_main
         torch.manual_seed(cfg.train.seed)
 
-        from ..tuners import inject
+        from ..tuners import inject, is_injected
 
         self.model = model if model is not None else build_model_for(cfg)
         peft_cfg = cfg.peft_config()
-        if not getattr(self.model, "peft_config", None):
+        if not is_injected(self.model):
             inject(self.model, peft_cfg)
         self.model.to(self.device).train()
         self.train_ds, self.val_ds = build_datasets(cfg, self.model.img_size)

@@ -3,28 +3,24 @@
 Both restore fused `qkv` Linears, so a merged LoRA model has exactly official SAM keys and
 `save_model` writes a checkpoint `segment_anything` loads. Bottleneck adapters are extra
 computation, not a weight delta: `merge` keeps them (with a warning) or refuses when `strict`.
+`verify_merge` is the one check that a merged model still computes what the unmerged one did.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from typing import NamedTuple
 
+import torch
 from torch import nn
 
-from ..errors import AdapterError
+from ..errors import AdapterError, ConfigError, ExportError
 from ..utils.hashing import sha256_state_dict
 from .adapter.model import has_adapters, unwrap_adapters
 from .lora.layer import replace_lora_layers
 from .qkv_split import fuse_all
-
-_PEFT_ATTRS = ("peft_config", "peft_lora_config", "peft_adapter_name", "peft_modules")
-
-
-def _clear_peft_attrs(model: nn.Module) -> None:
-    for attr in _PEFT_ATTRS:
-        if attr in model.__dict__:
-            delattr(model, attr)
+from .state import clear_state
 
 
 def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.Module:
@@ -42,7 +38,7 @@ def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.M
     out = model if inplace else copy.deepcopy(model)
     replace_lora_layers(out, merge=True)
     fuse_all(out)
-    _clear_peft_attrs(out)
+    clear_state(out)
     for p in out.parameters():
         p.requires_grad_(True)
     out.base_sha256 = sha256_state_dict(out.state_dict())
@@ -58,7 +54,62 @@ def unload(model: nn.Module) -> nn.Module:
     replace_lora_layers(model, merge=False)
     fuse_all(model)
     unwrap_adapters(model)
-    _clear_peft_attrs(model)
+    clear_state(model)
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+class MergeMismatchError(ExportError, ConfigError):
+    """Merged and unmerged outputs differ by more than the tolerance.
+
+    An ExportError (the export's fuse step raised that) and a ConfigError (`adapter merge --tolerance`
+    raised that), so code written against either check still catches it.
+    """
+
+
+class MergeProbe(NamedTuple):
+    """Inputs `verify_merge` runs both models on: every box prompt is decoded on every image."""
+
+    images: torch.Tensor  # (B, 3, S, S) in [0, 1]
+    boxes: torch.Tensor  # (K, 4) xyxy pixels of the S×S input
+
+
+def default_probe(img_size: int) -> MergeProbe:
+    """One seeded random image and two boxes (the boxes the export and `adapter merge` checks used)."""
+    g = torch.Generator().manual_seed(0)
+    s = img_size
+    image = torch.rand(1, 3, s, s, generator=g)
+    boxes = torch.tensor([[0.2 * s, 0.2 * s, 0.7 * s, 0.8 * s], [0.2 * s, 0.25 * s, 0.7 * s, 0.8 * s]])
+    return MergeProbe(image, boxes)
+
+
+@torch.no_grad()
+def _probe_outputs(model: nn.Module, probe: MergeProbe) -> list[torch.Tensor]:
+    outputs = []
+    for i in range(probe.images.shape[0]):
+        emb = model.encode(probe.images[i:i + 1])
+        sparse, dense = model.embed_prompts(boxes=probe.boxes)
+        low, iou = model.decode_all_tokens(emb, sparse, dense)  # single-mask and multimask tokens
+        outputs += [emb, low, iou]
+    return outputs
+
+
+def verify_merge(unmerged_model: nn.Module, merged_model: nn.Module, *, tolerance: float,
+                 probe: MergeProbe | tuple | None = None) -> float:
+    """Largest |difference| between the two models' outputs on `probe`; MergeMismatchError above `tolerance`.
+
+    Compared: image embeddings, low-res mask logits of all four mask tokens and IoU predictions, for
+    every box of the probe on every image (default: `default_probe`). Both models are put in eval mode.
+    """
+    probe = default_probe(unmerged_model.img_size) if probe is None else MergeProbe(*probe)
+    device = next(unmerged_model.parameters()).device
+    probe = MergeProbe(probe.images.to(device), probe.boxes.to(device))
+    unmerged_model.eval()
+    merged_model.eval()
+    pairs = zip(_probe_outputs(unmerged_model, probe), _probe_outputs(merged_model, probe))
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in pairs)
+    if not diff <= tolerance:
+        raise MergeMismatchError(f"merged and unmerged outputs differ by {diff:.3g} > tolerance {tolerance:g}; "
+                                 "the merge is not exact for this adapter")
+    return diff
