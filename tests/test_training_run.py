@@ -195,3 +195,22 @@ def test_callbacks_get_a_public_view_and_can_request_a_stop(tmp_path):
     assert result.stop_reason == "enough for this test" and len(result.steps) == 2
     assert seen[:3] == [("epoch_start", 0, 0), ("batch", 0, 0), ("step", 1, 0)]
     assert seen[-1] == ("epoch_end", 2, 0)
+
+
+def test_a_subclass_overrides_phases_and_keeps_the_loop(tmp_path):
+    """The hook a semantic trainer uses: its own train_step metrics and validate() flow into history,
+    best-weight selection and the adapter, with no copy of the loop."""
+    from medico_peft.training import Trainer
+
+    class Custom(Trainer):
+        def train_step(self, batch):
+            return {**super().train_step(batch), "objects": float(batch["image"].shape[0])}
+
+        def validate(self):
+            return {"val_dice_box": 0.5, "val_dice": 0.25 + 0.1 * self.epoch}
+
+    with Custom.from_config(tiny_cfg(tmp_path)) as trainer:
+        result = trainer.fit()
+    assert [r["val_dice"] for r in result.history] == pytest.approx([0.25, 0.35])
+    assert all(r["train_objects"] == 2.0 for r in result.history) and result.best_val_dice == pytest.approx(0.35)
+    assert result.adapter_path.is_file()
