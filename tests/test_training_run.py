@@ -26,7 +26,7 @@ def test_tiny_run_writes_adapter_metrics_curves_and_checkpoints(tmp_path):
     assert result.best_val_dice == max(r["val_dice"] for r in result.history)
     assert result.peak_memory_bytes > 0 and result.train_seconds > 0
     header = (out / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"epoch", "train_loss", "train_dice", "val_dice", "step_seconds", "peak_memory_mb", "skipped_samples"} <= set(header)
+    assert {"epoch", "train_loss", "train_dice", "val_dice", "step_seconds", "process_peak_rss_mb", "skipped_samples"} <= set(header)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = ckpt.load_checkpoint(out / "latest.pt")  # weights_only=True inside
     assert state["global_step"] == 8 and state["epoch"] == 2 and "rng" in state and "optimizer" in state
@@ -153,3 +153,64 @@ def test_per_iteration_backward_trains_like_the_single_backward(tmp_path):
     assert a["config"]["memory"]["per_iteration_backward"] and not b["config"]["memory"]["per_iteration_backward"]
     for name, value in a["trainable"].items():  # AdamW (lr 1e-3) magnifies float-order noise of ~0 grads
         torch.testing.assert_close(value, b["trainable"][name], rtol=1e-4, atol=1e-5)
+
+
+def test_time_budget_ends_the_run_early_with_a_finished_adapter_and_a_logged_reason(tmp_path, capsys):
+    """train.max_minutes: stop once the next step would overrun the budget (at least one step runs), then
+    validate, checkpoint and save the adapter as at a normal end; the reason is printed and returned."""
+    from medico_peft.adapters import load_adapter
+    from medico_peft.training.trainer import build_model_for
+
+    result = train(tiny_cfg(tmp_path, "train.epochs=50", "train.max_minutes=0.0001"))
+    assert len(result.steps) == 1 and result.stopped_early
+    assert "train.max_minutes=0.0001" in result.stop_reason
+    assert f"stopped: {result.stop_reason}" in capsys.readouterr().out
+    row = result.history[-1]
+    assert len(result.history) == 1 and row["partial_epoch"] and 0 <= row["val_dice"] <= 1
+    assert result.best_val_dice == row["val_dice"] and (tmp_path / "best.pt").is_file()
+    state = ckpt.load_checkpoint(tmp_path / "latest.pt")
+    assert state["global_step"] == 1 and state["epoch"] == 0 and state["batch_in_epoch"] == 1
+    fresh = build_model_for(tiny_cfg(tmp_path))
+    load_adapter(fresh, result.adapter_path)
+    # --resume finishes the partial epoch and replaces its row.
+    resumed = train(tiny_cfg(tmp_path, "train.epochs=1"), resume=True)
+    assert resumed.resumed_from_step == 1 and len(resumed.steps) == 3
+    assert [r["epoch"] for r in resumed.history] == [0] and "partial_epoch" not in resumed.history[0]
+
+
+def test_callbacks_get_a_public_view_and_can_request_a_stop(tmp_path):
+    from medico_peft.training.trainer import TrainerState
+
+    seen = []
+
+    def stop_after_two_steps(event, state):
+        assert isinstance(state, TrainerState) and state.event == event
+        seen.append((event, state.step, state.epoch))
+        if event == "step":
+            assert set(state.metrics) >= {"loss", "dice", "lr", "step_time"} and state.elapsed_seconds > 0
+            if state.step == 2:
+                state.request_stop("enough for this test")
+
+    result = train(tiny_cfg(tmp_path), callbacks=[stop_after_two_steps])
+    assert result.stop_reason == "enough for this test" and len(result.steps) == 2
+    assert seen[:3] == [("epoch_start", 0, 0), ("batch", 0, 0), ("step", 1, 0)]
+    assert seen[-1] == ("epoch_end", 2, 0)
+
+
+def test_a_subclass_overrides_phases_and_keeps_the_loop(tmp_path):
+    """The hook a semantic trainer uses: its own train_step metrics and validate() flow into history,
+    best-weight selection and the adapter, with no copy of the loop."""
+    from medico_peft.training import Trainer
+
+    class Custom(Trainer):
+        def train_step(self, batch):
+            return {**super().train_step(batch), "objects": float(batch["image"].shape[0])}
+
+        def validate(self):
+            return {"val_dice_box": 0.5, "val_dice": 0.25 + 0.1 * self.epoch}
+
+    with Custom.from_config(tiny_cfg(tmp_path)) as trainer:
+        result = trainer.fit()
+    assert [r["val_dice"] for r in result.history] == pytest.approx([0.25, 0.35])
+    assert all(r["train_objects"] == 2.0 for r in result.history) and result.best_val_dice == pytest.approx(0.35)
+    assert result.adapter_path.is_file()

@@ -13,6 +13,7 @@ once per slice whatever the number of objects and clicks.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import time
 from dataclasses import dataclass, field
@@ -196,10 +197,25 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
     overlay PNGs there. `max_slices` takes N eligible slices evenly spaced over the split (in shard
     order), so a subset spans the whole held-out slab and two models evaluated with the same
     arguments see exactly the same objects.
-    """
-    from tqdm.auto import tqdm
 
-    from ..data.dataset import iter_eval_slices
+    Phases: validate the arguments, choose the slices, run the protocol on them, aggregate, write.
+    """
+    loaded, label_ids, segmenter = _validate_args(model, manifest, start, n_clicks, max_slices, labels)
+    with _eval_mode(model):
+        started = time.perf_counter()
+        chosen, total = _choose_slices(loaded, manifest, split, label_ids, max_slices)
+        rows, cases, n_slices = _run_slices(segmenter, manifest, split, label_ids, chosen, total, start, n_clicks,
+                                            n_overlays, max_objects_per_batch, progress, use_mask_input)
+    result = _aggregate(rows, cases, n_slices, start, n_clicks, split, time.perf_counter() - started)
+    if out_dir is not None:
+        from .report import write_eval_outputs
+
+        write_eval_outputs(result, out_dir, title=title)
+    return result
+
+
+def _validate_args(model, manifest, start: str, n_clicks: int, max_slices: int | None, labels):
+    """Check the arguments against each other and the data; returns (manifest, label ids, segmenter)."""
     from ..data.manifest import load_manifest
 
     if start not in STARTS:
@@ -214,20 +230,44 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
     if segmenter.img_size != loaded.image_size:
         raise ConfigError(f"{manifest}: shards are {loaded.image_size}² but the model takes "
                           f"{segmenter.img_size}² input; convert the data with --size {segmenter.img_size}")
+    return loaded, label_ids, segmenter
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """An nn.Module model in eval mode for the duration, its training flag restored afterwards."""
     module = model if isinstance(model, torch.nn.Module) else None
     was_training = module.training if module is not None else False
     if module is not None:
         module.eval()
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.train(was_training)
 
-    started = time.perf_counter()
+
+def _choose_slices(loaded, manifest, split: str, label_ids, max_slices: int | None) -> tuple[set[int] | None, int]:
+    """(positions of the chosen eligible slices or None for all, progress total)."""
+    from ..data.dataset import iter_eval_slices
+
+    if max_slices is None:
+        return None, _count_slices(loaded, split)
+    eligible = sum(1 for _ in iter_eval_slices(manifest, split=split, label_ids=label_ids, verify=False))
+    chosen = set(np.linspace(0, eligible - 1, min(max_slices, eligible)).round().astype(int).tolist())
+    return chosen, len(chosen)
+
+
+def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, start: str, n_clicks: int,
+                n_overlays: int, max_objects_per_batch: int, progress: bool,
+                use_mask_input: bool) -> tuple[list[dict], list[OverlayCase], int]:
+    """The protocol on every chosen slice: per-object rows, overlay cases, number of slices scored."""
+    from tqdm.auto import tqdm
+
+    from ..data.dataset import iter_eval_slices
+
     rows: list[dict] = []
     cases: list[OverlayCase] = []
-    chosen = None
-    total = _count_slices(loaded, split)
-    if max_slices is not None:
-        eligible = sum(1 for _ in iter_eval_slices(manifest, split=split, label_ids=label_ids, verify=False))
-        chosen = set(np.linspace(0, eligible - 1, min(max_slices, eligible)).round().astype(int).tolist())
-        total = len(chosen)
     n_slices = 0
     bar = tqdm(total=total, desc=f"evaluate {split} ({start} + {n_clicks} clicks)", unit="slice",
                disable=not progress)
@@ -235,24 +275,8 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
         for position, item in enumerate(iter_eval_slices(manifest, split=split, label_ids=label_ids)):
             if chosen is not None and position not in chosen:
                 continue
-            h, w = item["input_size"]
-            label_map = item["label_map"][:h, :w].numpy()
-            ids = item["label_ids"]
-            gt = np.stack([label_map == i for i in ids])
-            dice_parts = []
-            traces = []
-            for lo in range(0, len(ids), max_objects_per_batch):
-                trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w),
-                                     start, n_clicks, use_mask_input)
-                traces.append((lo, trace))
-                dice_parts.append(trace.dice)
-            dice = np.concatenate(dice_parts, axis=0)
-            for j, obj in enumerate(ids):
-                row = {"volume_id": item["volume_id"], "slice_index": item["slice_index"], "sample": item["sample"],
-                       "label_id": obj, "label_name": item["label_names"][obj], "area": int(gt[j].sum()),
-                       "start": start}
-                row.update({f"dice_{i}": float(dice[j, i]) for i in range(n_clicks + 1)})
-                rows.append(row)
+            gt, traces, dice = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch, use_mask_input)
+            rows += _slice_rows(item, gt, dice, start, n_clicks)
             if len(cases) < n_overlays:
                 cases.append(_overlay_case(item, gt, traces, n_slices))
             n_slices += 1
@@ -260,24 +284,44 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
             bar.set_postfix(dice=f"{_mean([r[f'dice_{n_clicks}'] for r in rows]):.3f}")
     finally:
         bar.close()
-        if module is not None:
-            module.train(was_training)
+    return rows, cases, n_slices
 
+
+def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per_batch: int, use_mask_input: bool):
+    """One slice's objects through the protocol in batches: (gt masks, [(first object, trace)], dice K×steps)."""
+    h, w = item["input_size"]
+    label_map = item["label_map"][:h, :w].numpy()
+    gt = np.stack([label_map == i for i in item["label_ids"]])
+    traces = []
+    for lo in range(0, gt.shape[0], max_objects_per_batch):
+        trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w), start, n_clicks,
+                             use_mask_input)
+        traces.append((lo, trace))
+    return gt, traces, np.concatenate([trace.dice for _, trace in traces], axis=0)
+
+
+def _slice_rows(item: dict, gt: np.ndarray, dice: np.ndarray, start: str, n_clicks: int) -> list[dict]:
+    rows = []
+    for j, obj in enumerate(item["label_ids"]):
+        row = {"volume_id": item["volume_id"], "slice_index": item["slice_index"], "sample": item["sample"],
+               "label_id": obj, "label_name": item["label_names"][obj], "area": int(gt[j].sum()), "start": start}
+        row.update({f"dice_{i}": float(dice[j, i]) for i in range(n_clicks + 1)})
+        rows.append(row)
+    return rows
+
+
+def _aggregate(rows: list[dict], cases: list[OverlayCase], n_slices: int, start: str, n_clicks: int, split: str,
+               seconds: float) -> EvalResult:
+    """Mean Dice per step overall and per label name (with object counts)."""
     steps = [f"dice_{i}" for i in range(n_clicks + 1)]
     per_label, counts = {}, {}
     for name in sorted({r["label_name"] for r in rows}):
         mine = [r for r in rows if r["label_name"] == name]
         per_label[name] = [_mean([r[s] for r in mine]) for s in steps]
         counts[name] = len(mine)
-    result = EvalResult(start=start, n_clicks=n_clicks, split=split,
-                        mean_dice=[_mean([r[s] for r in rows]) for s in steps], per_label=per_label,
-                        label_counts=counts, rows=rows, n_slices=n_slices,
-                        seconds=time.perf_counter() - started, cases=cases)
-    if out_dir is not None:
-        from .report import write_eval_outputs
-
-        write_eval_outputs(result, out_dir, title=title)
-    return result
+    return EvalResult(start=start, n_clicks=n_clicks, split=split,
+                      mean_dice=[_mean([r[s] for r in rows]) for s in steps], per_label=per_label,
+                      label_counts=counts, rows=rows, n_slices=n_slices, seconds=seconds, cases=cases)
 
 
 def _overlay_case(item: dict, gt: np.ndarray, traces, slice_no: int) -> OverlayCase:

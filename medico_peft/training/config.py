@@ -53,6 +53,7 @@ class TrainLoopConfig:
     batch_size: int = 2
     grad_accum: int = 1
     max_steps: int | None = None  # stop after this many optimiser steps (does not change the schedule)
+    max_minutes: float | None = None  # wall-clock budget: end (validate, save) once the next step would overrun it
     seed: int = 0
     sub_iterations: int = 8
     mask_feed_prob: float = 0.5

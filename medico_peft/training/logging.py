@@ -23,6 +23,39 @@ def progress(total: int, initial: int, desc: str, enabled: bool):
                 unit="it")
 
 
+class TrainProgress:
+    """The training bar: optimiser steps out of the step total, or, with a time budget, elapsed seconds
+    out of the budget with the steps done in the postfix (a step total would promise steps, and an
+    ETA, that the budget cuts off)."""
+
+    def __init__(self, total_steps: int, initial_step: int, budget_seconds: float | None, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.budget = budget_seconds
+        if budget_seconds is None:
+            self.bar = progress(total_steps, initial_step, desc, enabled)
+        else:
+            self.bar = tqdm(total=round(budget_seconds, 1), initial=0, desc=f"{desc} (time budget)",
+                            disable=not enabled, dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s{postfix}")
+
+    def advance(self, step: int, elapsed: float, row: dict, **extra) -> None:
+        """After optimiser step `step`, `elapsed` seconds into the run; shows the row's loss and dice."""
+        postfix = {}
+        if self.budget is None:
+            self.bar.update(1)
+        else:
+            self.bar.update(round(min(elapsed, self.budget), 1) - self.bar.n)
+            postfix["steps"] = step
+        for key, value in row.items():
+            if key not in ("step", "step_time", "lr") and isinstance(value, float):
+                postfix[key] = f"{value:.4f}" if key == "loss" else f"{value:.3f}"
+        self.bar.set_postfix(ordered_dict={**postfix, **extra})
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class RunLogger:
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool):
         self.out_dir = out_dir

@@ -1,10 +1,26 @@
 """`train(cfg)`: interactive PEFT training of a `MedSam`, resumable, single- or multi-process.
 
+Construction and the loop are apart: `build_parts(cfg)` assembles the collaborators (model, encoder,
+data, optimiser, scheduler, scaler, logger) into a `TrainingParts`; a `Trainer` runs the loop over
+them. The loop's phases are methods a subclass overrides (a semantic-segmentation trainer replaces
+`train_step` and `validate` and keeps the loop, checkpoints, resume and stopping):
+
+    fit() → per epoch: on_epoch_start → (train_step × grad_accum → optimizer_step → on_step_end
+            → should_stop) … → on_epoch_end (validate, save_checkpoint) → finish (adapter, logs)
+
+Callbacks `(event, state)` get a `TrainerState` (step, epoch, metrics, elapsed seconds, the model,
+`request_stop(reason)`) at "epoch_start", "batch" (before each micro-batch), "step" (after each
+optimiser step) and "epoch_end".
+
 Order of one optimiser step: `grad_accum` micro-batches (each: encode once, interactive loss,
 backward: by default one decoder backward per sub-iteration inside the step, then one encoder
 backward), gradient clipping, AdamW step, scheduler step. Checkpoints are written only right
 after an optimiser step, so the saved data position never splits an accumulation window and a
 resumed run replays exactly the same batches, prompts and clicks.
+
+Stopping: `train.max_steps` pauses after that many steps (checkpoint only, as a resumable cut);
+`train.max_minutes`, `train.early_stop_patience` and `TrainerState.request_stop` end the run as
+at a normal end (validate, checkpoint, adapter from the best validated weights) and log the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +31,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -24,7 +41,7 @@ from . import distributed as D
 from .config import TrainConfig
 from .data_source import build_datasets
 from .interactive_step import InteractiveStep, finish_backward, prompt_kind_for, validate_batch
-from .logging import RunLogger, progress
+from .logging import RunLogger, TrainProgress
 from .memory import DTYPES, FeatureCache, SegmentedEncoder, autocast, grad_scaler, peak_memory_bytes
 
 ADAPTER_NAME = "adapter.safetensors"
@@ -44,8 +61,30 @@ class TrainResult:
     peak_memory_bytes: int
     steps: list[dict] = field(default_factory=list)  # per optimiser step of this process: step, loss, dice
     skipped_samples: int = 0
-    stopped_early: bool = False
+    stopped_early: bool = False  # ended before train.epochs by early stopping, time budget or a callback
     resumed_from_step: int = 0
+    stop_reason: str | None = None  # why it stopped early, as logged
+
+
+@dataclass
+class TrainerState:
+    """What a callback sees of a running trainer: a snapshot, plus a way to ask it to stop.
+
+    `metrics` holds the latest optimiser step's row (loss, dice, lr, step_time) and, from
+    "epoch_end" on, the latest epoch row's keys; `elapsed_seconds` counts from the start of `fit`.
+    """
+
+    event: str
+    step: int  # optimiser steps done
+    epoch: int  # current epoch (0-based); after "epoch_end" the next one
+    metrics: dict[str, Any]
+    elapsed_seconds: float
+    model: torch.nn.Module = field(repr=False)
+    _on_stop: Callable[[str], None] = field(repr=False, default=lambda reason: None)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current optimiser step, as at a normal end (validate, checkpoint, adapter)."""
+        self._on_stop(reason)
 
 
 # --- construction ------------------------------------------------------------------------------
@@ -88,6 +127,98 @@ def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def build_encoder(cfg: TrainConfig, model) -> SegmentedEncoder:
+    """The image encoder with its frozen prefix, activation checkpointing and optional feature cache."""
+    mem = cfg.memory
+    use_cache = mem.feature_cache == "on" or (mem.feature_cache == "auto" and not cfg.data.augment)
+    if use_cache and cfg.data.augment:
+        warnings.warn("memory.feature_cache=on with data.augment=true: augmented images rarely repeat, "
+                      "so the cache mostly misses", stacklevel=3)
+    cache = FeatureCache(DTYPES[mem.cache_dtype], mem.cache_max_gb * 1e9) if use_cache else None
+    return SegmentedEncoder(model, mem.frozen_prefix, mem.checkpointing, cache)
+
+
+def wrap_distributed(module: torch.nn.Module, info: D.DistInfo, device: torch.device) -> torch.nn.Module:
+    """DDP around the step module when several processes train, else the module itself.
+
+    Box iterations leave the multimask heads unused, and mask feeding is random, hence
+    find_unused_parameters. Per-iteration backward: the decoder backwards run inside DDP's forward,
+    before DDP arms its hooks, so they only accumulate locally; the one encoder backward after it
+    (`rest`, which also touches every trainable parameter) is the synchronised one and all-reduces
+    all grads.
+    """
+    if not info.enabled:
+        return module
+    ids = [info.local_rank] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+
+def build_optimizer(cfg: TrainConfig, model) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise MedicoPeftError("peft: this configuration leaves no trainable parameter")
+    o = cfg.optim
+    return params, torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+@dataclass
+class TrainingParts:
+    """Everything a `Trainer` runs on, assembled once by `build_parts` (or by a subclass's own builder)."""
+
+    cfg: TrainConfig
+    info: D.DistInfo
+    device: torch.device
+    out_dir: Path
+    model: torch.nn.Module
+    encoder: SegmentedEncoder
+    step_module: torch.nn.Module  # computes a micro-batch's loss (DDP-wrapped when distributed)
+    train_ds: Any
+    val_ds: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    sampler: D.ResumableSampler
+    scheduler: Any
+    scaler: Any
+    clicks: torch.Generator  # click sampling of the interactive step (part of the checkpointed RNG)
+    logger: RunLogger
+    batches_per_epoch: int
+    steps_per_epoch: int
+
+
+def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
+    """Assemble the interactive trainer's collaborators (model=None builds it from `cfg.model`).
+
+    The order is fixed (it consumes the seeded global RNG: random base weights, then adapter init).
+    """
+    from ..tuners import inject, is_injected
+
+    info = D.setup(cfg.train.device)
+    device = resolve_device(cfg.train.device, info)
+    torch.manual_seed(cfg.train.seed)
+    model = model if model is not None else build_model_for(cfg)
+    if not is_injected(model):
+        inject(model, cfg.peft_config())
+    model.to(device).train()
+    train_ds, val_ds = build_datasets(cfg, model.img_size)
+    encoder = build_encoder(cfg, model)
+    step = InteractiveStep(model, encoder, cfg.loss, cfg.train.sub_iterations, cfg.train.mask_feed_prob,
+                           per_iteration_backward=cfg.memory.per_iteration_backward, touch_all_params=info.enabled)
+    step_module = wrap_distributed(step, info, device)
+    params, optimizer = build_optimizer(cfg, model)
+    sampler = D.ResumableSampler(train_ds, info, shuffle=True, seed=cfg.train.seed)
+    batches_per_epoch = math.ceil(sampler.num_samples / cfg.train.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
+    out_dir = Path(cfg.output.dir)
+    return TrainingParts(
+        cfg=cfg, info=info, device=device, out_dir=out_dir, model=model, encoder=encoder, step_module=step_module,
+        train_ds=train_ds, val_ds=val_ds, params=params, optimizer=optimizer, sampler=sampler,
+        scheduler=make_scheduler(cfg, optimizer, steps_per_epoch * cfg.train.epochs),
+        scaler=grad_scaler(cfg.memory.precision, device),
+        clicks=torch.Generator().manual_seed(cfg.train.seed * 1000 + info.rank),
+        logger=RunLogger(out_dir, info.is_main, cfg.output.tensorboard),
+        batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch)
+
+
 def _collate(items):
     return torch.utils.data.default_collate(items)
 
@@ -97,59 +228,31 @@ def _first_checkpoint_note(out_dir: Path) -> str:
     return f"the last good checkpoint is {latest}" if latest.exists() else "no checkpoint had been written yet"
 
 
-# --- the run -----------------------------------------------------------------------------------
-class _Run:
-    """State of one training run; methods are the phases of `train`."""
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / max(1, len(rows))
 
-    def __init__(self, cfg: TrainConfig, model, resume: bool, callbacks):
-        self.cfg = cfg
-        self.callbacks = callbacks or []
-        self.info = D.setup(cfg.train.device)
-        self.device = resolve_device(cfg.train.device, self.info)
-        self.out_dir = Path(cfg.output.dir)
-        self.main = self.info.is_main
-        torch.manual_seed(cfg.train.seed)
 
-        from ..tuners import inject, is_injected
+# --- the loop ----------------------------------------------------------------------------------
+class Trainer:
+    """The training loop over `TrainingParts`; each phase is a method a subclass may override.
 
-        self.model = model if model is not None else build_model_for(cfg)
-        peft_cfg = cfg.peft_config()
-        if not is_injected(self.model):
-            inject(self.model, peft_cfg)
-        self.model.to(self.device).train()
-        self.train_ds, self.val_ds = build_datasets(cfg, self.model.img_size)
+    Loop state (`epoch`, `global_step`, `history`, ...) is what a checkpoint holds
+    (`checkpoint_state` / `load_checkpoint_state`), so a resumed run continues exactly.
+    """
 
-        mem = cfg.memory
-        use_cache = mem.feature_cache == "on" or (mem.feature_cache == "auto" and not cfg.data.augment)
-        if use_cache and cfg.data.augment:
-            warnings.warn("memory.feature_cache=on with data.augment=true: augmented images rarely repeat, "
-                          "so the cache mostly misses", stacklevel=2)
-        cache = FeatureCache(DTYPES[mem.cache_dtype], mem.cache_max_gb * 1e9) if use_cache else None
-        self.encoder = SegmentedEncoder(self.model, mem.frozen_prefix, mem.checkpointing, cache)
-        step = InteractiveStep(self.model, self.encoder, cfg.loss, cfg.train.sub_iterations,
-                               cfg.train.mask_feed_prob, per_iteration_backward=mem.per_iteration_backward,
-                               touch_all_params=self.info.enabled)
-        self.step_module = step
-        if self.info.enabled:
-            # Box iterations leave the multimask heads unused, and mask feeding is random.
-            # Per-iteration backward: the decoder backwards run inside DDP's forward, before DDP arms its
-            # hooks, so they only accumulate locally; the one encoder backward after it (`rest`, which
-            # also touches every trainable parameter) is the synchronised one and all-reduces all grads.
-            ids = [self.info.local_rank] if self.device.type == "cuda" else None
-            self.step_module = torch.nn.parallel.DistributedDataParallel(step, device_ids=ids,
-                                                                         find_unused_parameters=True)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        if not self.params:
-            raise MedicoPeftError("peft: this configuration leaves no trainable parameter")
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
-        self.sampler = D.ResumableSampler(self.train_ds, self.info, shuffle=True, seed=cfg.train.seed)
-        self.batches_per_epoch = math.ceil(self.sampler.num_samples / cfg.train.batch_size)
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum)
-        self.scheduler = make_scheduler(cfg, self.optimizer, self.steps_per_epoch * cfg.train.epochs)
-        self.scaler = grad_scaler(mem.precision, self.device)
-        self.clicks = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.info.rank)
-        self.logger = RunLogger(self.out_dir, self.main, cfg.output.tensorboard)
+    monitor = "val_dice"  # the validate() metric that picks the best weights (higher is better)
+    _STATE_KEYS = ("epoch", "batch_in_epoch", "global_step", "micro_step", "best_val", "bad_epochs", "history",
+                   "skipped")
+
+    def __init__(self, parts: TrainingParts, callbacks=None, resume: bool = False):
+        self.parts = parts
+        self.cfg = parts.cfg
+        self.info = parts.info
+        self.device = parts.device
+        self.out_dir = parts.out_dir
+        self.model = parts.model
+        self.main = parts.info.is_main
+        self.callbacks = list(callbacks or [])
 
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches of this epoch already consumed
@@ -161,39 +264,83 @@ class _Run:
         self.skipped = 0
         self.steps: list[dict] = []
         self.resumed_from = 0
+        self.metrics: dict[str, Any] = {}
+        self.stop_reason: str | None = None
+        self._requested_stop: str | None = None
+        self._started = time.perf_counter()
+        self.epoch_rows: list[dict] = []
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             # A kill during a save leaves an orphaned temporary file (never the final name): tidy up.
             for stale in self.out_dir.glob(".*.pt.*.tmp"):
                 stale.unlink(missing_ok=True)
         if resume:
-            self._resume()
+            self.resume()
+
+    @classmethod
+    def build_parts(cls, cfg: TrainConfig, model=None) -> TrainingParts:
+        """Override to assemble other collaborators (another step module, datasets)."""
+        return build_parts(cfg, model)
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, model=None, resume: bool = False, callbacks=None) -> "Trainer":
+        return cls(cls.build_parts(cfg, model), callbacks=callbacks, resume=resume)
+
+    # --- callbacks -----------------------------------------------------------------------------
+    @property
+    def elapsed_seconds(self) -> float:
+        return time.perf_counter() - self._started
+
+    def view(self, event: str) -> TrainerState:
+        return TrainerState(event=event, step=self.global_step, epoch=self.epoch, metrics=dict(self.metrics),
+                            elapsed_seconds=self.elapsed_seconds, model=self.model, _on_stop=self.request_stop)
+
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current optimiser step (the first request's reason is kept)."""
+        if self._requested_stop is None:
+            self._requested_stop = str(reason) or "stop requested"
+
+    def emit(self, event: str) -> None:
+        if self.callbacks:
+            state = self.view(event)
+            for callback in self.callbacks:
+                callback(event, state)
 
     # --- checkpoints ---------------------------------------------------------------------------
-    def _state(self) -> dict:
+    def checkpoint_state(self) -> dict:
         from ..tuners import trainable_state_dict
 
+        p = self.parts
         return {
             "trainable": {k: v.detach().cpu() for k, v in trainable_state_dict(self.model).items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": ckpt.rng_state({"clicks": self.clicks}),
-            "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "global_step": self.global_step,
-            "micro_step": self.micro_step, "best_val": self.best_val, "bad_epochs": self.bad_epochs,
-            "history": self.history, "skipped": self.skipped, "config": self.cfg.to_dict(),
+            "optimizer": p.optimizer.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "scaler": p.scaler.state_dict(),
+            "rng": ckpt.rng_state({"clicks": p.clicks}),
+            **{key: getattr(self, key) for key in self._STATE_KEYS},
+            "config": self.cfg.to_dict(),
             "world_size": self.info.world_size,
         }
 
-    def save(self, best: bool = False) -> None:
+    def load_checkpoint_state(self, state: dict, path: Path) -> None:
+        p = self.parts
+        ckpt.load_trainable(self.model, state["trainable"], str(path))
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng_state(state["rng"], {"clicks": p.clicks})
+        for key in self._STATE_KEYS:
+            setattr(self, key, state[key])
+
+    def save_checkpoint(self, best: bool = False) -> None:
         if self.main:
-            state = self._state()
+            state = self.checkpoint_state()
             ckpt.save_checkpoint(self.out_dir / ckpt.LATEST, state)
             if best:
                 ckpt.save_checkpoint(self.out_dir / ckpt.BEST, state)
         D.barrier(self.info)
 
-    def _resume(self) -> None:
+    def resume(self) -> None:
         path = self.out_dir / ckpt.LATEST
         if not path.exists():
             warnings.warn(f"--resume: {path} does not exist yet; starting from the beginning", stacklevel=2)
@@ -202,38 +349,15 @@ class _Run:
         if state.get("world_size", 1) != self.info.world_size:
             raise CheckpointError(f"{path}: written by {state.get('world_size')} processes, resuming with "
                                   f"{self.info.world_size}; the data position would not match")
-        ckpt.load_trainable(self.model, state["trainable"], str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"], {"clicks": self.clicks})
-        for key in ("epoch", "batch_in_epoch", "global_step", "micro_step", "best_val", "bad_epochs", "history",
-                    "skipped"):
-            setattr(self, key, state[key])
+        self.load_checkpoint_state(state, path)
         self.resumed_from = self.global_step
 
-    # --- training ------------------------------------------------------------------------------
-    def _event(self, name: str) -> None:
-        for callback in self.callbacks:
-            callback(name, self)
-
-    def _optimizer_step(self) -> None:
-        clip = self.cfg.optim.grad_clip
-        self.scaler.unscale_(self.optimizer)
-        if clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step()
-        self.global_step += 1
-
-    def _scale_fn(self, accum: int):
+    # --- one step ------------------------------------------------------------------------------
+    def scale_fn(self, accum: int):
         """What is back-propagated for a loss: averaged over the accumulation window, AMP-scaled."""
-        return lambda loss: self.scaler.scale(loss / accum)
+        return lambda loss: self.parts.scaler.scale(loss / accum)
 
-    def _check_finite(self, loss: torch.Tensor) -> None:
+    def check_finite(self, loss: torch.Tensor) -> None:
         bad = 0.0 if torch.isfinite(loss.detach()).all() else 1.0
         if D.all_reduce_sum([bad], self.info, self.device)[0] > 0:
             raise NonFiniteLossError(
@@ -241,163 +365,265 @@ class _Run:
                 f"(not finite); {_first_checkpoint_note(self.out_dir)}. Lower optim.lr, keep optim.grad_clip > 0 "
                 f"or use memory.precision=fp32, then rerun with --resume")
 
-    def _loader(self, dataset, sampler, batch_size: int, epoch: int):
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """Forward and backward of one micro-batch (the loss scaled by 1/grad_accum); returns its metrics.
+
+        Every returned value is averaged over the accumulation window into the step's row.
+        """
+        cfg = self.cfg
+        kind = prompt_kind_for(self.micro_step, cfg.train.prompt)
+        images = batch["image"].to(self.device, non_blocking=True)
+        scale = self.scale_fn(cfg.train.grad_accum)
+        with autocast(cfg.memory.precision, self.device):
+            loss, stats = self.parts.step_module(images, batch, kind, self.parts.clicks, scale)
+        self.check_finite(loss)
+        finish_backward(loss, stats, scale)
+        return {"loss": loss.item(), "dice": stats["dice"] if stats["objects"] else 0.0}
+
+    def optimizer_step(self) -> None:
+        p = self.parts
+        clip = self.cfg.optim.grad_clip
+        p.scaler.unscale_(p.optimizer)
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(p.params, clip)
+        p.scaler.step(p.optimizer)
+        p.scaler.update()
+        p.optimizer.zero_grad(set_to_none=True)
+        if not isinstance(p.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            p.scheduler.step()
+        self.global_step += 1
+
+    def on_step_end(self, row: dict) -> None:
+        """After an optimiser step: record, log, periodic checkpoint."""
+        self.steps.append(row)
+        self.epoch_rows.append(row)
+        self.metrics.update(row)
+        self.parts.logger.scalars(self.global_step, row, "train")
+        every = self.cfg.output.checkpoint_every_steps
+        if every and self.global_step % every == 0:
+            self.save_checkpoint()
+        self.emit("step")
+
+    def should_stop(self) -> str | None:
+        """Why the run should end after this step (time budget, callback request), or None; all ranks agree."""
+        reason = self._requested_stop
+        budget = self.cfg.train.max_minutes
+        if reason is None and budget is not None:
+            recent = [r["step_time"] for r in self.steps[-5:]]
+            next_step = sum(recent) / len(recent) if recent else 0.0
+            elapsed = self.elapsed_seconds
+            if elapsed + next_step >= budget * 60:
+                reason = (f"time budget train.max_minutes={budget:g} reached after {self.global_step} steps "
+                          f"({elapsed:.1f} s elapsed, next step would take ~{next_step:.1f} s)")
+        if self.info.enabled and D.all_reduce_sum([0.0 if reason is None else 1.0], self.info, self.device)[0] > 0:
+            reason = reason or "stop requested on another process"
+        return reason
+
+    # --- one epoch -----------------------------------------------------------------------------
+    def make_loader(self, dataset, sampler, batch_size: int, epoch: int):
         g = torch.Generator().manual_seed(self.cfg.train.seed + epoch)  # never touch the global RNG
         return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                            num_workers=self.cfg.data.num_workers, collate_fn=_collate, generator=g,
                                            persistent_workers=False)
 
-    def train_epoch(self, bar) -> bool:
-        """One (possibly partial, when resumed) epoch; returns False when max_steps was reached."""
-        cfg = self.cfg
+    def on_epoch_start(self) -> None:
+        self.epoch_rows = []
+        self.emit("epoch_start")
+
+    def train_epoch(self, bar: TrainProgress) -> str:
+        """One (possibly partial, when resumed) epoch. Returns "done", "max_steps" (paused at
+        train.max_steps) or "stop" (`should_stop` gave a reason, kept in `stop_reason`)."""
+        cfg, p = self.cfg, self.parts
         accum = cfg.train.grad_accum
-        self.sampler.set_position(self.epoch, self.batch_in_epoch * cfg.train.batch_size)
-        self.train_ds.set_epoch(self.epoch)
-        loader = self._loader(self.train_ds, self.sampler, cfg.train.batch_size, self.epoch)
-        window_loss, window_dice, window_n = 0.0, 0.0, 0
+        p.sampler.set_position(self.epoch, self.batch_in_epoch * cfg.train.batch_size)
+        p.train_ds.set_epoch(self.epoch)
+        loader = self.make_loader(p.train_ds, p.sampler, cfg.train.batch_size, self.epoch)
+        window: list[dict] = []
         t_step = time.perf_counter()
         for batch in loader:
-            self._event("batch")
-            self.skipped += int(batch["skipped"].sum())
-            kind = prompt_kind_for(self.micro_step, cfg.train.prompt)
-            last_in_window = (self.batch_in_epoch + 1) % accum == 0 or self.batch_in_epoch + 1 == self.batches_per_epoch
+            self.emit("batch")
+            if "skipped" in batch:
+                self.skipped += int(batch["skipped"].sum())
+            last_in_window = (self.batch_in_epoch + 1) % accum == 0 or self.batch_in_epoch + 1 == p.batches_per_epoch
             sync = contextlib.nullcontext()
             if self.info.enabled and not last_in_window:
-                sync = self.step_module.no_sync()
-            images = batch["image"].to(self.device, non_blocking=True)
-            scale = self._scale_fn(accum)
+                sync = p.step_module.no_sync()
             with sync:
-                with autocast(cfg.memory.precision, self.device):
-                    loss, stats = self.step_module(images, batch, kind, self.clicks, scale)
-                self._check_finite(loss)
-                finish_backward(loss, stats, scale)
+                window.append(self.train_step(batch))
             self.batch_in_epoch += 1
             self.micro_step += 1
-            window_loss += loss.item()
-            window_dice += stats["dice"] if stats["objects"] else 0.0
-            window_n += 1
             if not last_in_window:
                 continue
-            self._optimizer_step()
+            self.optimizer_step()
             step_time = time.perf_counter() - t_step
             t_step = time.perf_counter()
-            row = {"step": self.global_step, "loss": window_loss / window_n, "dice": window_dice / window_n,
-                   "step_time": step_time, "lr": self.optimizer.param_groups[0]["lr"]}
-            self.steps.append(row)
-            self.logger.scalars(self.global_step, row, "train")
-            self.epoch_rows.append(row)
-            window_loss, window_dice, window_n = 0.0, 0.0, 0
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", dice=f"{row['dice']:.3f}", skipped=self.skipped)
-            every = cfg.output.checkpoint_every_steps
-            if every and self.global_step % every == 0:
-                self.save()
+            row = {"step": self.global_step, **{k: _mean(window, k) for k in window[0]},
+                   "step_time": step_time, "lr": p.optimizer.param_groups[0]["lr"]}
+            window = []
+            self.on_step_end(row)
+            bar.advance(self.global_step, self.elapsed_seconds, row, skipped=self.skipped)
             if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
-                return False
-        return True
+                return "max_steps"
+            self.stop_reason = self.should_stop()
+            if self.stop_reason is not None:
+                return "stop"
+        return "done"
 
     @torch.no_grad()
-    def validate(self) -> tuple[float, float]:
-        """Mean Dice over val objects (box, then box + clicks), summed across ranks."""
-        if self.val_ds is None:
-            return math.nan, math.nan
+    def validate(self) -> dict[str, float]:
+        """Mean Dice over val objects (box, then box + clicks), summed across ranks; NaN without val data."""
+        p, cfg = self.parts, self.cfg
+        nan = {"val_dice_box": math.nan, "val_dice": math.nan}
+        if p.val_ds is None:
+            return nan
         self.model.eval()
-        n = len(self.val_ds)
-        if self.cfg.data.max_val_samples:
-            n = min(n, self.cfg.data.max_val_samples)
+        n = len(p.val_ds)
+        if cfg.data.max_val_samples:
+            n = min(n, cfg.data.max_val_samples)
         indices = list(range(self.info.rank, n, self.info.world_size))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_ds, indices),
-                                             batch_size=self.cfg.train.batch_size, collate_fn=_collate,
-                                             num_workers=self.cfg.data.num_workers)
-        g = torch.Generator().manual_seed(self.cfg.train.seed + 12345)  # same clicks every validation
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_ds, indices),
+                                             batch_size=cfg.train.batch_size, collate_fn=_collate,
+                                             num_workers=cfg.data.num_workers)
+        g = torch.Generator().manual_seed(cfg.train.seed + 12345)  # same clicks every validation
         sums = [0.0, 0.0, 0.0]
         for batch in loader:
-            with autocast(self.cfg.memory.precision, self.device):
-                box, final = validate_batch(self.model, self.encoder, batch, self.device, self.cfg.train.val_clicks, g)
+            with autocast(cfg.memory.precision, self.device):
+                box, final = validate_batch(self.model, p.encoder, batch, self.device, cfg.train.val_clicks, g)
             sums[0] += float(box.sum())
             sums[1] += float(final.sum())
             sums[2] += box.numel()
         self.model.train()
         box, final, count = D.all_reduce_sum(sums, self.info, self.device)
         if count == 0:
-            return math.nan, math.nan
-        return box / count, final / count
+            return nan
+        return {"val_dice_box": box / count, "val_dice": final / count}
 
-    def run(self) -> TrainResult:
+    def epoch_row(self, val: dict[str, float], seconds: float) -> dict:
+        """The epoch's line in history / metrics.csv."""
+        rows, p = self.epoch_rows, self.parts
+        row = {"epoch": self.epoch, "step": self.global_step}
+        if rows:
+            keys = [k for k in rows[0] if k not in ("step", "step_time", "lr")]
+        else:
+            keys = ["loss", "dice"]
+        row.update({f"train_{k}": _mean(rows, k) for k in keys})
+        row.update(val)
+        row.update({
+            "lr": p.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+            "step_seconds": _mean(rows, "step_time"),
+            # getrusage's maximum: the whole process's lifetime peak, not this epoch's
+            "process_peak_rss_mb": peak_memory_bytes(torch.device("cpu")) / 2**20,
+            "skipped_samples": self.skipped,
+        })
+        if self.device.type == "cuda":
+            row["cuda_peak_allocated_mb"] = peak_memory_bytes(self.device) / 2**20
+        if p.encoder.cache is not None:
+            row["cache_mb"] = p.encoder.cache.bytes / 2**20
+        return row
+
+    def on_epoch_end(self, seconds: float, final: bool = False) -> None:
+        """Validate (per train.val_every, always at the run's end), record, checkpoint (best too when improved).
+
+        `final` with a partly trained epoch (a stop mid-epoch) records the row as `partial_epoch` and keeps
+        the data position, so `--resume` finishes that epoch (and replaces the partial row).
+        """
         cfg = self.cfg
-        t0 = time.perf_counter()
+        complete = self.batch_in_epoch >= self.parts.batches_per_epoch
+        last = self.epoch + 1 == cfg.train.epochs
+        val = {"val_dice_box": math.nan, "val_dice": math.nan}
+        if final or last or (self.epoch + 1) % cfg.train.val_every == 0:
+            val = self.validate()
+        row = self.epoch_row(val, seconds)
+        score = val.get(self.monitor, math.nan)
+        improved = math.isfinite(score) and score > self.best_val
+        if improved:
+            self.best_val, self.bad_epochs = score, 0
+        elif math.isfinite(score) and complete:
+            self.bad_epochs += 1
+        scheduler = self.parts.scheduler
+        if complete and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and math.isfinite(score):
+            scheduler.step(score)
+        if self.history and self.history[-1].get("partial_epoch") and self.history[-1]["epoch"] == self.epoch:
+            self.history.pop()  # resumed: this epoch's full row replaces the one written at the stop
+        if not complete:
+            row["partial_epoch"] = True
+        self.history.append(row)
+        self.metrics.update(row)
+        if complete:
+            self.epoch += 1
+            self.batch_in_epoch = 0
+        self.save_checkpoint(best=improved)
+        self.parts.logger.epoch(self.history)
+        self.log_epoch(row)
+        self.emit("epoch_end")
+
+    def log_epoch(self, row: dict) -> None:
+        if not self.main:
+            return
+        peak = row.get("cuda_peak_allocated_mb", row["process_peak_rss_mb"])
+        what = "CUDA peak" if "cuda_peak_allocated_mb" in row else "process peak RSS"
+        partial = " (partial)" if row.get("partial_epoch") else ""
+        print(f"[medico-peft] epoch {row['epoch']}{partial}: loss {row['train_loss']:.4f}, train Dice "
+              f"{row['train_dice']:.3f}, val Dice box {row['val_dice_box']:.3f} / +{self.cfg.train.val_clicks} "
+              f"clicks {row['val_dice']:.3f}, {row['step_seconds']:.2f} s/step, {what} {peak:.0f} MiB, "
+              f"skipped samples {self.skipped}", flush=True)
+
+    def early_stop_reason(self) -> str | None:
+        patience = self.cfg.train.early_stop_patience
+        if patience and self.bad_epochs >= patience:
+            return f"early stopping: no better {self.monitor} for {self.bad_epochs} epochs"
+        return None
+
+    # --- the run -------------------------------------------------------------------------------
+    def on_train_start(self) -> None:
         if self.main:
             from ..utils.atomic import atomic_write_text
 
-            atomic_write_text(self.out_dir / "config.yaml", cfg.to_yaml())
-            print(f"[medico-peft] {self.encoder.describe()}; trainable parameters: "
-                  f"{sum(p.numel() for p in self.params):,}; device: {self.device}", flush=True)
-        total = self.steps_per_epoch * cfg.train.epochs
+            atomic_write_text(self.out_dir / "config.yaml", self.cfg.to_yaml())
+            print(f"[medico-peft] {self.parts.encoder.describe()}; trainable parameters: "
+                  f"{sum(p.numel() for p in self.parts.params):,}; device: {self.device}", flush=True)
+
+    def make_progress(self) -> TrainProgress:
+        cfg = self.cfg
+        total = self.parts.steps_per_epoch * cfg.train.epochs
         if cfg.train.max_steps:
             total = min(total, cfg.train.max_steps)
-        bar = progress(total, self.global_step, "train", self.main and cfg.output.progress)
-        stopped_early = False
+        budget = None if cfg.train.max_minutes is None else cfg.train.max_minutes * 60
+        return TrainProgress(total, self.global_step, budget, "train", self.main and cfg.output.progress)
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self._started = time.perf_counter()
+        self.on_train_start()
+        bar = self.make_progress()
         try:
             while self.epoch < cfg.train.epochs:
-                self._event("epoch_start")
-                self.epoch_rows: list[dict] = []
+                self.on_epoch_start()
                 t_epoch = time.perf_counter()
-                finished = self.train_epoch(bar)
-                if not finished:
-                    self.save()
+                outcome = self.train_epoch(bar)
+                if outcome == "max_steps":
+                    self.save_checkpoint()
                     break
-                stopped_early = self._end_epoch(time.perf_counter() - t_epoch)
-                if stopped_early:
+                self.on_epoch_end(time.perf_counter() - t_epoch, final=outcome == "stop")
+                if outcome == "stop":
+                    break
+                self.stop_reason = self.early_stop_reason()
+                if self.stop_reason is not None:
                     break
         finally:
             bar.close()
-        result_dir = self.out_dir
-        adapter = self._finish() if self.main else None
+        if self.stop_reason is not None and self.main:
+            print(f"[medico-peft] stopped: {self.stop_reason}", flush=True)
+        adapter = self.finish() if self.main else None
         D.barrier(self.info)
-        return TrainResult(out_dir=result_dir, adapter_path=adapter,
+        return TrainResult(out_dir=self.out_dir, adapter_path=adapter,
                            best_val_dice=None if self.best_val == -math.inf else self.best_val,
-                           history=list(self.history), train_seconds=time.perf_counter() - t0,
+                           history=list(self.history), train_seconds=self.elapsed_seconds,
                            peak_memory_bytes=peak_memory_bytes(self.device), steps=self.steps,
-                           skipped_samples=self.skipped, stopped_early=stopped_early,
-                           resumed_from_step=self.resumed_from)
+                           skipped_samples=self.skipped, stopped_early=self.stop_reason is not None,
+                           resumed_from_step=self.resumed_from, stop_reason=self.stop_reason)
 
-    def _end_epoch(self, seconds: float) -> bool:
-        cfg = self.cfg
-        rows = self.epoch_rows
-        val_box, val_final = (math.nan, math.nan)
-        if (self.epoch + 1) % cfg.train.val_every == 0 or self.epoch + 1 == cfg.train.epochs:
-            val_box, val_final = self.validate()
-        row = {
-            "epoch": self.epoch, "step": self.global_step,
-            "train_loss": sum(r["loss"] for r in rows) / max(1, len(rows)),
-            "train_dice": sum(r["dice"] for r in rows) / max(1, len(rows)),
-            "val_dice_box": val_box, "val_dice": val_final, "lr": self.optimizer.param_groups[0]["lr"],
-            "epoch_seconds": seconds, "step_seconds": sum(r["step_time"] for r in rows) / max(1, len(rows)),
-            "peak_memory_mb": peak_memory_bytes(self.device) / 2**20, "skipped_samples": self.skipped,
-        }
-        if self.encoder.cache is not None:
-            row["cache_mb"] = self.encoder.cache.bytes / 2**20
-        improved = math.isfinite(val_final) and val_final > self.best_val
-        if improved:
-            self.best_val, self.bad_epochs = val_final, 0
-        elif math.isfinite(val_final):
-            self.bad_epochs += 1
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and math.isfinite(val_final):
-            self.scheduler.step(val_final)
-        self.history.append(row)
-        self.epoch += 1
-        self.batch_in_epoch = 0
-        self.save(best=improved)
-        self.logger.epoch(self.history)
-        if self.main:
-            print(f"[medico-peft] epoch {row['epoch']}: loss {row['train_loss']:.4f}, train Dice "
-                  f"{row['train_dice']:.3f}, val Dice box {val_box:.3f} / +{cfg.train.val_clicks} clicks "
-                  f"{val_final:.3f}, {row['step_seconds']:.2f} s/step, peak {row['peak_memory_mb']:.0f} MiB, "
-                  f"skipped samples {self.skipped}", flush=True)
-        patience = cfg.train.early_stop_patience
-        return bool(patience and self.bad_epochs >= patience)
-
-    def _finish(self) -> Path:
+    def finish(self) -> Path:
         """Adapter from the best validated weights (else the last), plus config.yaml, metrics.csv, curves.png."""
         from ..adapters import save_adapter
 
@@ -406,20 +632,30 @@ class _Run:
             ckpt.load_trainable(self.model, ckpt.load_checkpoint(best)["trainable"], str(best))
         extra = {"training": {"best_val_dice": None if self.best_val == -math.inf else self.best_val,
                               "epochs": self.epoch, "steps": self.global_step}}
+        if self.stop_reason is not None:
+            extra["training"]["stop_reason"] = self.stop_reason
         path = save_adapter(self.model, self.out_dir / ADAPTER_NAME, extra_metadata=extra)
-        self.logger.epoch(self.history)
-        self.logger.close(self.history)
+        self.parts.logger.epoch(self.history)
+        self.parts.logger.close(self.history)
         return path
+
+    def close(self) -> None:
+        """Flush TensorBoard (on errors too; curves are drawn by a finished run) and leave the process group."""
+        self.parts.logger.close([])
+        D.cleanup(self.info)
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def train(cfg: TrainConfig, model=None, resume: bool = False, callbacks=None) -> TrainResult:
     """Train per `cfg` (model=None builds it from `cfg.model`); `resume` continues from `output.dir/latest.pt`.
 
-    `callbacks`: functions `(event, run)` called at "epoch_start" and "batch" (tests, custom hooks).
+    `callbacks`: functions `(event, state)` with a `TrainerState`, called at "epoch_start", "batch",
+    "step" and "epoch_end" (tests, custom hooks; `state.request_stop(reason)` ends the run).
     """
-    run = _Run(cfg, model, resume, callbacks)
-    try:
-        return run.run()
-    finally:
-        run.logger.close([])  # flushes TensorBoard on errors too; curves are drawn by a finished run
-        D.cleanup(run.info)
+    with Trainer.from_config(cfg, model=model, resume=resume, callbacks=callbacks) as trainer:
+        return trainer.fit()
