@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from medico_peft.adapters import load_adapter
-from medico_peft.commands.demo import time_budget
 from medico_peft.data.real_data import build_colin27_aal_shards
 from medico_peft.evaluation.interactive import evaluate_interactive
 from medico_peft.models import load_model
@@ -85,14 +84,15 @@ def train_method(name: str, peft: dict, lr: float, manifest: Path, work: Path, a
         "peft": peft,
         "data": {"manifest": str(manifest), "n_objects": args.n_objects},
         "train": {"epochs": 200, "batch_size": args.batch_size, "sub_iterations": args.sub_iterations,
-                  "device": "cpu", **({"max_steps": args.steps_per_method} if args.steps_per_method else {})},
+                  "device": "cpu", "max_minutes": args.minutes_per_method,
+                  **({"max_steps": args.steps_per_method} if args.steps_per_method else {})},
         "optim": {"lr": args.lr or lr},
         "schedule": {"kind": "constant", "warmup_steps": 5},
         "output": {"dir": str(work / "runs" / name), "tensorboard": False},
     })
     steps = f" or {args.steps_per_method} steps" if args.steps_per_method else ""
     print(f"[bench] training {name} for {args.minutes_per_method:g} min{steps}", flush=True)
-    result = train(cfg, callbacks=[time_budget(args.minutes_per_method * 60)])
+    result = train(cfg)
     return result, cfg
 
 

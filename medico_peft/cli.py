@@ -18,8 +18,9 @@ from .errors import MedicoPeftError
 
 def build_parser() -> argparse.ArgumentParser:
     from . import commands
+    from .commands._options import CommandParser
 
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="medico-peft",
         description="Parameter-efficient finetuning of Segment Anything on medical images.",
     )

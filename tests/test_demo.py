@@ -7,25 +7,16 @@ import re
 import pytest
 
 from medico_peft.cli import main
-from medico_peft.commands.demo import time_budget
+from medico_peft.commands.demo import demo_peft_config, lora_config
+from medico_peft.training import TrainConfig
 
 
-class _FakeRun:
-    def __init__(self, step_time):
-        self.steps = [{"step_time": step_time}]
-        self.global_step = 7
-        self.cfg = type("C", (), {"train": type("T", (), {"max_steps": None})()})()
-
-
-def test_time_budget_stops_when_the_next_step_would_overrun():
-    roomy, tight = _FakeRun(0.001), _FakeRun(1e6)
-    callback = time_budget(60.0)
-    callback("batch", roomy)
-    assert roomy.cfg.train.max_steps is None  # plenty of time left: keep going
-    callback("epoch_start", tight)
-    assert tight.cfg.train.max_steps is None  # only batches are checked
-    callback("batch", tight)
-    assert tight.cfg.train.max_steps == 8  # finish the current step, then stop
+def test_demo_budget_is_the_trainer_option(tmp_path):
+    """The wall-clock budget reaches the trainer as train.max_minutes (no callback on private state)."""
+    peft = demo_peft_config(rank=4, blocks="2")
+    assert peft.blocks == 2 and peft.alpha == 4.0 and peft.targets == ("q", "v")
+    cfg = TrainConfig.from_dict(lora_config(tmp_path / "manifest.json", tmp_path / "train", 5e-4, peft, False, 1.5))
+    assert cfg.train.max_minutes == 1.5 and cfg.peft_config() == peft
 
 
 @pytest.mark.slow

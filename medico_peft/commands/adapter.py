@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from ._options import add_model_arguments
 
 
 def register(subparsers) -> None:
@@ -21,9 +22,7 @@ def register(subparsers) -> None:
                          description="The base defaults to the model recorded in the adapter (name and input size); "
                                      "its sha256 must match the adapter's unless --force.")
     mer.add_argument("--adapter", required=True, help="adapter .safetensors")
-    mer.add_argument("--model", help="base model name (default: the adapter's base)")
-    mer.add_argument("--checkpoint", help="base checkpoint file")
-    mer.add_argument("--img-size", type=int, help="base input size (ViT; default: the adapter's)")
+    add_model_arguments(mer, default=None, default_note="the adapter's base")
     mer.add_argument("--out", required=True, help="merged checkpoint: .pth or .safetensors")
     mer.add_argument("--force", action="store_true", help="apply the adapter even if the base sha256 differs")
     mer.add_argument("--tolerance", type=float, default=1e-3,
@@ -52,34 +51,12 @@ def run_merge(args) -> int:
     out = Path(args.out)
     if out.suffix not in (".pth", ".safetensors"):
         raise ConfigError(f"--out: {out} must end in .pth or .safetensors")
-    from ..adapters import load_adapter, read_adapter
-    from ..models import load_model, save_model
-    from ..tuners import merge
+    from ..adapters.merge_file import merge_adapter_file
+    from ..models import save_model
 
-    meta, _ = read_adapter(args.adapter)
-    spec = meta["base_spec"]
-    name = args.model or (None if args.checkpoint else spec["name"])
-    img_size = args.img_size or (spec["img_size"] if spec.get("family") == "vit" else None)
-    model = load_adapter(load_model(name, checkpoint=args.checkpoint, img_size=img_size), args.adapter,
-                         force=args.force)
-    merged = merge(model, strict=True)
-    diff = max_output_difference(model, merged)
-    print(f"max abs difference of merged vs unmerged low-res logits on a random image: {diff:.3g}")
-    if not diff <= args.tolerance:
-        raise ConfigError(f"--tolerance: merged outputs differ by {diff:.3g} > {args.tolerance:g}; nothing written")
+    merged, diff = merge_adapter_file(args.adapter, model=args.model, checkpoint=args.checkpoint,
+                                      img_size=args.img_size, force=args.force, tolerance=args.tolerance)
+    print(f"max abs difference of merged vs unmerged outputs on a random image: {diff:.3g}")
     save_model(merged, out)
     print(f"wrote {out}")
     return 0
-
-
-def max_output_difference(a, b, seed: int = 0) -> float:
-    """Largest |difference| of two models' low-res mask logits for one random image and box."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    s = a.img_size
-    image = torch.rand(1, 3, s, s, generator=g)
-    box = torch.tensor([[0.2 * s, 0.25 * s, 0.7 * s, 0.8 * s]])
-    a.eval(), b.eval()
-    with torch.no_grad():
-        return (a(image, boxes=box)[0] - b(image, boxes=box)[0]).abs().max().item()

@@ -46,17 +46,10 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
-def _pair_items(text: str, option: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ConfigError(f"{option}: {text!r} should look like KEY=VALUE")
-    key, value = text.split("=", 1)
-    return key.strip(), value.strip()
-
-
 def run(args: argparse.Namespace) -> int:
     from ..data import real_data
     from ..data.convert import convert
-    from ..data.labels import LabelSelection
+    from ..data.labels import parse_label_items, parse_label_selection
     from ..data.pairing import pair_by_stem, read_pairs_file
 
     options = dict(
@@ -70,8 +63,7 @@ def run(args: argparse.Namespace) -> int:
         options.pop("modality")
         options["split"] = args.split or "slab"
         if args.builtin == "colin27-aal":
-            keep = [k for k in (args.keep or "").split(",") if k] or None
-            report = real_data.build_colin27_aal_shards(args.out, labels=keep, **options)
+            report = real_data.build_colin27_aal_shards(args.out, labels=parse_label_items(args.keep), **options)
         else:
             report = real_data.build_mni152_shards(args.out, **options)
     else:
@@ -81,16 +73,8 @@ def run(args: argparse.Namespace) -> int:
             pairs = pair_by_stem(args.images, args.labels)
         else:
             raise ConfigError("convert: give --images DIR --labels DIR, or --pairs FILE, or --builtin NAME")
-        merge = {}
-        for item in args.merge:
-            target, sources = _pair_items(item, "--merge")
-            merge[int(target) if target.isdigit() else target] = [s for s in sources.split(",") if s]
-        rename = {int(k): v for k, v in (_pair_items(r, "--rename") for r in args.rename) if k.isdigit()}
-        if len(rename) != len(args.rename):
-            raise ConfigError("--rename: keys must be numeric label ids (ID=NAME)")
-        keep = [int(k) if k.isdigit() else k for k in args.keep.split(",") if k] if args.keep else None
         options["split"] = args.split or "volume"
-        selection = LabelSelection(keep=keep, merge=merge, rename=rename, names_file=args.label_names)
+        selection = parse_label_selection(args.keep, args.merge, args.rename, args.label_names)
         report = convert(pairs, args.out, labels=selection, **options)
     counts = ", ".join(f"{s} {n}" for s, n in report.samples.items())
     print(f"wrote {report.manifest_path} ({counts} slices) in {report.seconds:.1f}s")

@@ -1,8 +1,8 @@
 """`medico-peft demo`: the whole story on a fresh CPU machine, within a wall-clock budget.
 
 MNI152 (nilearn's shipped template, grey/white-matter labels) → shards with a slab split →
-zero-shot LiteMedSAM on held-out slices → time-budgeted LoRA finetuning → the same evaluation with
-the saved adapter reloaded from disk → `report.md`. Nothing is downloaded.
+zero-shot LiteMedSAM on held-out slices → time-budgeted LoRA finetuning (`train.max_minutes`) →
+the same evaluation with the saved adapter reloaded from disk → `report.md`. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+
+from ._options import add_peft_arguments, peft_options
 
 DEFAULT_MINUTES = 10.0
 REPORT_SECONDS = 15.0  # reserved for loading the adapter and writing the report
@@ -29,48 +31,34 @@ def register(subparsers) -> None:
     p.add_argument("--max-slices", type=int, default=10, help="held-out slices evaluated (evenly spaced)")
     p.add_argument("--clicks", type=int, default=4, help="corrective clicks after the box")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--blocks", default="2", help="LoRA on the last N encoder blocks, or 'all'")
+    add_peft_arguments(p, only=("--rank", "--blocks"), defaults={"--blocks": "2"})
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
 
-def time_budget(seconds: float):
-    """Trainer callback that ends training once the next step would overrun `seconds` of wall clock.
-
-    It sets `train.max_steps` on the running config, so the trainer stops cleanly after the current
-    step and still writes its checkpoint and adapter (at least one step always runs).
-    """
-    start = time.perf_counter()
-
-    def callback(event: str, run) -> None:
-        if event != "batch":
-            return
-        elapsed = time.perf_counter() - start
-        recent = [row["step_time"] for row in run.steps[-5:]]
-        step = sum(recent) / len(recent) if recent else 0.0
-        if elapsed + step >= seconds:
-            run.cfg.train.max_steps = run.global_step + 1
-
-    return callback
-
-
-def lora_config(manifest, out_dir, lr: float, rank: int, blocks, progress: bool) -> dict:
+def lora_config(manifest, out_dir, lr: float, peft, progress: bool, max_minutes: float | None = None) -> dict:
     """LoRA (q, v) on late encoder blocks + trained mask decoder: the fastest useful CPU recipe.
 
     Late blocks let the frozen prefix (TinyViT's conv stage and early blocks) be cached once per
-    image; a constant LR suits a run whose length is set by the clock rather than by epochs.
+    image; a constant LR suits a run whose length is set by the clock (`train.max_minutes`) rather
+    than by epochs. `peft` is the `PeftConfig` to train.
     """
     return {
         "model": {"name": "litemedsam"},
-        "peft": {"method": "lora", "rank": rank, "alpha": float(rank), "targets": ["q", "v"],
-                 "blocks": int(blocks) if str(blocks).isdigit() else blocks},
+        "peft": peft.to_dict(),
         "data": {"manifest": str(manifest), "n_objects": 2},
-        "train": {"epochs": 50, "batch_size": 2, "sub_iterations": 2, "device": "cpu"},
+        "train": {"epochs": 50, "batch_size": 2, "sub_iterations": 2, "device": "cpu", "max_minutes": max_minutes},
         "optim": {"lr": lr},
         "schedule": {"kind": "constant", "warmup_steps": 2},
         "output": {"dir": str(out_dir), "tensorboard": False, "progress": progress},
     }
+
+
+def demo_peft_config(**options):
+    """The demo's PeftConfig: LoRA on q, v; `options` are PeftConfig fields from the command line."""
+    from ..tuners import PeftConfig
+
+    return PeftConfig(**{"method": "lora", "targets": ("q", "v"), **options})
 
 
 def _say(text: str) -> None:
@@ -84,15 +72,17 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--minutes: {args.minutes} should be > 0")
     if args.max_slices < 1 or args.clicks < 0:
         raise ConfigError("--max-slices should be >= 1 and --clicks >= 0")
+    peft = demo_peft_config(**peft_options(args))  # validate options before building anything
     report = run_demo(Path(args.out), args.minutes, args.train_minutes, args.max_slices, args.clicks, args.lr,
-                      args.rank, args.blocks, progress=not args.no_progress)
+                      peft, progress=not args.no_progress)
     _say(f"done: {report}")
     return 0
 
 
 def run_demo(out: Path, minutes: float, train_minutes: float | None, max_slices: int, clicks: int, lr: float,
-             rank: int, blocks, progress: bool = True) -> Path:
-    """Run the five demo stages; returns the path of report.md."""
+             peft=None, progress: bool = True) -> Path:
+    """Run the five demo stages; returns the path of report.md. `peft` defaults to `demo_peft_config()`."""
+    peft = peft if peft is not None else demo_peft_config(blocks=2)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
@@ -129,8 +119,8 @@ def run_demo(out: Path, minutes: float, train_minutes: float | None, max_slices:
     t = time.perf_counter()
     from ..training import TrainConfig, train
 
-    cfg = TrainConfig.from_dict(lora_config(manifest, out / "train", lr, rank, blocks, progress))
-    result = train(cfg, callbacks=[time_budget(train_seconds)])
+    cfg = TrainConfig.from_dict(lora_config(manifest, out / "train", lr, peft, progress, train_seconds / 60))
+    result = train(cfg)
     times["train"] = time.perf_counter() - t
 
     _say("4/5 evaluating base + saved adapter on the same slices")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from .info import add_model_arguments
+
+from ._options import add_model_arguments
 
 
 def register(subparsers) -> None:

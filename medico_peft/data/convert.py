@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..utils.config import check_fields, field_prefix, option
 from . import normalize
 from .labels import LabelMap, LabelSelection
 from .manifest import MANIFEST_NAME, Manifest, write_manifest
@@ -37,45 +38,30 @@ _SHARD_NAME = re.compile(r"^(train|val|test)-\d{5}\.h5$")
 
 @dataclass
 class ConvertConfig:
-    """Every conversion option; validated once in `validate()` with messages naming the field."""
+    """Every conversion option; validated once in `validate()` with messages naming `convert.<field>`."""
 
-    modality: str = "mr"  # ct | mr | other
+    modality: str = "mr"  # ct | mr | other (checked with the normalization preset)
     normalization: str | None = None  # preset; None = the modality's default
-    size: int = 256  # model input size S (256 LiteMedSAM, 1024 SAM ViT)
-    axis: int = 2  # slicing axis of 3D volumes (2D inputs are always one slice)
-    empty_share: float = 0.1  # share of label-free slices kept (seeded choice)
-    min_area: int = 10  # objects with fewer pixels at size S are set to 0
-    split: str = "volume"  # volume | slab | train | val | test
-    split_fractions: tuple = (0.7, 0.15, 0.15)  # for split="volume"
-    slab_fractions: tuple = (0.6, 0.0, 0.3)  # for split="slab"
-    slab_gap: int = 5
+    size: int = option(256, min=16, max=4096, help="model input size S (256 LiteMedSAM, 1024 SAM ViT)")
+    axis: int = option(2, choices=(0, 1, 2), help="slicing axis of 3D volumes (2D inputs are always one slice)")
+    empty_share: float = option(0.1, min=0.0, max=1.0, help="share of label-free slices kept (seeded choice)")
+    min_area: int = option(10, min=0, help="objects with fewer pixels at size S are set to 0")
+    split: str = option("volume", choices=SPLIT_MODES, help="volume | slab | train | val | test")
+    split_fractions: tuple = option((0.7, 0.15, 0.15), parse=SplitFractions.parse, help="for split='volume'")
+    slab_fractions: tuple = option((0.6, 0.0, 0.3), parse=SplitFractions.parse, help="for split='slab'")
+    slab_gap: int = option(5, min=0)
     seed: int = 0
-    compression: str = "lzf"  # lzf | gzip | none
-    max_samples_per_shard: int = 1000
-    max_shard_mb: float = 512.0
-    workers: int = 0  # 0/1 = in this process
+    compression: str = option("lzf", choices=COMPRESSIONS)
+    max_samples_per_shard: int = option(1000, min=1)
+    max_shard_mb: float = option(512.0, gt=0)
+    workers: int = option(0, min=0, help="0/1 = in this process")
     max_in_memory_mb: float = DEFAULT_MAX_IN_MEMORY_MB  # larger volumes are streamed per slice
     progress: bool = True
 
     def validate(self) -> "ConvertConfig":
+        with field_prefix("convert"):
+            check_fields(self)
         self.normalization = normalize.resolve_preset(self.modality, self.normalization)
-        checks = [
-            ("size", isinstance(self.size, int) and 16 <= self.size <= 4096, "an int in 16..4096"),
-            ("axis", self.axis in (0, 1, 2), "0, 1 or 2"),
-            ("empty_share", 0.0 <= self.empty_share <= 1.0, "in [0, 1]"),
-            ("min_area", isinstance(self.min_area, int) and self.min_area >= 0, "an int >= 0"),
-            ("split", self.split in SPLIT_MODES, f"one of {SPLIT_MODES}"),
-            ("slab_gap", isinstance(self.slab_gap, int) and self.slab_gap >= 0, "an int >= 0"),
-            ("compression", self.compression in COMPRESSIONS, f"one of {COMPRESSIONS}"),
-            ("max_samples_per_shard", self.max_samples_per_shard >= 1, ">= 1"),
-            ("max_shard_mb", self.max_shard_mb > 0, "> 0"),
-            ("workers", isinstance(self.workers, int) and self.workers >= 0, "an int >= 0"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"convert.{name}: {getattr(self, name)!r} should be {expected}")
-        self.split_fractions = SplitFractions.parse(self.split_fractions)
-        self.slab_fractions = SplitFractions.parse(self.slab_fractions)
         return self
 
 
@@ -228,10 +214,31 @@ def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertC
 
     `overrides` are ConvertConfig fields (e.g. `size=1024, modality="ct"`). Returns a report;
     raises DataError/ConfigError naming the file or field. The manifest is written last.
+    Phases: check inputs -> assign splits -> write shards -> write manifest.
     """
     start = time.perf_counter()
     cfg = ConvertConfig(**{**(asdict(config) if config else {}), **overrides}).validate()
-    label_map = (labels or LabelSelection()).resolve()
+    selection = labels or LabelSelection()
+    label_map = selection.resolve()
+    pairs = _check_pairs(pairs, out_dir)
+    ids = _volume_ids(pairs)
+    assignment = _assign_splits(ids, cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an unfinished folder must never look loadable
+    tasks = [(img, lab, vid, assignment[vid], cfg, label_map) for (img, lab), vid in zip(pairs, ids)]
+    written = _write_shards(out_dir, cfg, label_map, tasks)
+    manifest = _build_manifest(cfg, label_map, selection, written)
+    path = write_manifest(manifest, out_dir)
+    _remove_stale(out_dir, {e.file for e in written.entries})
+    return ConversionReport(
+        manifest_path=path, samples={s: manifest.splits[s]["n_samples"] for s in SPLIT_NAMES},
+        volumes=assignment, skipped_volumes=written.skipped, seconds=time.perf_counter() - start,
+    )
+
+
+def _check_pairs(pairs, out_dir) -> list[tuple[Path, Path]]:
+    """Phase 1: every image and label file exists."""
     pairs = [(Path(i), Path(l)) for i, l in pairs]
     if not pairs:
         raise DataError(f"{out_dir}: nothing to convert (no image/label pairs)")
@@ -240,16 +247,28 @@ def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertC
             raise DataError(f"{img}: image file not found")
         if not lab.exists():
             raise DataError(f"{lab}: label file for image {img} not found")
-    ids = _volume_ids(pairs)
-    if cfg.split == "volume":
-        assignment = split_volumes(ids, cfg.split_fractions, cfg.seed)
-    else:
-        assignment = {vid: cfg.split for vid in ids}
+    return pairs
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an unfinished folder must never look loadable
-    seen_ids: set[int] = set()
+
+def _assign_splits(ids: list[str], cfg: ConvertConfig) -> dict[str, str]:
+    """Phase 2: volume id -> train/val/test (seeded, by volume), "slab", or one fixed split."""
+    if cfg.split == "volume":
+        return split_volumes(ids, cfg.split_fractions, cfg.seed)
+    return {vid: cfg.split for vid in ids}
+
+
+@dataclass
+class _Written:
+    entries: list  # shard entries of every split
+    seen_ids: set[int]
+    volumes_per_split: dict[str, set]
+    skipped: list[str]
+
+
+def _write_shards(out_dir: Path, cfg: ConvertConfig, label_map: LabelMap, tasks: list) -> _Written:
+    """Phase 3: convert the volumes (in worker processes if asked) and write shards in input order."""
+    from tqdm import tqdm
+
     attrs = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "modality": cfg.modality,
         "normalization": cfg.normalization, "image_size": cfg.size,
@@ -257,56 +276,48 @@ def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertC
     }
     writers = {s: ShardWriter(out_dir, s, attrs, np.uint8, cfg.compression,
                               cfg.max_samples_per_shard, cfg.max_shard_mb) for s in SPLIT_NAMES}
-    tasks = [(img, lab, vid, assignment[vid], cfg, label_map) for (img, lab), vid in zip(pairs, ids)]
-    skipped: list[str] = []
-    volumes_per_split: dict[str, set] = {s: set() for s in SPLIT_NAMES}
+    out = _Written([], set(), {s: set() for s in SPLIT_NAMES}, [])
     try:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(tasks), desc="convert", unit="vol", disable=not cfg.progress)
-        if cfg.workers > 1:
-            pool = ProcessPoolExecutor(max_workers=cfg.workers)
-            results = pool.map(_convert_volume_list, tasks)
-        else:
-            pool = None
-            results = (_convert_volume_list(t) for t in tasks)
+        pool = ProcessPoolExecutor(max_workers=cfg.workers) if cfg.workers > 1 else None
+        results = pool.map(_convert_volume_list, tasks) if pool else (_convert_volume_list(t) for t in tasks)
         try:
             for (img, _, vid, *_), (samples, messages) in zip(tasks, results):
                 for message in messages:
                     warnings.warn(message)
                 if not samples:
-                    skipped.append(f"{vid}: {messages[0] if messages else 'no slices kept'}")
+                    out.skipped.append(f"{vid}: {messages[0] if messages else 'no slices kept'}")
                 for split, sample in samples:
                     writers[split].add(sample)
-                    seen_ids.update(int(i) for i in sample.object_ids)
-                    volumes_per_split[split].add(vid)
+                    out.seen_ids.update(int(i) for i in sample.object_ids)
+                    out.volumes_per_split[split].add(vid)
                 bar.update(1)
         finally:
             bar.close()
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
-        entries = [e for s in SPLIT_NAMES for e in writers[s].close()]
+        out.entries = [e for s in SPLIT_NAMES for e in writers[s].close()]
     except BaseException as exc:
         for w in writers.values():
             w.abort(exc)
         raise
-    if not entries:
+    if not out.entries:
         raise DataError(f"{out_dir}: no slice had foreground in any volume; nothing written")
+    return out
+
+
+def _build_manifest(cfg: ConvertConfig, label_map: LabelMap, selection: LabelSelection, written: _Written) -> Manifest:
+    """Phase 4: the manifest describing the shards (label names of every id seen, options used)."""
     names = dict(label_map.names)
-    for i in seen_ids:
+    for i in written.seen_ids:
         names.setdefault(i, f"label_{i}")
-    manifest = Manifest(
+    entries = written.entries
+    return Manifest(
         modality=cfg.modality, normalization=cfg.normalization, image_size=cfg.size, label_names=names,
         compression=cfg.compression, shards=entries,
         splits={s: {"n_samples": sum(e.n_samples for e in entries if e.split == s),
-                    "volumes": sorted(volumes_per_split[s])} for s in SPLIT_NAMES},
-        config=_jsonable({**asdict(cfg), "label_selection": asdict(labels or LabelSelection())}),
-    )
-    path = write_manifest(manifest, out_dir)
-    _remove_stale(out_dir, {e.file for e in entries})
-    return ConversionReport(
-        manifest_path=path, samples={s: manifest.splits[s]["n_samples"] for s in SPLIT_NAMES},
-        volumes=assignment, skipped_volumes=skipped, seconds=time.perf_counter() - start,
+                    "volumes": sorted(written.volumes_per_split[s])} for s in SPLIT_NAMES},
+        config=_jsonable({**asdict(cfg), "label_selection": asdict(selection)}),
     )
 
 

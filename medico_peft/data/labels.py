@@ -109,3 +109,32 @@ class LabelMap:
         for old, new in self.lut.items():
             table[old] = new
         return table[labels]
+
+
+# ---------------------------------------------------------------- selection from text (CLI, recipes)
+
+
+def parse_label_items(text: str | None) -> list | None:
+    """'1,Thalamus*,5' -> [1, 'Thalamus*', 5]: comma-separated, numeric items become ids; None/'' -> None."""
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return [int(t) if t.isdigit() else t for t in items] or None
+
+
+def _key_value(text: str, option: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(f"{option}: {text!r} should look like KEY=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def parse_label_selection(keep: str | None = None, merge=(), rename=(), names_file: str | None = None) -> LabelSelection:
+    """A LabelSelection from text: keep 'ids,globs', merge ['TARGET=SRC1,SRC2'], rename ['ID=NAME']."""
+    merges = {}
+    for item in merge:
+        target, sources = _key_value(item, "--merge")
+        merges[int(target) if target.isdigit() else target] = parse_label_items(sources) or []
+    pairs = [_key_value(r, "--rename") for r in rename]
+    if not all(k.isdigit() for k, _ in pairs):
+        raise ConfigError("--rename: keys must be numeric label ids (ID=NAME)")
+    return LabelSelection(keep=parse_label_items(keep), merge=merges, rename={int(k): v for k, v in pairs},
+                          names_file=names_file)

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..tuners import PeftConfig
+from ..utils.config import check_fields, config_error, from_mapping, option
 
 
-def _choice(*values: str, default: str):
-    return field(default=default, metadata={"choices": values})
+class _Section:
+    """Every section validates its fields on construction (types, choices, bounds; see utils/config)."""
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     name: str = "litemedsam"
     checkpoint: str | None = None  # a file; None = the packaged weights (LiteMedSAM) or random (ViT)
     img_size: int | None = None
@@ -32,7 +35,7 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     manifest: str | None = None  # path of a shard set's manifest.json
     train_split: str = "train"
     val_split: str = "val"
@@ -48,33 +51,35 @@ class DataConfig:
 
 
 @dataclass
-class TrainLoopConfig:
-    epochs: int = 10
-    batch_size: int = 2
-    grad_accum: int = 1
+class TrainLoopConfig(_Section):
+    epochs: int = option(10, min=1)
+    batch_size: int = option(2, min=1)
+    grad_accum: int = option(1, min=1)
     max_steps: int | None = None  # stop after this many optimiser steps (does not change the schedule)
-    max_minutes: float | None = None  # wall-clock budget: end (validate, save) once the next step would overrun it
+    max_minutes: float | None = option(None, gt=0, help="wall-clock budget in minutes: the run ends (validates, "
+                                                        "checkpoints, writes the best adapter) once the next step "
+                                                        "would overrun it")
     seed: int = 0
-    sub_iterations: int = 8
-    mask_feed_prob: float = 0.5
-    prompt: str = _choice("alternate", "point", "box", default="alternate")
-    val_every: int = 1
+    sub_iterations: int = option(8, min=0)
+    mask_feed_prob: float = option(0.5, min=0.0, max=1.0)
+    prompt: str = option("alternate", choices=("alternate", "point", "box"))
+    val_every: int = option(1, min=1)
     val_clicks: int = 3
     early_stop_patience: int = 0  # epochs without a better val Dice before stopping; 0 = never
-    device: str = _choice("auto", "cpu", "cuda", default="auto")
+    device: str = option("auto", choices=("auto", "cpu", "cuda"))
 
 
 @dataclass
-class OptimConfig:
-    lr: float = 1e-4
+class OptimConfig(_Section):
+    lr: float = option(1e-4, gt=0)
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max gradient norm; 0 = off
 
 
 @dataclass
-class ScheduleConfig:
-    kind: str = _choice("cosine", "plateau", "constant", default="cosine")
+class ScheduleConfig(_Section):
+    kind: str = option("cosine", choices=("cosine", "plateau", "constant"))
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     plateau_factor: float = 0.5
@@ -82,7 +87,7 @@ class ScheduleConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(_Section):
     dice: float = 1.0
     iou_mse: float = 1.0
     focal: float = 0.0
@@ -91,12 +96,12 @@ class LossConfig:
 
 
 @dataclass
-class MemoryConfig:
-    precision: str = _choice("fp32", "bf16", "fp16", default="fp32")
+class MemoryConfig(_Section):
+    precision: str = option("fp32", choices=("fp32", "bf16", "fp16"))
     checkpointing: bool = False  # activation checkpointing of the trainable encoder blocks
     frozen_prefix: bool = True  # run encoder blocks before the first trainable one under no_grad
-    feature_cache: str = _choice("auto", "on", "off", default="auto")  # auto = on when augment is off
-    cache_dtype: str = _choice("float32", "float16", "bfloat16", default="float16")
+    feature_cache: str = option("auto", choices=("auto", "on", "off"))  # auto = on when augment is off
+    cache_dtype: str = option("float16", choices=("float32", "float16", "bfloat16"))
     cache_max_gb: float = 4.0
     # Back-propagate each sub-iteration's decoder loss at once (graph cut at the image embedding), then
     # the encoder once: same gradients, only one sub-iteration's decoder graph alive. false = one
@@ -105,7 +110,7 @@ class MemoryConfig:
 
 
 @dataclass
-class OutputConfig:
+class OutputConfig(_Section):
     dir: str = "runs/default"
     checkpoint_every_steps: int = 0  # 0 = once per epoch
     tensorboard: bool = True
@@ -116,64 +121,6 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "train": TrainLoopConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "loss": LossConfig, "memory": MemoryConfig, "output": OutputConfig,
 }
-
-
-def _type_name(tp) -> str:
-    return {int: "an int", float: "a float", bool: "a bool (true/false)", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value, tp, key: str):
-    """Check `value` against annotation `tp`; numbers written as strings (YAML `3e-4`) become floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:  # pragma: no cover - only the types above are used
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _build_section(cls, data, prefix: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix}: expected a mapping of keys, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{prefix}.{key}: unknown key; valid keys: {', '.join(fields)}")
-        value = _coerce(value, hints[key], f"{prefix}.{key}")
-        choices = fields[key].metadata.get("choices")
-        if choices and value not in choices:
-            raise ConfigError(f"{prefix}.{key}: expected one of {', '.join(choices)}, got {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 def _parse_override(item: str) -> tuple[list[str], object]:
@@ -234,7 +181,7 @@ class TrainConfig:
         for key in data:
             if key not in valid:
                 raise ConfigError(f"{key}: unknown section; valid sections: {', '.join(valid)}")
-        kwargs = {name: _build_section(section, data.get(name), name) for name, section in SECTIONS.items()}
+        kwargs = {name: from_mapping(section, data.get(name), prefix=name) for name, section in SECTIONS.items()}
         peft = data.get("peft") or {"method": "lora"}
         if not isinstance(peft, dict):
             raise ConfigError(f"peft: expected a mapping of keys, got {peft!r}")
@@ -259,44 +206,19 @@ class TrainConfig:
             raise ConfigError(f"{path}: {exc}") from None
 
     def validate(self) -> None:
-        """Value checks beyond types; the peft section is checked by the tuners' own schema."""
-        positive = {"train.epochs": self.train.epochs, "train.batch_size": self.train.batch_size,
-                    "train.grad_accum": self.train.grad_accum, "train.val_every": self.train.val_every}
-        for key, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"{key}: expected a positive int, got {value}")
-        if self.train.sub_iterations < 0:
-            raise ConfigError(f"train.sub_iterations: expected an int >= 0, got {self.train.sub_iterations}")
-        if not 0.0 <= self.train.mask_feed_prob <= 1.0:
-            raise ConfigError(f"train.mask_feed_prob: expected a float in [0, 1], got {self.train.mask_feed_prob}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr: expected a positive float, got {self.optim.lr}")
+        """Checks across fields and sections; each field was checked when its section was built."""
         if len(self.optim.betas) != 2:
-            raise ConfigError(f"optim.betas: expected two floats, got {self.optim.betas}")
+            raise config_error("optim.betas", f"expected two floats, got {self.optim.betas}")
         if self.data.manifest is None and self.data.synthetic <= 0:
-            raise ConfigError("data.manifest: required (path of a manifest.json), or set data.synthetic=N for generated data")
+            raise config_error("data.manifest", "required (path of a manifest.json), or set data.synthetic=N "
+                                                "for generated data")
         if "method" not in self.peft:
-            raise ConfigError("peft.method: required (lora, dora, adapter, decoder_only or full)")
-        self.peft_config()  # validates the section when the tuners are available
+            raise config_error("peft.method", "required (lora, dora, adapter, decoder_only or full)")
+        self.peft_config()
 
-    def peft_config(self):
-        """The tuners' `PeftConfig` for the `peft` section (a ConfigError names a bad key)."""
-        try:
-            from ..tuners import PeftConfig
-        except ImportError:
-            return None
-        try:
-            return PeftConfig.from_dict(dict(self.peft))
-        except ConfigError as exc:
-            import re
-
-            msg = str(exc)
-            unknown = re.match(r"^peft config: unknown key '([^']+)'(.*)$", msg)
-            if unknown:
-                msg = f"peft.{unknown.group(1)}: unknown key{unknown.group(2)}"
-            raise ConfigError(msg if msg.startswith("peft.") else f"peft.{msg}") from None
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"peft: {exc}") from None
+    def peft_config(self) -> PeftConfig:
+        """The tuners' `PeftConfig` for the `peft` section (a ConfigError names `peft.<key>`)."""
+        return PeftConfig.from_dict(dict(self.peft), prefix="peft")
 
     # --- output ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,6 +1,7 @@
 """What a person watches and reads: a tqdm bar, TensorBoard scalars, `metrics.csv` and `curves.png`.
 
-Only rank 0 logs. TensorBoard is optional (imported lazily, skipped with one warning when missing).
+Only rank 0 logs. TensorBoard is the optional `logging` extra: with `output.tensorboard=true` and
+no tensorboard installed the run stops with a ConfigError naming the extra (set it false to go without).
 `metrics.csv` is rewritten from the full history each epoch (atomically), so a resumed run never
 duplicates or loses rows.
 """
@@ -10,9 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import math
-import warnings
 from pathlib import Path
 
+from ..errors import ConfigError
 from ..utils.atomic import atomic_write_text
 
 
@@ -62,13 +63,7 @@ class RunLogger:
         self.enabled = enabled
         self.writer = None
         if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                warnings.warn("tensorboard is not installed; TensorBoard logging skipped "
-                              "(pip install 'medico-peft[logging]')", stacklevel=2)
-            else:
-                self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            self.writer = _summary_writer(out_dir / "tensorboard")
 
     def scalars(self, step: int, values: dict, prefix: str) -> None:
         if self.writer is None:
@@ -91,6 +86,17 @@ class RunLogger:
             self.writer = None
         if self.enabled and history:
             plot_curves(self.out_dir / "curves.png", history)
+
+
+def _summary_writer(log_dir: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("output.tensorboard: tensorboard is not installed; install the extra "
+                          "'medico-peft[logging]' or set output.tensorboard=false")
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def write_metrics_csv(path: Path, history: list[dict]) -> None:

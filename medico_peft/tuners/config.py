@@ -3,15 +3,19 @@
 It is written verbatim (as JSON) into every adapter file, so it must round-trip through
 `to_dict`/`from_dict` and refuse anything it does not understand: an unknown key in a file
 from a future version is an error, not a silently ignored option.
+
+Defaults live here and nowhere else; each field's `help` is what `medico-peft --help` prints.
+Alpha policy: `alpha=None` (the default) means alpha = rank (LoRA scale alpha/rank = 1, or
+alpha/sqrt(rank) with rsLoRA); it is resolved on construction, so `to_dict` always stores a number
+and adapter files written with an explicit alpha load unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 
-from ..errors import ConfigError
+from ..utils.config import check_fields, config_error, from_mapping, option
 
 METHODS = ("lora", "dora", "adapter", "decoder_only", "full")
 LORA_METHODS = ("lora", "dora")
@@ -19,13 +23,49 @@ TARGETS = ("q", "k", "v", "qkv", "proj", "mlp")
 ADAPTER_KINDS = ("parallel", "sequential")
 ACTIVATIONS = ("relu", "gelu")
 
+_POSITIVE_INT = "must be a positive integer, got {value!r}"
+_BOOL = "must be true or false, got {value!r}"
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+def parse_targets(targets) -> tuple:
+    """Ordered, de-duplicated target names from a list or a comma string ('q,v')."""
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise config_error("targets", f"must be a non-empty list of {', '.join(TARGETS)}, got {targets!r}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise config_error("targets", f"unknown target {unknown[0]!r}; valid targets: {', '.join(TARGETS)}")
+    if "qkv" in targets and any(t in targets for t in ("q", "k", "v")):
+        raise config_error("targets", "'qkv' (the fused layer) cannot be combined with 'q', 'k' or 'v' "
+                                      "(the split projections); choose one")
+    return tuple(dict.fromkeys(targets))
+
+
+def parse_blocks(blocks):
+    """'all', N (last N blocks) or sorted block indices; also from text: 'all', '2', '3,' or '1,5'."""
+    if isinstance(blocks, str):
+        text = blocks.strip()
+        if text == "all":
+            return "all"
+        try:
+            blocks = [int(t) for t in text.split(",") if t.strip()] if "," in text else int(text)
+        except ValueError:
+            pass  # reported below with the original text
+    if _is_int(blocks):
+        if blocks <= 0:
+            raise config_error("blocks", f"the number of last blocks must be positive, got {blocks}")
+        return blocks
+    if isinstance(blocks, (list, tuple)) and blocks and all(_is_int(b) for b in blocks):
+        if any(b < 0 for b in blocks):
+            raise config_error("blocks", f"block indices must be >= 0, got {list(blocks)}")
+        return tuple(sorted(set(blocks)))
+    raise config_error("blocks", f"expected 'all', a positive integer (last N blocks) or a non-empty list of "
+                                 f"block indices, got {blocks!r}")
 
 
 @dataclass(frozen=True)
@@ -36,79 +76,36 @@ class PeftConfig:
     the adapter fields apply to `adapter`; `blocks` selects encoder attention blocks for both.
     """
 
-    method: str = "lora"
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    use_rslora: bool = False
-    targets: tuple = ("q", "v")
-    blocks: object = "all"  # "all" | int N (last N blocks) | tuple of block indices
-    train_decoder: bool = True
-    train_prompt_encoder: bool = False
-    decoder_lora: bool = False
-    adapter_kind: str = "parallel"
-    bottleneck: int = 64
-    activation: str = "relu"
-    adapter_scale: float = 0.1
+    method: str = option("lora", choices=METHODS, help="lora | dora | adapter | decoder_only | full",
+                         error="unknown method {value!r}; valid methods: {choices}")
+    rank: int = option(8, min=1, help="LoRA rank r", error=_POSITIVE_INT)
+    alpha: float | None = option(None, gt=0, help="LoRA alpha; default: equal to the rank (scale alpha/rank = 1)",
+                                 error="must be a positive number, got {value!r}")
+    dropout: float = option(0.0, min=0.0, lt=1.0, help="dropout on the LoRA input",
+                            error="must be a number in [0, 1), got {value!r}")
+    use_rslora: bool = option(False, help="scale LoRA by alpha/sqrt(rank) instead of alpha/rank", error=_BOOL)
+    targets: tuple = option(("q", "v"), parse=parse_targets,
+                            help="comma list of q, k, v, qkv, proj, mlp (default q,v)")
+    blocks: object = option("all", parse=parse_blocks,
+                            help="'all', N (last N blocks) or a comma list of indices ('3,' = block 3)")
+    train_decoder: bool = option(True, help="train the mask decoder fully", error=_BOOL)
+    train_prompt_encoder: bool = option(False, help="train the prompt encoder", error=_BOOL)
+    decoder_lora: bool = option(False, help="LoRA on the mask decoder instead of training it fully", error=_BOOL)
+    adapter_kind: str = option("parallel", choices=ADAPTER_KINDS, help="parallel (AdaptFormer) | sequential (Houlsby)",
+                               error="unknown kind {value!r}; valid kinds: {choices}")
+    bottleneck: int = option(64, min=1, help="bottleneck adapter width", error=_POSITIVE_INT)
+    activation: str = option("relu", choices=ACTIVATIONS, help="bottleneck activation: relu | gelu",
+                             error="unknown activation {value!r}; valid: {choices}")
+    adapter_scale: float = option(0.1, help="output scale of parallel adapters",
+                                  error="must be a finite number, got {value!r}")
 
     def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 - frozen dataclass
-        if self.method not in METHODS:
-            raise ConfigError(f"method: unknown method {self.method!r}; valid methods: {', '.join(METHODS)}")
-        if not _is_int(self.rank) or self.rank <= 0:
-            raise ConfigError(f"rank: must be a positive integer, got {self.rank!r}")
-        if not _is_number(self.alpha) or self.alpha <= 0:
-            raise ConfigError(f"alpha: must be a positive number, got {self.alpha!r}")
-        set_("alpha", float(self.alpha))
-        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout: must be a number in [0, 1), got {self.dropout!r}")
-        set_("dropout", float(self.dropout))
-        for name in ("use_rslora", "train_decoder", "train_prompt_encoder", "decoder_lora"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}: must be true or false, got {getattr(self, name)!r}")
-        set_("targets", self._check_targets(self.targets))
-        set_("blocks", self._check_blocks(self.blocks))
-        if self.adapter_kind not in ADAPTER_KINDS:
-            raise ConfigError(f"adapter_kind: unknown kind {self.adapter_kind!r}; valid kinds: {', '.join(ADAPTER_KINDS)}")
-        if not _is_int(self.bottleneck) or self.bottleneck <= 0:
-            raise ConfigError(f"bottleneck: must be a positive integer, got {self.bottleneck!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"activation: unknown activation {self.activation!r}; valid: {', '.join(ACTIVATIONS)}")
-        if not _is_number(self.adapter_scale):
-            raise ConfigError(f"adapter_scale: must be a finite number, got {self.adapter_scale!r}")
-        set_("adapter_scale", float(self.adapter_scale))
+        check_fields(self)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.rank))  # the alpha policy: alpha = rank
         if self.method == "decoder_only" and not (self.train_decoder or self.decoder_lora or self.train_prompt_encoder):
-            raise ConfigError("train_decoder: method 'decoder_only' with train_decoder=false and decoder_lora=false "
-                              "trains nothing")
-
-    @staticmethod
-    def _check_targets(targets) -> tuple:
-        if isinstance(targets, str):
-            targets = [t.strip() for t in targets.split(",") if t.strip()]
-        if not isinstance(targets, (list, tuple)) or not targets:
-            raise ConfigError(f"targets: must be a non-empty list of {', '.join(TARGETS)}, got {targets!r}")
-        unknown = [t for t in targets if t not in TARGETS]
-        if unknown:
-            raise ConfigError(f"targets: unknown target {unknown[0]!r}; valid targets: {', '.join(TARGETS)}")
-        if "qkv" in targets and any(t in targets for t in ("q", "k", "v")):
-            raise ConfigError("targets: 'qkv' (the fused layer) cannot be combined with 'q', 'k' or 'v' "
-                              "(the split projections); choose one")
-        return tuple(dict.fromkeys(targets))  # ordered, de-duplicated
-
-    @staticmethod
-    def _check_blocks(blocks):
-        if blocks == "all":
-            return "all"
-        if _is_int(blocks):
-            if blocks <= 0:
-                raise ConfigError(f"blocks: the number of last blocks must be positive, got {blocks}")
-            return blocks
-        if isinstance(blocks, (list, tuple)) and blocks and all(_is_int(b) for b in blocks):
-            if any(b < 0 for b in blocks):
-                raise ConfigError(f"blocks: block indices must be >= 0, got {list(blocks)}")
-            return tuple(sorted(set(blocks)))
-        raise ConfigError(f"blocks: expected 'all', a positive integer (last N blocks) or a non-empty list of "
-                          f"block indices, got {blocks!r}")
+            raise config_error("train_decoder", "method 'decoder_only' with train_decoder=false and "
+                                                "decoder_lora=false trains nothing")
 
     # --- properties used by the injectors ------------------------------------------------------
     @property
@@ -130,11 +127,6 @@ class PeftConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PeftConfig":
-        if not isinstance(data, dict):
-            raise ConfigError(f"peft config: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"peft config: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(known))}")
-        return cls(**data)
+    def from_dict(cls, data: dict, prefix: str = "") -> "PeftConfig":
+        """From a mapping (an adapter file's JSON, a recipe's `peft` section); `prefix` qualifies error keys."""
+        return from_mapping(cls, data, prefix=prefix, what="peft config", sort_keys=True)
