@@ -33,11 +33,19 @@ def median_time(fn, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def encoder_input(model, img: np.ndarray) -> torch.Tensor:
+    """The padded (1, 3, S, S) encoder input with the model's own intensity preprocessing (min-max for
+    LiteMedSAM, /255 for SAM on uint8), exactly as the Predictor's torch backend prepares it."""
+    from medico_peft.runtime.preprocess import intensity_mode, preprocess_image
+
+    return preprocess_image(torch.from_numpy(img), model.img_size, intensity_mode(model.spec.family, img.dtype))
+
+
 def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bool, precisions) -> list[dict]:
     from medico_peft.export.onnx_export import export_onnx
     from medico_peft.models import load_model
     from medico_peft.runtime import Predictor
-    from medico_peft.runtime.preprocess import build_prompt_arrays, preprocess_image
+    from medico_peft.runtime.preprocess import build_prompt_arrays
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model = load_model(name).to(device).eval()
@@ -45,7 +53,7 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
     img = np.random.default_rng(0).integers(0, 255, (s * 3 // 4, s, 3), dtype=np.uint8)
     box = [0.2 * s, 0.1 * s, 0.7 * s, 0.6 * s]
     coords, labels = build_prompt_arrays(img.shape[:2], box=box)
-    x = preprocess_image(torch.from_numpy(img), s, "div255").to(device)
+    x = encoder_input(model, img).to(device)
     ref = Predictor.from_torch(load_model(name).eval()).set_image(img).predict(box=box)  # CPU fp32 reference
     rows = []
 
@@ -84,10 +92,10 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
         try:
             import tensorrt  # noqa: F401
         except ImportError:
-            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": "tensorrt not importable"})
+            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": "tensorrt not installed (pip install tensorrt); engines also need a CUDA GPU"})
             continue
         if device != "cuda":
-            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": "no CUDA device"})
+            rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": "TensorRT engines need a CUDA GPU; none here"})
             continue
         try:
             from medico_peft.export.tensorrt_build import build_engines
@@ -103,18 +111,21 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
 
 
 def _predictor_row(name, label, predictor, img, box, coords, labels, repeats, ref, s):
+    """Latency of the backend's encoder and decoder; errors on what `predict` returns (for onnxruntime the
+    graph's own full-resolution logits, for TensorRT the low-res logits through the shared upscaler)."""
     b = predictor.backend
     enc_t = median_time(lambda: b.encode(img), repeats, lambda: None)
     emb = b.encode(img)
     dec_t = median_time(lambda: b.decode(emb, coords, labels, None, 0.0, img.shape[:2], False), repeats, lambda: None)
-    low, _ = b.decode(emb, coords, labels, None, 0.0, img.shape[:2], False)
-    return _row(name, label, enc_t, dec_t, low.float().cpu(), ref, s)
+    logits = predictor.set_image(img).predict(box=box).logits
+    return _row(name, label, enc_t, dec_t, None, ref, s, logits=logits)
 
 
-def _row(name, label, enc_t, dec_t, low, ref, s):
+def _row(name, label, enc_t, dec_t, low, ref, s, logits=None):
     from medico_peft.runtime.preprocess import upscale_masks
 
-    logits = upscale_masks(low, torch.tensor(ref.logits.shape[-2:], dtype=torch.float32), s)[0].numpy()
+    if logits is None:
+        logits = upscale_masks(low, torch.tensor(ref.logits.shape[-2:], dtype=torch.float32), s)[0].numpy()
     return {"model": name, "backend": label, "encoder_ms": 1e3 * enc_t, "decoder_ms": 1e3 * dec_t,
             "max_logit_err": float(np.abs(logits - ref.logits).max()),
             "mask_mismatch": float(((logits > 0) != ref.masks).mean())}

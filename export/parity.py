@@ -3,6 +3,13 @@
 Cases cover several aspect ratios (1:1, 3:4, 16:9, a tall 1:3 and real MNI152 slices), 1/2/5
 points, a box, box + point and a mask input. Decoder errors are measured on the *same*
 embeddings (isolating the decoder) and end to end (ONNX encoder + decoder vs torch).
+
+Full-resolution logits on each side are what `Predictor.predict` returns on that backend
+(`runtime.predictor.decode_at_original_size`): for an ONNX export the decoder graph's own
+`masks` output (its resize and crop are gated, for every aspect ratio), for torch the model's
+low-res logits through the shared upscaler. TensorRT decoder engines carry no full-resolution
+output, so for them the gate compares what `TrtBackend` returns: low-res logits through the
+shared upscaler. Any NaN or Inf in either side's outputs fails the gate.
 """
 
 from __future__ import annotations
@@ -30,13 +37,21 @@ class Tolerance:
 
 
 def real_images(max_images: int = 2) -> list[tuple[str, np.ndarray]]:
-    """2D slices of nilearn's shipped MNI152 template (no download); empty if nilearn is missing."""
+    """2D slices of nilearn's shipped MNI152 template (no download).
+
+    Asking for none returns []; asking for some when nilearn or its template cannot be loaded is an
+    ExportError naming what is missing (the gate never silently drops the real images it was asked for).
+    """
+    if max_images <= 0:
+        return []
     try:
         from nilearn.datasets import load_mni152_template
 
         vol = np.asarray(load_mni152_template().get_fdata(), dtype=np.float32)
-    except Exception:  # nilearn absent or its template unreadable: random images still gate
-        return []
+    except Exception as exc:  # nilearn absent or its template unreadable
+        raise ExportError(f"parity gate: {max_images} real image(s) asked for (MNI152 slices from nilearn's shipped "
+                          f"template), but they cannot be loaded ({type(exc).__name__}: {exc}); install nilearn "
+                          "(the `export` extra) or pass --real-images 0 to gate on random images only") from None
     slices = [("MNI152 axial", vol[:, :, vol.shape[2] // 2].T[::-1]),
               ("MNI152 sagittal", vol[vol.shape[0] // 2, :, :].T[::-1])]
     return [(n, np.ascontiguousarray(s)) for n, s in slices[:max_images]]
@@ -69,6 +84,10 @@ def prompt_cases(h: int, w: int, rng: np.random.Generator) -> list[tuple[str, di
     ]
 
 
+def _nonfinite(*arrays) -> int:
+    return int(sum(np.count_nonzero(~np.isfinite(np.asarray(a, np.float64))) for a in arrays))
+
+
 def _maxabs(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
 
@@ -76,13 +95,17 @@ def _maxabs(a, b) -> float:
 @torch.no_grad()
 def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask_cases=(False, True),
                seed: int = 0) -> list[dict]:
-    """Rows of max errors (`backend` vs `reference`: a torch model or another backend) per image and prompt."""
-    from ..runtime.preprocess import as_hwc3, build_prompt_arrays, upscale_masks
+    """Rows of max errors (`backend` vs `reference`: a torch model or another backend) per image and prompt.
+
+    `logits` and `end_to_end_logits` compare full-resolution logits as each side's Predictor returns
+    them (`decode_at_original_size`); `nonfinite` counts NaN/Inf values in either side's outputs.
+    """
+    from ..runtime.predictor import decode_at_original_size
+    from ..runtime.preprocess import as_hwc3, build_prompt_arrays
     from ..runtime.torch_backend import TorchBackend
 
     if isinstance(reference, torch.nn.Module):
         reference = TorchBackend(reference)
-    img_size = reference.img_size
     rng = np.random.default_rng(seed)
     rows = []
     for img_name, image in test_images(n_random, n_real, seed):
@@ -94,10 +117,10 @@ def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = np.round(255 * (arr - lo) / max(hi - lo, 1e-8)).astype(np.uint8)
         h, w = arr.shape[:2]
-        hw = torch.tensor([h, w], dtype=torch.float32)
         ref_emb = reference.encode(arr)
         out_emb = backend.encode(arr)
         emb_err = _maxabs(ref_emb, out_emb)
+        emb_bad = _nonfinite(ref_emb, out_emb)
         for case, prompt in prompt_cases(h, w, rng):
             coords, labels = build_prompt_arrays((h, w), prompt.get("points"), prompt.get("labels"), prompt.get("box"))
             mask_in, has_mask = None, 0.0
@@ -105,14 +128,14 @@ def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask
                 prev, _ = reference.decode(ref_emb, coords, labels, None, 0.0, (h, w), False)
                 mask_in, has_mask = prev[:, :1].numpy(), 1.0
             for multimask in multimask_cases:
-                ref_low, ref_iou = reference.decode(ref_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
-                low, iou = backend.decode(ref_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
-                e2e_low, _ = backend.decode(out_emb, coords, labels, mask_in, has_mask, (h, w), multimask)
-                ref_full = upscale_masks(ref_low.float(), hw, img_size)
-                full = upscale_masks(low.float(), hw, img_size)
-                e2e_full = upscale_masks(e2e_low.float(), hw, img_size)
+                args = (coords, labels, mask_in, has_mask, (h, w), multimask)
+                ref_full, ref_low, ref_iou = decode_at_original_size(reference, ref_emb, *args)
+                full, low, iou = decode_at_original_size(backend, ref_emb, *args)
+                e2e_full, e2e_low, e2e_iou = decode_at_original_size(backend, out_emb, *args)
                 rows.append({
                     "image": img_name, "prompt": case, "multimask": multimask,
+                    "nonfinite": emb_bad + _nonfinite(ref_full, ref_low, ref_iou, full, low, iou,
+                                                      e2e_full, e2e_low, e2e_iou),
                     "embeddings": emb_err,
                     "low_res_logits": _maxabs(ref_low, low),
                     "logits": _maxabs(ref_full, full),
@@ -123,18 +146,32 @@ def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask
     return rows
 
 
+def _badness(value: float) -> float:
+    """Sort key: NaN ranks worst (Python's max() never picks a NaN by itself)."""
+    return float("inf") if np.isnan(value) else value
+
+
 def gate(rows: list[dict], tol: Tolerance, what: str) -> dict:
-    """Raise ExportError naming the worst case beyond tolerance; otherwise return the maxima."""
-    limits = {"embeddings": tol.embeddings_atol, "low_res_logits": tol.logits_atol, "logits": tol.logits_atol,
-              "iou": tol.iou_atol, "end_to_end_logits": tol.end_to_end_atol, "mask_mismatch": tol.mask_mismatch}
+    """Raise ExportError naming the worst case beyond tolerance (any NaN/Inf output is beyond every tolerance);
+    otherwise return the maxima."""
+    if not rows:
+        raise ExportError(f"{what}: parity gate failed: no cases were compared; nothing was written")
+    limits = {"nonfinite": 0, "embeddings": tol.embeddings_atol, "low_res_logits": tol.logits_atol,
+              "logits": tol.logits_atol, "iou": tol.iou_atol, "end_to_end_logits": tol.end_to_end_atol,
+              "mask_mismatch": tol.mask_mismatch}
     maxima = {}
     for key, limit in limits.items():
-        worst = max(rows, key=lambda r: r[key])
-        maxima[key] = worst[key]
-        if not worst[key] <= limit:  # also catches NaN
+        worst = max(rows, key=lambda r: _badness(r.get(key, 0)))
+        value = worst.get(key, 0)
+        maxima[key] = value
+        if not value <= limit:  # NaN compares False, so it fails here too
             mm = " multimask" if worst["multimask"] else ""
-            raise ExportError(f"{what}: parity gate failed: {key} max error {worst[key]:.3g} > tolerance {limit:g} "
-                              f"(image '{worst['image']}', prompt '{worst['prompt']}'{mm}); nothing was written")
+            where = f"(image '{worst['image']}', prompt '{worst['prompt']}'{mm}); nothing was written"
+            if key == "nonfinite":
+                raise ExportError(f"{what}: parity gate failed: {value} NaN/Inf values in the compared outputs "
+                                  f"{where}")
+            raise ExportError(f"{what}: parity gate failed: {key} max error {value:.3g} > tolerance {limit:g} "
+                              f"{where}")
     return maxima
 
 

@@ -107,16 +107,16 @@ def test_build_without_tensorrt_is_a_clear_error(tiny_dir, tmp_path):
         pytest.skip("TensorRT installed: the error path is not reachable")
     except ImportError:
         pass
-    with pytest.raises(ExportError, match="TensorRT is not installed"):
+    with pytest.raises(ExportError, match="TensorRT is not installed.*pip install tensorrt.*CUDA GPU"):
         tb.build_engines(tiny_dir, tmp_path / "eng")
     assert not (tmp_path / "eng").exists()
 
 
 @pytest.mark.tensorrt
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT engines need a CUDA GPU; none here")
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_engine_build_parity_and_predictor(tiny_dir, tmp_path, precision):
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (NVIDIA wheels, GPU machines only)")
+    pytest.importorskip("tensorrt", reason="tensorrt not installed (pip install tensorrt); engines also need a CUDA GPU")
     from medico_peft.runtime import Predictor
 
     meta = tb.build_engines(tiny_dir, tmp_path / precision, precision=precision, max_points=8,

@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime", reason="onnxruntime is the `export` extra")
 
@@ -130,3 +131,18 @@ def test_predict_cli_png_and_nifti_on_both_backends(onnx_dir, tmp_path, capsys):
     assert "--slice: 9 is outside the volume (5 slices along axis 2)" in capsys.readouterr().err
     assert main(["predict", "--model", "vit_tiny", "--image", str(png), "--out", str(tmp_path / "bad")]) == 2
     assert "no points and no box" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family, mode", [("tinyvit", "minmax"), ("vit", "div255")])
+def test_gpu_check_preprocesses_like_the_model(family, mode):
+    """benchmarks/gpu_check.py feeds the encoder the model's own preprocessing (LiteMedSAM: min-max), not div255."""
+    from types import SimpleNamespace
+
+    from benchmarks.gpu_check import encoder_input
+    from medico_peft.runtime.preprocess import preprocess_image
+
+    img = np.random.default_rng(0).integers(40, 120, (48, 64, 3), dtype=np.uint8)
+    model = SimpleNamespace(img_size=64, spec=SimpleNamespace(family=family))
+    x = encoder_input(model, img)
+    assert torch.equal(x, preprocess_image(torch.from_numpy(img), 64, mode))
+    assert float(x.max()) == pytest.approx(1.0 if mode == "minmax" else 119 / 255, abs=1e-2)

@@ -161,8 +161,8 @@ def import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as exc:
-        raise ExportError(f"TensorRT is not installed ({exc}); install the tensorrt wheel for your CUDA version") \
-            from None
+        raise ExportError(f"TensorRT is not installed ({exc}); pip install tensorrt (its Python bindings are on "
+                          "the package index); building and running engines also needs a CUDA GPU") from None
     if trt_major(trt.__version__) < 10:
         raise ExportError(f"TensorRT {trt.__version__} is too old; expected 10 or newer")
     return trt

@@ -2,6 +2,8 @@
 
 The sessions' inputs/outputs are checked against the sidecar on load, so a graph copied in from
 another model fails with the expected and found shapes instead of a cryptic runtime error.
+When the decoder graph has its full-resolution `masks` output, `decode_full` returns it (the
+graph's own resize and crop), and the Predictor and the parity gate use that, not a torch upscale.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class OrtBackend:
         if all(isinstance(d, int) for d in enc_out + dec_in) and enc_out != dec_in:
             raise ExportError(f"{folder}: encoder output {enc_out} does not fit decoder input {dec_in}; "
                               "the two graphs come from different models")
+        self._decoder_outputs = [o.name for o in self.sessions["decoder"].get_outputs()]
+        self.full_res_output = "masks" in self._decoder_outputs
 
     def encode(self, image_hwc3: np.ndarray) -> torch.Tensor:
         if self.with_preprocess:
@@ -74,17 +78,29 @@ class OrtBackend:
         (emb,) = self.sessions["encoder"].run(None, {"image": feed})
         return torch.from_numpy(emb)
 
-    def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
+    def _run_decoder(self, names, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask):
         sl = self.artifact.mask_slice(multimask)
         if sl is None:
             raise ExportError(f"decoder was exported with mask_outputs={self.mask_outputs!r}; it cannot answer "
                               f"multimask={multimask} (re-export with --mask-outputs all)")
         feed = decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, self.embedding_size)
-        outputs = dict(zip([o.name for o in self.sessions["decoder"].get_outputs()],
-                           self.sessions["decoder"].run(None, feed)))
-        low = torch.from_numpy(outputs["low_res_masks"])[:, sl]
-        iou = torch.from_numpy(outputs["iou_predictions"])[:, sl]
+        outputs = self.sessions["decoder"].run(list(names), feed)
+        return [torch.from_numpy(o)[:, sl] for o in outputs]
+
+    def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
+        """(low-res logits, iou) of the answers to `multimask`."""
+        low, iou = self._run_decoder(("low_res_masks", "iou_predictions"), embeddings, coords, labels, mask_input,
+                                     has_mask_input, orig_hw, multimask)
         return low, iou
+
+    def decode_full(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
+        """(the graph's full-resolution `masks` logits at `orig_hw`, low-res logits, iou)."""
+        if not self.full_res_output:
+            raise ExportError(f"{self.artifact.part_path('decoder')}: this decoder graph has no full-resolution "
+                              f"`masks` output (found {self._decoder_outputs})")
+        full, low, iou = self._run_decoder(("masks", "low_res_masks", "iou_predictions"), embeddings, coords, labels,
+                                           mask_input, has_mask_input, orig_hw, multimask)
+        return full, low, iou
 
 
 def decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, embedding_size: int) -> dict:

@@ -1,5 +1,11 @@
-"""One predictor over every backend: the same `set_image` / `predict` call, the same preprocessing
-and postprocessing, whichever engine computes the embeddings and the decoder."""
+"""One predictor over every backend: the same `set_image` / `predict` call, the same preprocessing,
+whichever engine computes the embeddings and the decoder.
+
+Logits at the original size come from `decode_at_original_size`, which the export parity gate
+calls too, so what `predict` returns on a backend is exactly what the gate compared: the ONNX
+graph's own full-resolution `masks` output when the graph has one (onnxruntime), otherwise the
+low-res logits through the shared upscaler (torch, and TensorRT engines, whose decoder is built
+without the full-resolution output)."""
 
 from __future__ import annotations
 
@@ -12,6 +18,23 @@ import torch
 
 from ..errors import DataError
 from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
+
+
+def decode_at_original_size(backend, embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
+                            multimask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits (1, M, H, W) at the original size, low-res logits (1, M, 4E, 4E), iou (1, M)) from `backend`.
+
+    A backend whose graph computes the full-resolution logits itself (`full_res_output` true, e.g. an
+    ONNX decoder with its `masks` output) returns them from `decode_full`; for the others the low-res
+    logits go through `upscale_masks`, the one upscaler shared with the model and the ONNX graph.
+    """
+    if getattr(backend, "full_res_output", False):
+        logits, low, iou = backend.decode_full(embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
+                                               multimask)
+        return logits.float(), low, iou
+    low, iou = backend.decode(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask)
+    logits = upscale_masks(low.float(), torch.tensor(orig_hw, dtype=torch.float32), backend.img_size)
+    return logits, low, iou
 
 
 @dataclass
@@ -78,7 +101,7 @@ class Predictor:
             if mask_input.size != side * side:
                 raise DataError(f"mask_input: expected {side}×{side} low-res logits, got shape {mask_input.shape}")
             mask_input, has_mask = mask_input.reshape(1, 1, side, side), 1.0
-        low, iou = self.backend.decode(self._embeddings, coords, labs, mask_input, has_mask, self._orig_hw, multimask)
-        logits = upscale_masks(low.float(), torch.tensor(self._orig_hw, dtype=torch.float32), self.backend.img_size)
+        logits, low, iou = decode_at_original_size(self.backend, self._embeddings, coords, labs, mask_input, has_mask,
+                                                   self._orig_hw, multimask)
         return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),
                           logits=logits[0].numpy())

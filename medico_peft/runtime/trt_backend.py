@@ -3,6 +3,10 @@
 Buffers are torch CUDA tensors (no pycuda): inputs get `set_input_shape` + `set_tensor_address`,
 outputs are allocated at the shape the context reports, and `execute_async_v3` runs on torch's
 current stream. The engine sidecar is checked against this GPU and TensorRT version first.
+
+The decoder engine has no full-resolution `masks` output (`export.tensorrt_build` strips it), so
+`full_res_output` is False: the Predictor — and the TensorRT parity gate, which compares exactly
+what this backend returns — upscale the low-res logits with the shared `upscale_masks`.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class TrtEngine:
 
 class TrtBackend:
     name = "tensorrt"
+    full_res_output = False  # the engine's decoder returns low-res logits only (see the module docstring)
 
     def __init__(self, folder: str | os.PathLike):
         self.artifact = read_engine_export(folder)
