@@ -16,11 +16,25 @@ from medico_peft.errors import ExportError
 FUSE_ATOL = 1e-4
 
 
+def _base_sha256_now(model) -> str | None:
+    """State sha256 of a plain model's weights as they are now (not the hash cached at load time);
+    for a model that already carries an adapter, the hash recorded when its base was loaded."""
+    try:
+        from medico_peft.tuners import is_injected
+    except ImportError:
+        is_injected = None
+    if is_injected is not None and is_injected(model):
+        return getattr(model, "base_sha256", None)
+    from medico_peft.utils.hashing import sha256_state_dict
+
+    return sha256_state_dict(model.state_dict())
+
+
 def fuse(model, adapter: str | os.PathLike | None = None, check: bool = True):
     """(model with LoRA folded, info dict with the adapter's sha256 and method)."""
     from medico_peft.utils.hashing import sha256_file
 
-    info: dict = {"adapter": None, "base_sha256": getattr(model, "base_sha256", None)}
+    info: dict = {"adapter": None, "base_sha256": _base_sha256_now(model)}
     if adapter is not None:
         try:
             from medico_peft.adapters import load_adapter

@@ -93,19 +93,44 @@ def parse_metadata(raw: dict, path) -> dict:
     return meta
 
 
+def base_state_sha256(model: nn.Module) -> str:
+    """The state sha256 (`utils.hashing.sha256_state_dict`) of the weights the plain model holds now.
+
+    Computed from the tensors at call time, never from `model.base_sha256` (the hash recorded when the
+    weights were loaded, which in-place changes — `load_state_dict`, a decoder trained in place, an
+    `unload` that keeps trained decoder weights — leave stale). vit_h takes a few seconds on CPU
+    (benchmarks/results/hash.md).
+    """
+    if is_injected(model):
+        raise AdapterError("base_state_sha256: the model has an adapter; its base weights are hashed on the "
+                           "plain model (unload it, or use AdapterBank, which does)")
+    return sha256_state_dict(model.state_dict())
+
+
 def check_base(meta: dict, model: nn.Module, path, force: bool = False) -> None:
-    """Same architecture always; same base weights (sha256) unless `force`."""
+    """Same architecture always; same base weights unless `force`.
+
+    "Same base weights" compares the file's `base_sha256` with the state sha256 of the weights the
+    model holds *now* (`base_state_sha256`). Files of every format version record that same hash,
+    so old files are checked the same way.
+    """
     spec = meta["base_spec"]
     mine = model.spec.to_dict()
     diff = [f for f in _ARCH_FIELDS if spec.get(f) != mine.get(f)]
     if diff:
         raise AdapterError(f"{path}: adapter was made for a {spec.get('name')} base, this model is a "
                            f"{model.spec.name} (differs in {', '.join(diff)})")
+    if force:
+        return
     theirs = meta.get("base_sha256")
-    ours = model.base_sha256 or sha256_state_dict(model.state_dict())
-    if theirs != ours and not force:
-        raise AdapterError(f"{path}: adapter was trained on base weights sha256 {theirs}, but this base has sha256 "
-                           f"{ours}; load the matching base or pass force=True (--force) to apply it anyway")
+    ours = base_state_sha256(model)
+    if theirs != ours:
+        recorded = getattr(model, "base_sha256", None)
+        changed = (f" (its weights changed in place after they were loaded with sha256 {recorded})"
+                   if recorded and recorded != ours else "")
+        trained_on = f"base weights sha256 {theirs}" if theirs else "base weights it records no sha256 for"
+        raise AdapterError(f"{path}: adapter was trained on {trained_on}, but this base has sha256 {ours}{changed}; "
+                           "load the matching base or pass force=True (--force) to apply it anyway")
 
 
 def apply_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path) -> None:

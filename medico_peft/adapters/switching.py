@@ -31,11 +31,22 @@ class AdapterBank:
         return list(self._adapters)
 
     def add(self, name: str, path: str | os.PathLike, force: bool = False) -> None:
-        """Read and check an adapter file (base hash, format version, architecture); activation is separate."""
+        """Read and check an adapter file (base hash, format version, architecture); activation is separate.
+
+        The base hash is computed now, on the plain model with the bank's base parts (the active adapter,
+        if any, is removed for the check and put back).
+        """
         if name in self._adapters:
             raise AdapterError(f"adapter name {name!r} is already in the bank; choose another name")
         meta, tensors = read_adapter(path)
-        check_base(meta, self.model, path, force)
+        active = self.active
+        if is_injected(self.model):  # hash the base an activation runs on: plain encoder + the bank's base parts
+            self.deactivate()
+        try:
+            check_base(meta, self.model, path, force)
+        finally:
+            if active is not None:
+                self.activate(active)
         self._adapters[name] = (meta["config"], tensors, str(path))
 
     def activate(self, name: str) -> nn.Module:
