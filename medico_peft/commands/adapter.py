@@ -23,7 +23,8 @@ def register(subparsers) -> None:
                                      "its sha256 must match the adapter's unless --force.")
     mer.add_argument("--adapter", required=True, help="adapter .safetensors")
     add_model_arguments(mer, default=None, default_note="the adapter's base")
-    mer.add_argument("--out", required=True, help="merged checkpoint: .pth or .safetensors")
+    mer.add_argument("--out", required=True, help="merged checkpoint: .pth (official segment_anything layout; "
+                          "only at the official input size, 1024 for vit_b/l/h) or .safetensors (any size)")
     mer.add_argument("--force", action="store_true", help="apply the adapter even if the base sha256 differs")
     mer.add_argument("--tolerance", type=float, default=1e-3,
                      help="refuse to write if merged and unmerged outputs differ by more (default 1e-3)")

@@ -183,11 +183,35 @@ def load_model(name: str | None = None, checkpoint: str | os.PathLike | None = N
     return model.to(device)
 
 
+def check_official_size(model: MedSam, path) -> None:
+    """A `.pth` is the official layout: refuse a ViT whose input size differs from the size the official
+    builder uses (1024 for vit_b/l/h), whose `pos_embed`/global `rel_pos` tables it could not load.
+
+    Interpolating the tables back is not offered: bicubic/linear resizing does not round-trip
+    (1024 -> 512 -> 1024 changes `pos_embed`), so the result would not be the model that was checked.
+    """
+    native = SPECS[model.spec.name].img_size if model.spec.name in SPECS else model.spec.img_size
+    if model.spec.family == "vit" and model.img_size != native:
+        s = model.img_size
+        raise CheckpointError(
+            f"{path}: a .pth is written in the official segment_anything layout, whose {model.spec.name} is built "
+            f"at img_size {native}, but this model is at img_size {s} (image_encoder.pos_embed and the global "
+            f"rel_pos tables are sized for {s}, so segment_anything refuses them); write a .safetensors instead "
+            f"(medico_peft's load_model reads it at {s}), or train and merge at img_size {native} for an "
+            "official checkpoint")
+
+
 def save_model(model: MedSam, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
-    """Write a bare SAM state dict: `.safetensors` (with the spec in metadata) or `.pth`, atomically."""
+    """Write a bare SAM state dict: `.safetensors` (with the spec in metadata) or `.pth`, atomically.
+
+    A `.pth` holds exactly official keys and shapes; a ViT at an input size other than its official
+    one (1024 for vit_b/l/h) is refused as `.pth` (`check_official_size`) and goes to `.safetensors`.
+    """
     from ..utils.atomic import atomic_path
 
     path = Path(path)
+    if path.suffix != ".safetensors":
+        check_official_size(model, path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":

@@ -1,7 +1,9 @@
 """Fold LoRA/DoRA into the base weights (`merge`) or discard all PEFT modules (`unload`).
 
 Both restore fused `qkv` Linears, so a merged LoRA model has exactly official SAM keys and
-`save_model` writes a checkpoint `segment_anything` loads. Bottleneck adapters are extra
+`save_model` writes a `.pth` checkpoint `segment_anything` loads (at the official input size, 1024
+for vit_b/l/h; at any other size the resized positional tables do not fit the official builder and
+`save_model` writes `.safetensors` only). Bottleneck adapters are extra
 computation, not a weight delta: `merge` keeps them (with a warning) or refuses when `strict`.
 `verify_merge` is the one check that a merged model still computes what the unmerged one did.
 """
