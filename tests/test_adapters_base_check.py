@@ -139,3 +139,30 @@ def test_export_fuse_records_the_weights_there():
         model.mask_decoder.iou_token.weight.add_(1.0)
     _, info = fuse(model)
     assert info["base_sha256"] == sha256_state_dict(model.state_dict()) != recorded
+
+
+def test_adapter_saved_after_an_in_place_change_names_the_weights_it_was_trained_on(tmp_path):
+    """inject hashes the base it injects into, so save_adapter records that base, not the one loaded."""
+    from medico_peft.adapters import load_adapter, save_adapter
+    from medico_peft.adapters.io import base_state_sha256
+    from medico_peft.errors import AdapterError
+    from medico_peft.models import build_model
+    from medico_peft.tuners import PeftConfig, inject
+    from medico_peft.utils.hashing import sha256_state_dict
+
+    model = build_model("vit_tiny", seed=0)
+    model.base_sha256 = sha256_state_dict(model.state_dict())
+    loaded_hash = model.base_sha256
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight[0, 0] += 1.0  # changed in place before injecting
+    changed = base_state_sha256(model)
+    inject(model, PeftConfig(method="lora", rank=2))
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    fresh = build_model("vit_tiny", seed=0)
+    fresh.base_sha256 = loaded_hash
+    with pytest.raises(AdapterError):
+        load_adapter(fresh, path)  # the original base is not the one the adapter was trained on
+    with torch.no_grad():
+        fresh.mask_decoder.iou_token.weight[0, 0] += 1.0
+    assert base_state_sha256(fresh) == changed
+    load_adapter(fresh, path)  # the changed base is

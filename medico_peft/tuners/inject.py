@@ -14,13 +14,18 @@ def inject(model: nn.Module, cfg: PeftConfig | dict, adapter_name: str = "defaul
     """Inject LoRA/DoRA (peft) and/or bottleneck adapters, apply the freeze policy, record `model.medico_peft`
     (a `PeftState`, read through `is_injected` / `peft_state`).
 
-    Every method leaves the model's outputs unchanged at initialisation (LoRA B = 0, adapter up = 0).
+    The base weights are hashed here (`model.base_sha256`), so an adapter file names the weights it was
+    trained on even if they were changed in place after loading. Every method leaves the model's outputs unchanged at initialisation (LoRA B = 0, adapter up = 0).
     """
     if isinstance(cfg, dict):
         cfg = PeftConfig.from_dict(cfg)
     if is_injected(model):
         raise AdapterError(f"model already has a {peft_state(model).config.method} adapter injected; "
                            "call medico_peft.tuners.unload(model) first or use AdapterBank for several adapters")
+    if hasattr(model, "base_sha256"):  # a MedSam: the base an adapter file will name is the one injected into
+        from ..utils.hashing import sha256_state_dict
+
+        model.base_sha256 = sha256_state_dict(model.state_dict())
     state = PeftState(cfg, adapter_name=adapter_name)
     if cfg.method == "adapter":
         from .adapter import inject_adapters
