@@ -2,7 +2,7 @@
 
 Uses the legacy TorchScript exporter (`dynamo=False`): the dynamo exporter fails on the decoder
 with a variable number of points. Everything is written to a staging folder first and moved
-under the final names only after the parity gate passes, so a failed export leaves nothing.
+into place in one swap only after the parity gate passes, so a failed export leaves the old folder as it was.
 
 `export_onnx` runs named phases: check the options, prepare the model, trace the encoder, trace
 the decoder, optionally simplify, describe the export (the sidecar), gate on parity against the
@@ -11,10 +11,8 @@ torch model, then commit the staging folder (sidecar last).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -22,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
-from ..runtime.artifacts import ONNX_SIDECAR, multimask_modes, write_sidecar
+from ..runtime.artifacts import ENGINE_SIDECAR, ONNX_SIDECAR, multimask_modes, write_sidecar
 from ..runtime.preprocess import intensity_mode
+from ..utils.paths import staged_folder
 from .parity import Tolerance, gate, run_parity
 from .sidecar import onnx_io
 from .wrappers import DecoderWrapper, EncoderWrapper
@@ -34,23 +33,15 @@ DECODER_INPUTS = ["image_embeddings", "point_coords", "point_labels", "mask_inpu
 DECODER_OUTPUTS = ["masks", "iou_predictions", "low_res_masks"]
 
 
-@contextlib.contextmanager
+def _is_export_file(name: str) -> bool:
+    """A file an export writes (replaced by a new export), as opposed to anything else in the folder."""
+    return name in (ONNX_SIDECAR, ENGINE_SIDECAR) or name.endswith((".onnx", ".onnx.data", ".engine"))
+
+
 def staging_folder(out: Path):
-    """Yield an empty folder beside `out`; on success move its files into `out`, sidecar last."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-    try:
-        yield tmp
-        out.mkdir(parents=True, exist_ok=True)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        sidecars = [p for p in files if p.suffix == ".json"]
-        for old in sidecars:  # an old sidecar must never describe half-replaced graphs
-            with contextlib.suppress(FileNotFoundError):
-                (out / old.name).unlink()
-        for p in [p for p in files if p not in sidecars] + sidecars:
-            os.replace(p, out / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Yield an empty folder beside `out`; on success it replaces `out` whole in one swap (the old
+    export stays loadable until then; files an export does not write are kept)."""
+    return staged_folder(out, owned=_is_export_file)
 
 
 def _export_graph(module, args, path: Path, opset: int, input_names, output_names, dynamic_axes,

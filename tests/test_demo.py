@@ -32,6 +32,7 @@ def test_tiny_demo_writes_a_report_with_before_and_after_numbers(tmp_path, capsy
     assert before and after
     assert all(0.0 <= float(v) <= 1.0 for v in before.groups() + after.groups())
     assert "MB; LoRA tensors" in report and "| total |" in report
+    assert re.search(r"\d+ optimiser steps in .*Stopped: time budget train\.max_minutes=", report)
     for name in ("dice_before_after.png", "training_curve.png", "train/adapter.safetensors",
                  "eval_before/per_object.csv", "eval_after/per_object.csv", "eval_after/overlay_00.png"):
         assert (out / name).stat().st_size > 0, name
@@ -43,3 +44,15 @@ def test_tiny_demo_writes_a_report_with_before_and_after_numbers(tmp_path, capsy
 def test_demo_rejects_a_non_positive_budget(capsys):
     assert main(["demo", "--minutes", "0"]) == 2
     assert "--minutes: 0.0 should be > 0" in capsys.readouterr().err
+
+
+def test_demo_report_says_why_training_stopped(tmp_path):
+    """report.md names the trainer's own stop reason, or that the epochs ran out (not a fixed sentence)."""
+    from types import SimpleNamespace
+
+    from medico_peft.commands.demo import stop_reason
+
+    cfg = TrainConfig.from_dict(lora_config(tmp_path / "m.json", tmp_path / "t", 5e-4, demo_peft_config(), False, 1))
+    budget = "time budget train.max_minutes=1 reached after 7 steps (60.0 s elapsed, next step would take ~9.0 s)"
+    assert stop_reason(SimpleNamespace(stop_reason=budget), cfg) == budget
+    assert stop_reason(SimpleNamespace(stop_reason=None), cfg) == "all train.epochs=50 epochs done"

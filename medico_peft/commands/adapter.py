@@ -25,6 +25,7 @@ def register(subparsers) -> None:
     add_model_arguments(mer, default=None, default_note="the adapter's base")
     mer.add_argument("--out", required=True, help="merged checkpoint: .pth (official segment_anything layout; "
                           "only at the official input size, 1024 for vit_b/l/h) or .safetensors (any size)")
+    mer.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     mer.add_argument("--force", action="store_true", help="apply the adapter even if the base sha256 differs")
     mer.add_argument("--tolerance", type=float, default=1e-3,
                      help="refuse to write if merged and unmerged outputs differ by more (default 1e-3)")
@@ -52,6 +53,9 @@ def run_merge(args) -> int:
     out = Path(args.out)
     if out.suffix not in (".pth", ".safetensors"):
         raise ConfigError(f"--out: {out} must end in .pth or .safetensors")
+    from ..utils.paths import prepare_output_file
+
+    prepare_output_file(out, args.overwrite)
     from ..adapters.merge_file import merge_adapter_file
     from ..models import save_model
 

@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     src.add_argument("--pairs", help="text file with one 'image,label' pair per line")
     src.add_argument("--builtin", choices=BUILTINS, help="convert shipped real data instead of files")
     p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the shard set in a non-empty --out folder (the old set stays loadable until "
+                        "the new one is complete; other files there are kept)")
     p.add_argument("--modality", default="mr", choices=("ct", "mr", "other"))
     p.add_argument("--normalization", help="ct_soft_tissue|ct_lung|ct_bone|ct_brain|mr_percentile|minmax")
     p.add_argument("--size", type=int, default=256, help="model input size (256 LiteMedSAM, 1024 SAM)")
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.convert import convert
     from ..data.labels import parse_label_items, parse_label_selection
     from ..data.pairing import pair_by_stem, read_pairs_file
+    from ..utils.paths import prepare_output_dir
 
     options = dict(
         modality=args.modality, normalization=args.normalization, size=args.size, axis=args.axis,
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         max_shard_mb=args.max_shard_mb, workers=args.workers, progress=not args.no_progress,
     )
     if args.builtin:
+        prepare_output_dir(args.out, args.overwrite)
         options.pop("modality")
         options["split"] = args.split or "slab"
         if args.builtin == "colin27-aal":
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             pairs = pair_by_stem(args.images, args.labels)
         else:
             raise ConfigError("convert: give --images DIR --labels DIR, or --pairs FILE, or --builtin NAME")
+        prepare_output_dir(args.out, args.overwrite)  # after the inputs are known to be given
         options["split"] = args.split or "volume"
         selection = parse_label_selection(args.keep, args.merge, args.rename, args.label_names)
         report = convert(pairs, args.out, labels=selection, **options)

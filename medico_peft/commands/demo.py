@@ -25,6 +25,8 @@ def register(subparsers) -> None:
                     "(training gets what the evaluations leave).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="run again into a non-empty --out folder (its shards are reused, the rest replaced)")
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help=f"wall-clock budget of the whole demo (default {DEFAULT_MINUTES:g})")
     p.add_argument("--train-minutes", type=float, help="training budget (default: what --minutes leaves)")
@@ -73,15 +75,19 @@ def run(args: argparse.Namespace) -> int:
     if args.max_slices < 1 or args.clicks < 0:
         raise ConfigError("--max-slices should be >= 1 and --clicks >= 0")
     peft = demo_peft_config(**peft_options(args))  # validate options before building anything
+    from ..utils.paths import prepare_output_dir
+
+    prepare_output_dir(args.out, args.overwrite)
     report = run_demo(Path(args.out), args.minutes, args.train_minutes, args.max_slices, args.clicks, args.lr,
-                      peft, progress=not args.no_progress)
+                      peft, progress=not args.no_progress, overwrite=args.overwrite)
     _say(f"done: {report}")
     return 0
 
 
 def run_demo(out: Path, minutes: float, train_minutes: float | None, max_slices: int, clicks: int, lr: float,
-             peft=None, progress: bool = True) -> Path:
-    """Run the five demo stages; returns the path of report.md. `peft` defaults to `demo_peft_config()`."""
+             peft=None, progress: bool = True, overwrite: bool = False) -> Path:
+    """Run the five demo stages; returns the path of report.md. `peft` defaults to `demo_peft_config()`;
+    `overwrite` lets training start again over a previous demo's run in `out/train`."""
     peft = peft if peft is not None else demo_peft_config(blocks=2)
     t0 = time.perf_counter()
     times: dict[str, float] = {}
@@ -120,7 +126,7 @@ def run_demo(out: Path, minutes: float, train_minutes: float | None, max_slices:
     from ..training import TrainConfig, train
 
     cfg = TrainConfig.from_dict(lora_config(manifest, out / "train", lr, peft, progress, train_seconds / 60))
-    result = train(cfg)
+    result = train(cfg, overwrite=overwrite)
     times["train"] = time.perf_counter() - t
 
     _say("4/5 evaluating base + saved adapter on the same slices")
@@ -168,7 +174,8 @@ def write_demo_report(out: Path, before, after, result, times: dict, cfg) -> Pat
         "## Training", "",
         f"LoRA rank {peft['rank']} on q,v of the last {peft['blocks']} encoder blocks + mask decoder, "
         f"lr {cfg.optim.lr:g}, batch {cfg.train.batch_size}, {cfg.train.sub_iterations} click sub-iterations; "
-        f"{n_steps} steps in {result.train_seconds:.0f} s ({per_step:.1f} s/step, stopped by the wall-clock budget).",
+        f"{n_steps} optimiser steps in {result.train_seconds:.0f} s ({per_step:.1f} s/step). "
+        f"Stopped: {stop_reason(result, cfg)}.",
         "", f"![training curve]({rel(train_png)})" if train_png else "(no steps recorded)", "",
         f"Adapter: `{adapter}` ({size_mb:.1f} MB; LoRA tensors + the finetuned decoder). "
         f"Reproduce the evaluation: `medico-peft evaluate --model litemedsam --adapter {adapter} "
@@ -184,6 +191,13 @@ def write_demo_report(out: Path, before, after, result, times: dict, cfg) -> Pat
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def stop_reason(result, cfg) -> str:
+    """Why training ended, as the trainer logged it (`TrainResult.stop_reason`), else the epoch count ran out."""
+    if result.stop_reason:
+        return result.stop_reason
+    return f"all train.epochs={cfg.train.epochs} epochs done"
 
 
 def _plot_training(steps: list[dict], path: Path):

@@ -21,6 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--start", default="box", choices=("box", "point"))
     p.add_argument("--clicks", type=int, default=7, help="corrective clicks after the start prompt")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
     p.add_argument("--max-slices", type=int, help="evaluate only the first N eligible slices")
     p.add_argument("--labels", nargs="+", help="label ids or name globs to evaluate (default: all)")
     p.add_argument("--overlays", type=int, default=4, help="number of overlay PNGs")
@@ -33,7 +34,9 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation.interactive import evaluate_interactive
     from ..models import load_model
+    from ..utils.paths import prepare_output_dir
 
+    prepare_output_dir(args.out, args.overwrite)
     model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
     if args.adapter:
         from ..adapters import load_adapter

@@ -15,6 +15,8 @@ def register(subparsers) -> None:
     add_model_arguments(onnx, default=None)
     onnx.add_argument("--adapter", help="adapter .safetensors to fuse (LoRA/DoRA folded, bottleneck kept)")
     onnx.add_argument("--out", required=True, help="output folder")
+    onnx.add_argument("--overwrite", action="store_true",
+                      help="replace the export in a non-empty --out folder (the old one stays usable until the new one passes its gate)")
     onnx.add_argument("--opset", type=int, default=17)
     onnx.add_argument("--with-preprocess", action="store_true",
                       help="resize/normalise/pad inside the encoder graph (input: H×W×3 image of any size)")
@@ -35,7 +37,9 @@ def register(subparsers) -> None:
     trt = sub.add_parser("tensorrt", help="TensorRT engines from an ONNX export folder")
     trt.add_argument("--onnx", required=True, help="folder written by `export onnx`")
     trt.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
-    trt.add_argument("--out", required=True)
+    trt.add_argument("--out", required=True, help="output folder")
+    trt.add_argument("--overwrite", action="store_true",
+                     help="replace the export in a non-empty --out folder (the old one stays usable until the new one passes its gate)")
     trt.add_argument("--max-points", type=int, default=16, help="largest number of prompt points (incl. box corners)")
     trt.add_argument("--workspace-gb", type=float, default=4.0)
     trt.add_argument("--timing-cache", help="timing cache file (read and updated)")
@@ -49,7 +53,9 @@ def run_onnx(args: argparse.Namespace) -> int:
     from medico_peft.export.onnx_export import export_onnx
     from medico_peft.export.parity import Tolerance
     from medico_peft.models import load_model
+    from medico_peft.utils.paths import prepare_output_dir
 
+    prepare_output_dir(args.out, args.overwrite)
     if not args.model and not args.checkpoint:
         raise ConfigError("--model or --checkpoint: give a model name or a checkpoint path")
     model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
@@ -68,7 +74,9 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 def run_tensorrt(args: argparse.Namespace) -> int:
     from medico_peft.export.tensorrt_build import build_engines
+    from medico_peft.utils.paths import prepare_output_dir
 
+    prepare_output_dir(args.out, args.overwrite)
     meta = build_engines(args.onnx, args.out, precision=args.precision, max_points=args.max_points,
                          workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, atol=args.atol)
     print(f"wrote {args.out}/encoder.engine, decoder.engine, engine.json (TensorRT {meta['tensorrt_version']}, "

@@ -22,6 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("--neg-point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point")
     p.add_argument("--multimask", action="store_true", help="three candidate masks; the best-scoring one is written")
     p.add_argument("--out", required=True, help="output folder (mask.png, mask_overlay.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
     p.set_defaults(handler=run)
 
 
@@ -53,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from medico_peft.runtime.image_io import read_image, write_mask_and_overlay
+    from medico_peft.utils.paths import prepare_output_dir
 
+    prepare_output_dir(args.out, args.overwrite)
     image = read_image(args.image, args.slice, args.axis)
     predictor = make_predictor(args)
     points = (args.point or []) + (args.neg_point or [])

@@ -1,4 +1,4 @@
-"""`medico-peft train --config RECIPE.yaml [key.sub=value ...] [--resume]`."""
+"""`medico-peft train --config RECIPE.yaml [key.sub=value ...] [--resume | --resume-if-possible | --overwrite]`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ def register(subparsers) -> None:
                     "torchrun --nproc_per_node=N -m medico_peft.cli train ...")
     p.add_argument("--config", required=True, help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
-    p.add_argument("--resume", action="store_true", help="continue from output.dir/latest.pt")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from output.dir/latest.pt (an error if there is none)")
+    start.add_argument("--resume-if-possible", action="store_true",
+                       help="continue from output.dir/latest.pt if it exists, else start a new run")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run even if output.dir holds one (its checkpoints, adapter and "
+                            "metrics are removed); without it such a folder is refused")
     p.set_defaults(handler=run)
 
 
@@ -19,7 +26,8 @@ def run(args) -> int:
     from ..training import TrainConfig, train
 
     cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides)
-    result = train(cfg, resume=args.resume)
+    resume = "auto" if args.resume_if_possible else args.resume
+    result = train(cfg, resume=resume, overwrite=args.overwrite)
     best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"
     print(f"adapter: {result.adapter_path}\nbest val Dice: {best}\nskipped samples: {result.skipped_samples}\n"
           f"train time: {result.train_seconds:.1f} s, peak memory: {result.peak_memory_bytes / 2**20:.0f} MiB")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..utils.config import check_fields, field_prefix, option
+from ..utils.paths import staged_folder
 from . import normalize
 from .labels import LabelMap, LabelSelection
 from .manifest import MANIFEST_NAME, Manifest, write_manifest
@@ -202,10 +203,9 @@ def _volume_ids(pairs) -> list[str]:
     return ids
 
 
-def _remove_stale(out_dir: Path, keep: set[str]) -> None:
-    for p in out_dir.iterdir():
-        if _SHARD_NAME.match(p.name) and p.name not in keep:
-            p.unlink()
+def _is_shard_set_file(name: str) -> bool:
+    """A file of a shard set (replaced by a new conversion), as opposed to anything else in the folder."""
+    return name == MANIFEST_NAME or bool(_SHARD_NAME.match(name))
 
 
 def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertConfig | None = None,
@@ -214,7 +214,7 @@ def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertC
 
     `overrides` are ConvertConfig fields (e.g. `size=1024, modality="ct"`). Returns a report;
     raises DataError/ConfigError naming the file or field. The manifest is written last.
-    Phases: check inputs -> assign splits -> write shards -> write manifest.
+    Phases: check inputs -> assign splits -> write shards -> write manifest -> swap the new set in.
     """
     start = time.perf_counter()
     cfg = ConvertConfig(**{**(asdict(config) if config else {}), **overrides}).validate()
@@ -224,13 +224,15 @@ def convert(pairs: Sequence[tuple], out_dir: str | os.PathLike, config: ConvertC
     ids = _volume_ids(pairs)
     assignment = _assign_splits(ids, cfg)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_NAME).unlink(missing_ok=True)  # an unfinished folder must never look loadable
     tasks = [(img, lab, vid, assignment[vid], cfg, label_map) for (img, lab), vid in zip(pairs, ids)]
-    written = _write_shards(out_dir, cfg, label_map, tasks)
-    manifest = _build_manifest(cfg, label_map, selection, written)
-    path = write_manifest(manifest, out_dir)
-    _remove_stale(out_dir, {e.file for e in written.entries})
+    # The new set is written beside `out_dir` and swapped in whole once its manifest is written: until
+    # then a previous set in `out_dir` stays complete and loadable (files that are not part of a shard
+    # set are kept).
+    with staged_folder(out_dir, owned=_is_shard_set_file) as stage:
+        written = _write_shards(stage, cfg, label_map, tasks, out_dir)
+        manifest = _build_manifest(cfg, label_map, selection, written)
+        write_manifest(manifest, stage)
+    path = out_dir / MANIFEST_NAME
     return ConversionReport(
         manifest_path=path, samples={s: manifest.splits[s]["n_samples"] for s in SPLIT_NAMES},
         volumes=assignment, skipped_volumes=written.skipped, seconds=time.perf_counter() - start,
@@ -265,8 +267,10 @@ class _Written:
     skipped: list[str]
 
 
-def _write_shards(out_dir: Path, cfg: ConvertConfig, label_map: LabelMap, tasks: list) -> _Written:
-    """Phase 3: convert the volumes (in worker processes if asked) and write shards in input order."""
+def _write_shards(out_dir: Path, cfg: ConvertConfig, label_map: LabelMap, tasks: list, final_dir: Path) -> _Written:
+    """Phase 3: convert the volumes (in worker processes if asked) and write shards in input order.
+
+    `out_dir` is the staging folder; `final_dir` the folder named in messages."""
     from tqdm import tqdm
 
     attrs = {
@@ -302,7 +306,7 @@ def _write_shards(out_dir: Path, cfg: ConvertConfig, label_map: LabelMap, tasks:
             w.abort(exc)
         raise
     if not out.entries:
-        raise DataError(f"{out_dir}: no slice had foreground in any volume; nothing written")
+        raise DataError(f"{final_dir}: no slice had foreground in any volume; nothing written")
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..utils.atomic import atomic_path, atomic_write_text
 from ..utils.figures import pyplot, save_png
+from ..utils.paths import staged_folder
 
 
 def _fmt(value: float) -> str:
@@ -100,27 +102,34 @@ def save_overlay(case, path) -> Path:
     return save_png(fig, path)
 
 
+_EVAL_FILE = re.compile(r"^(per_object\.csv|dice_vs_clicks\.png|summary\.md|summary\.json|overlay_\d+\.png)$")
+
+
 def write_eval_outputs(result, out_dir, title: str | None = None) -> dict[str, Path]:
-    """All files of one evaluation into `out_dir`; their paths are recorded in `result.files`."""
+    """All files of one evaluation into `out_dir`; their paths are recorded in `result.files`.
+
+    They are written to a folder beside `out_dir` that replaces it in one swap at the end, so a
+    previous evaluation there is never mixed with this one (other files in the folder are kept).
+    """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"per_object_csv": write_csv(result.rows, out / "per_object.csv")}
-    curves = {"overall": result.mean_dice}
-    if len(result.per_label) <= 8:
-        curves.update(result.per_label)
-    files["dice_vs_clicks_png"] = plot_dice_curves(curves, out / "dice_vs_clicks.png",
-                                                   title=f"Dice vs clicks ({result.start} start)")
-    for i, case in enumerate(result.cases):
-        files[f"overlay_{i}"] = save_overlay(case, out / f"overlay_{i:02d}.png")
-    md = out / "summary.md"
-    atomic_write_text(md, summary_markdown(result, title))
-    files["summary_md"] = md
-    result.files = files
-    result.out_dir = out
-    js = out / "summary.json"
-    atomic_write_text(js, json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}},
+    with staged_folder(out, owned=lambda name: bool(_EVAL_FILE.match(name))) as stage:
+        files = {"per_object_csv": write_csv(result.rows, stage / "per_object.csv")}
+        curves = {"overall": result.mean_dice}
+        if len(result.per_label) <= 8:
+            curves.update(result.per_label)
+        files["dice_vs_clicks_png"] = plot_dice_curves(curves, stage / "dice_vs_clicks.png",
+                                                       title=f"Dice vs clicks ({result.start} start)")
+        for i, case in enumerate(result.cases):
+            files[f"overlay_{i}"] = save_overlay(case, stage / f"overlay_{i:02d}.png")
+        atomic_write_text(stage / "summary.md", summary_markdown(result, title))
+        files["summary_md"] = stage / "summary.md"
+        files = {key: out / path.name for key, path in files.items()}  # where they will be
+        result.files = files
+        result.out_dir = out
+        atomic_write_text(stage / "summary.json",
+                          json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}},
                                      indent=2) + "\n")
-    files["summary_json"] = js
+        files["summary_json"] = out / "summary.json"
     return files
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..errors import CheckpointError, MedicoPeftError
+from ..errors import CheckpointError, ConfigError, MedicoPeftError
 from . import checkpointing as ckpt
 from . import distributed as D
 from .config import TrainConfig
@@ -219,6 +220,37 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
         batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
+RUN_FILES = (ckpt.LATEST, ckpt.BEST, ADAPTER_NAME, "metrics.csv")  # a started or finished run
+
+
+def prepare_run_dir(out_dir: str | Path, resume: bool | str = False, overwrite: bool = False) -> bool:
+    """The start-of-run check of `output.dir`; returns whether to resume from its `latest.pt`.
+
+    `resume=True` needs `latest.pt`; `resume="auto"` resumes if it exists, else starts. Starting
+    into a folder that holds a run (`RUN_FILES`) is refused unless `overwrite`, which removes them
+    (a stale `best.pt` would otherwise become the new run's adapter).
+    """
+    out_dir = Path(out_dir)
+    if resume not in (False, True, "auto"):
+        raise ConfigError(f"resume: expected False, True or 'auto', got {resume!r}")
+    if resume and overwrite:
+        raise ConfigError("--overwrite starts a new run; it cannot be combined with --resume/--resume-if-possible")
+    latest = out_dir / ckpt.LATEST
+    if resume is True and not latest.exists():
+        raise ConfigError(f"--resume: {out_dir} holds no {ckpt.LATEST} to resume from; run without --resume "
+                          "to start, or use --resume-if-possible")
+    if resume and latest.exists():
+        return True
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found and not overwrite:
+        raise ConfigError(f"output.dir: {out_dir} holds a started or finished run ({', '.join(found)}); pass "
+                          "--resume to continue it, or --overwrite to start again (its checkpoints are removed)")
+    if found and int(os.environ.get("RANK", "0")) == 0:
+        for name in found:
+            (out_dir / name).unlink(missing_ok=True)
+    return False
+
+
 def _collate(items):
     return torch.utils.data.default_collate(items)
 
@@ -283,7 +315,10 @@ class Trainer:
         return build_parts(cfg, model)
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, model=None, resume: bool = False, callbacks=None) -> "Trainer":
+    def from_config(cls, cfg: TrainConfig, model=None, resume: bool | str = False, callbacks=None,
+                    overwrite: bool = False) -> "Trainer":
+        """`resume` True / "auto" / False and `overwrite`: see `prepare_run_dir` (checked before building)."""
+        resume = prepare_run_dir(cfg.output.dir, resume, overwrite)
         return cls(cls.build_parts(cfg, model), callbacks=callbacks, resume=resume)
 
     # --- callbacks -----------------------------------------------------------------------------
@@ -651,11 +686,13 @@ class Trainer:
         self.close()
 
 
-def train(cfg: TrainConfig, model=None, resume: bool = False, callbacks=None) -> TrainResult:
-    """Train per `cfg` (model=None builds it from `cfg.model`); `resume` continues from `output.dir/latest.pt`.
+def train(cfg: TrainConfig, model=None, resume: bool | str = False, callbacks=None,
+          overwrite: bool = False) -> TrainResult:
+    """Train per `cfg` (model=None builds it from `cfg.model`); `resume` continues from `output.dir/latest.pt`
+    (True: it must exist; "auto": if it exists). A folder holding a run is refused unless `resume` or `overwrite`.
 
     `callbacks`: functions `(event, state)` with a `TrainerState`, called at "epoch_start", "batch",
     "step" and "epoch_end" (tests, custom hooks; `state.request_stop(reason)` ends the run).
     """
-    with Trainer.from_config(cfg, model=model, resume=resume, callbacks=callbacks) as trainer:
+    with Trainer.from_config(cfg, model=model, resume=resume, callbacks=callbacks, overwrite=overwrite) as trainer:
         return trainer.fit()
