@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -65,16 +66,18 @@ def torch_load_checked(path: Path, what: str):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected {what} written by torch.save, "
                               f"a zip archive, or a .safetensors file)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 248": noise before the error below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # zip/pickle/storage errors of truncated or garbled files take many types
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        blocked = [ln for ln in lines if "GLOBAL" in ln]
-        if isinstance(exc, pickle.UnpicklingError) and blocked:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "documentation" not in ln]
+        useful = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln] or lines[-1:]
+        detail = useful[0][:200] if useful else ""
+        if isinstance(exc, pickle.UnpicklingError):  # torch cannot tell a code-running pickle from a garbled one
             raise CheckpointError(
-                f"{path}: refused to load: the pickle contains objects other than tensors and plain containers "
-                f"(it could execute code). Save a plain state dict or a .safetensors file instead. ({blocked[0]})"
-            ) from None
-        detail = lines[-1][:200] if lines else ""
+                f"{path}: refused to load: the pickle holds objects other than tensors and plain containers (it "
+                f"could execute code) or is corrupt; expected {what}. Save a plain state dict or a .safetensors "
+                f"file instead. ({detail})") from None
         raise CheckpointError(f"{path}: truncated or corrupt, expected {what} ({type(exc).__name__}: {detail})") from None
 
 
