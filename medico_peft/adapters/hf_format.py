@@ -72,20 +72,32 @@ def import_peft_dir(base_model: nn.Module, directory: str | os.PathLike, force: 
         if not f.is_file():
             raise AdapterError(f"{f}: missing; a peft adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
-        json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text())
+    except Exception as exc:  # UnicodeDecodeError, JSONDecodeError, OSError
+        raise AdapterError(f"{config_path}: not valid JSON, expected peft's adapter config "
+                           f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{config_path}: expected a JSON object (peft's adapter config), got {type(config).__name__}")
+    try:
         with safe_open(str(weights), framework="pt") as handle:
             raw = dict(handle.metadata() or {})
         tensors = load_file(str(weights))
-    except Exception as exc:
-        raise AdapterError(f"{directory}: unreadable peft adapter directory ({exc})") from exc
+    except Exception as exc:  # safetensors raises several types for truncated/garbled files
+        raise AdapterError(f"{weights}: not a readable safetensors file, truncated or corrupt, expected peft adapter "
+                           f"weights ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if "medico_peft.config" not in raw:
         raise AdapterError(f"{weights}: no 'medico_peft.config' metadata; only directories written by "
                            "export_peft_dir can be imported (their module names refer to the split qkv)")
     try:
-        cfg = PeftConfig.from_dict(json.loads(raw["medico_peft.config"]))
+        config_data = json.loads(raw["medico_peft.config"])
         meta = {"base_spec": json.loads(raw["medico_peft.base_spec"]), "base_sha256": raw.get("medico_peft.base_sha256")}
+        for key, value in (("medico_peft.config", config_data), ("medico_peft.base_spec", meta["base_spec"])):
+            if not isinstance(value, dict):
+                raise AdapterError(f"{weights}: metadata {key!r} should be a JSON object, got {type(value).__name__}")
+        cfg = PeftConfig.from_dict(config_data)
     except (ConfigError, KeyError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{weights}: invalid medico_peft metadata ({exc})") from None
+        raise AdapterError(f"{weights}: invalid medico_peft metadata, expected what export_peft_dir writes "
+                           f"({type(exc).__name__}: {exc})") from None
     if is_injected(base_model):
         raise AdapterError(f"{directory}: the model already has an adapter; import onto a plain base model")
     check_base(meta, base_model, weights, force)

@@ -63,7 +63,9 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]
             raw = dict(handle.metadata() or {})
         tensors = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for truncated/garbled files
-        raise AdapterError(f"{path}: not a readable safetensors file, truncated or corrupt ({exc})") from exc
+        detail = " ".join(str(exc).split())[:200]
+        raise AdapterError(f"{path}: not a readable safetensors file, truncated or corrupt, expected a medico_peft "
+                           f"adapter ({type(exc).__name__}: {detail})") from None
     return parse_metadata(raw, path), tensors
 
 
@@ -86,6 +88,8 @@ def parse_metadata(raw: dict, path) -> dict:
             meta[key] = json.loads(raw.get(key, "{}" if key == "extra" else ""))
         except json.JSONDecodeError:
             raise AdapterError(f"{path}: metadata {key!r} is not valid JSON") from None
+        if not isinstance(meta[key], dict):
+            raise AdapterError(f"{path}: metadata {key!r} should be a JSON object, got {type(meta[key]).__name__}")
     try:
         meta["config"] = PeftConfig.from_dict(meta["config"])
     except ConfigError as exc:

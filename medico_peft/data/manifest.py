@@ -83,10 +83,20 @@ def write_manifest(manifest: Manifest, out_dir: str | os.PathLike) -> Path:
     return path
 
 
+_ENTRY_TYPES = {"file": str, "split": str, "n_samples": int, "sha256": str, "bytes": int}
+
+
+def _optional_dict(data: dict, key: str, path) -> dict:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: manifest key '{key}' should be an object, got {type(value).__name__}")
+    return dict(value)
+
+
 def _require(data: dict, key: str, kind, path) -> object:
     if key not in data:
         raise DataError(f"{path}: manifest key '{key}' is missing")
-    if not isinstance(data[key], kind):
+    if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
         raise DataError(f"{path}: manifest key '{key}' should be {kind}, got {type(data[key]).__name__}")
     return data[key]
 
@@ -109,22 +119,35 @@ def load_manifest(path: str | os.PathLike, verify: bool = False) -> Manifest:
         raise DataError(f"{path}: format_version {version} is newer than supported {FORMAT_VERSION}")
     shards = []
     for i, raw in enumerate(_require(data, "shards", list, path)):
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}: shards[{i}] should be an object with keys {list(_ENTRY_TYPES)}, "
+                            f"got {type(raw).__name__}")
         try:
             entry = ShardEntry(**raw)
         except TypeError as exc:
             raise DataError(f"{path}: shards[{i}] is malformed ({exc})") from None
+        for key, kind in _ENTRY_TYPES.items():
+            if not isinstance(getattr(entry, key), kind) or isinstance(getattr(entry, key), bool):
+                raise DataError(f"{path}: shards[{i}].{key} should be {kind.__name__}, "
+                                f"got {type(getattr(entry, key)).__name__}")
         if entry.split not in SPLITS:
             raise DataError(f"{path}: shards[{i}].split is {entry.split!r}, expected one of {SPLITS}")
         shards.append(entry)
+    labels = _require(data, "label_names", dict, path)
+    try:
+        label_names = {int(k): str(v) for k, v in labels.items()}
+    except ValueError:
+        raise DataError(f"{path}: manifest key 'label_names' should map integer label ids to names, "
+                        f"got keys {list(labels)[:3]}") from None
     manifest = Manifest(
         modality=str(_require(data, "modality", str, path)),
         normalization=str(_require(data, "normalization", str, path)),
         image_size=int(_require(data, "image_size", int, path)),
-        label_names={int(k): str(v) for k, v in _require(data, "label_names", dict, path).items()},
+        label_names=label_names,
         compression=str(_require(data, "compression", str, path)),
         shards=shards,
-        splits=dict(data.get("splits", {})),
-        config=dict(data.get("config", {})),
+        splits=_optional_dict(data, "splits", path),
+        config=_optional_dict(data, "config", path),
         format_version=version,
         path=path,
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -36,26 +37,48 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"{path}: checkpoint file not found")
     metadata: dict = {}
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
         from safetensors.torch import load_file, safe_open
 
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = dict(handle.metadata() or {})
             raw = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+        except Exception as exc:  # SafetensorError, OSError, ... for truncated or garbled files
+            detail = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt, expected a SAM "
+                                  f"checkpoint ({type(exc).__name__}: {detail})") from None
     else:
-        try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"{path}: refused to load: the pickle contains objects other than tensors and plain containers "
-                f"(it could execute code). Save a plain state dict or a .safetensors file instead. ({exc})"
-            ) from exc
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-            raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc})") from exc
+        raw = torch_load_checked(path, "a SAM checkpoint")
     return extract_sam_state(raw, str(path)), metadata
+
+
+def torch_load_checked(path: Path, what: str):
+    """`torch.load(weights_only=True)` with every failure turned into one CheckpointError naming `path`.
+
+    A file that is neither a zip archive (torch.save's format) nor a pickle is refused before unpickling,
+    so text or random bytes are reported as such and not as a refused (unsafe) pickle.
+    """
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if head == b"PK" and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: truncated or corrupt zip archive, expected {what} written by torch.save")
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint (expected {what} written by torch.save, "
+                              f"a zip archive, or a .safetensors file)")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 248": noise before the error below
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip/pickle/storage errors of truncated or garbled files take many types
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "documentation" not in ln]
+        useful = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln] or lines[-1:]
+        detail = useful[0][:200] if useful else ""
+        if isinstance(exc, pickle.UnpicklingError):  # torch cannot tell a code-running pickle from a garbled one
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle holds objects other than tensors and plain containers (it "
+                f"could execute code) or is corrupt; expected {what}. Save a plain state dict or a .safetensors "
+                f"file instead. ({detail})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt, expected {what} ({type(exc).__name__}: {detail})") from None
 
 
 def extract_sam_state(raw, source: str = "<state dict>") -> dict:
@@ -68,7 +91,7 @@ def extract_sam_state(raw, source: str = "<state dict>") -> dict:
             break
     state = {}
     for name, value in raw.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or not isinstance(name, str):
             continue
         for prefix in ("module.", "sam."):
             if name.startswith(prefix):
@@ -76,7 +99,7 @@ def extract_sam_state(raw, source: str = "<state dict>") -> dict:
         if name.startswith(PARTS):
             state[name] = value
     if not state:
-        sample = ", ".join(list(raw)[:5])
+        sample = ", ".join(map(str, list(raw)[:5]))
         raise CheckpointError(
             f"{source}: no SAM weights found (expected keys starting with image_encoder./prompt_encoder./"
             f"mask_decoder., optionally under model_state with sam. or module.sam. prefixes); first keys: {sample}"
@@ -88,15 +111,24 @@ def extract_sam_state(raw, source: str = "<state dict>") -> dict:
 def detect_spec(state: dict, source: str = "<state dict>", metadata: dict | None = None) -> ModelSpec:
     """Work out which architecture a state dict belongs to."""
     if metadata and SPEC_METADATA_KEY in metadata:
-        return ModelSpec.from_dict(json.loads(metadata[SPEC_METADATA_KEY]))
+        try:
+            return ModelSpec.from_dict(json.loads(metadata[SPEC_METADATA_KEY]))
+        except Exception as exc:  # bad JSON, a list, missing or mistyped fields
+            raise CheckpointError(f"{source}: metadata {SPEC_METADATA_KEY!r} is not a valid model spec, expected "
+                                  f"the JSON object written by save_model ({type(exc).__name__}: {exc})") from None
     if "image_encoder.patch_embed.seq.0.c.weight" in state:
         return SPECS["litemedsam"]
     key = "image_encoder.patch_embed.proj.weight"
     if key not in state:
         raise CheckpointError(f"{source}: unknown image encoder (neither ViT {key} nor TinyViT patch embedding found)")
+    blocks = [k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")]
+    pos = state.get("image_encoder.pos_embed")
+    if not blocks or not all(b.isdigit() for b in blocks) or pos is None or pos.ndim != 4 or state[key].ndim != 4:
+        raise CheckpointError(f"{source}: incomplete ViT image encoder, expected image_encoder.blocks.N.* and a 4-D "
+                              f"image_encoder.pos_embed next to {key}")
     embed_dim = state[key].shape[0]
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
-    grid = state["image_encoder.pos_embed"].shape[1]
+    depth = 1 + max(int(b) for b in blocks)
+    grid = pos.shape[1]
     for spec in SPECS.values():
         e = spec.encoder
         if spec.family == "vit" and e["embed_dim"] == embed_dim and e["depth"] == depth:

@@ -99,27 +99,62 @@ def read_sidecar(path: str | os.PathLike) -> dict:
         raise ExportError(f"{path}: sidecar not found; expected the folder written by `medico-peft export`")
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{path}: unreadable sidecar ({exc})") from None
-    if data.get("format_version", 0) > FORMAT_VERSION:
+    except (OSError, ValueError) as exc:  # ValueError covers UnicodeDecodeError and JSONDecodeError
+        raise ExportError(f"{path}: unreadable sidecar, expected the JSON written by `medico-peft export` "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: sidecar should be a JSON object written by `medico-peft export`, "
+                          f"got {type(data).__name__}")
+    version = data.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ExportError(f"{path}: sidecar key 'format_version' should be an int, got {version!r}")
+    if version > FORMAT_VERSION:
         raise ExportError(f"{path}: sidecar format {data.get('format_version')} is newer than this library "
                           f"supports ({FORMAT_VERSION}); upgrade medico-peft")
     return data
+
+
+def _checked_fields(onnx_meta, path: Path, where: str = "") -> dict:
+    """`_model_fields` plus the keys the backends read (`io`, `files`), or one ExportError naming the key."""
+    try:
+        fields = _model_fields(onnx_meta)
+        for part in PARTS:
+            if not isinstance(onnx_meta["files"][part]["name"], str):
+                raise TypeError(f"files.{part}.name is not a string")
+            io = onnx_meta["io"][part]
+            for kind in ("inputs", "outputs"):
+                if not all(isinstance(e, dict) and {"name", "dtype", "shape"} <= set(e) for e in io[kind]):
+                    raise TypeError(f"io.{part}.{kind} entries need name, shape and dtype")
+    except KeyError as exc:
+        raise ExportError(f"{path}: sidecar key {where}{exc.args[0]!r} is missing; expected the sidecar written by "
+                          "`medico-peft export`") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{path}: sidecar {where or 'content'} is malformed ({type(exc).__name__}: {exc}); "
+                          "expected the sidecar written by `medico-peft export`") from None
+    if fields["mask_outputs"] not in MASK_SLICES:
+        raise ExportError(f"{path}: sidecar key {where}'mask_outputs' is {fields['mask_outputs']!r}, expected one of "
+                          f"{sorted(MASK_SLICES)}")
+    return fields
 
 
 def read_onnx_export(folder: str | os.PathLike) -> ExportedModel:
     """The `export.json` of an ONNX export folder, typed."""
     folder = Path(folder)
     meta = read_sidecar(folder / ONNX_SIDECAR)
-    return ExportedModel(folder=folder, kind="onnx", meta=meta, **_model_fields(meta))
+    return ExportedModel(folder=folder, kind="onnx", meta=meta, **_checked_fields(meta, folder / ONNX_SIDECAR))
 
 
 def read_engine_export(folder: str | os.PathLike) -> ExportedModel:
     """The `engine.json` of a TensorRT export folder, typed (compatibility is checked separately)."""
     folder = Path(folder)
-    meta = read_sidecar(folder / ENGINE_SIDECAR)
+    path = folder / ENGINE_SIDECAR
+    meta = read_sidecar(path)
+    for key in ("onnx", "profiles"):
+        if not isinstance(meta.get(key), dict):
+            raise ExportError(f"{path}: sidecar key {key!r} should be an object, got {type(meta.get(key)).__name__}; "
+                              "expected the engine.json written by `medico-peft export tensorrt`")
     return ExportedModel(folder=folder, kind="tensorrt", meta=meta, profiles=meta["profiles"],
-                         **_model_fields(meta["onnx"]))
+                         **_checked_fields(meta["onnx"], path, "onnx."))
 
 
 def ort_io(session) -> dict:

@@ -10,6 +10,17 @@ import numpy as np
 from ..errors import DataError
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def _ends_with_png_iend(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - len(PNG_END)))
+        return handle.read() == PNG_END
+
+
 def read_image(path: str | os.PathLike, slice_index: int | None = None, axis: int = 2) -> np.ndarray:
     """A 2D (or H×W×3) array; 3D volumes (NIfTI, .npy) give the slice `slice_index` along `axis` (middle by default)."""
     path = Path(path)
@@ -20,9 +31,18 @@ def read_image(path: str | os.PathLike, slice_index: int | None = None, axis: in
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
+            if name.endswith(".gz"):  # read to the end: gzip's CRC and length trailer catch a truncated file
+                import gzip
+
+                with gzip.open(path) as stream:
+                    while stream.read(1 << 24):
+                        pass
             data = np.asarray(nib.load(str(path)).dataobj)
         elif name.endswith(".npy"):
             data = np.load(path, allow_pickle=False)
+            if not isinstance(data, np.ndarray):  # an .npz archive (or any zip) opens as NpzFile
+                data.close()
+                raise DataError(f"{path}: not a .npy array (a zip/.npz archive?); expected one array saved by np.save")
         elif name.endswith((".tif", ".tiff")):
             import tifffile
 
@@ -30,6 +50,10 @@ def read_image(path: str | os.PathLike, slice_index: int | None = None, axis: in
         elif name.endswith((".png", ".jpg", ".jpeg", ".bmp")):
             from PIL import Image
 
+            if name.endswith(".png") and not _ends_with_png_iend(path):
+                raise DataError(f"{path}: truncated PNG (no IEND chunk at the end); expected a complete PNG file")
+            with Image.open(path) as im:
+                im.verify()  # chunk checksums: an altered file is refused, not half-decoded
             with Image.open(path) as im:
                 data = np.asarray(im.convert("RGB") if im.mode not in ("L", "I;16", "I", "F") else im)
         else:
@@ -47,6 +71,11 @@ def read_image(path: str | os.PathLike, slice_index: int | None = None, axis: in
         if not 0 <= index < n:
             raise DataError(f"--slice: {index} is outside the volume ({n} slices along axis {axis})")
         data = np.take(data, index, axis=axis)
+    if data.dtype.kind not in "biuf":
+        raise DataError(f"{path}: image has dtype {data.dtype}, expected a numeric (integer or float) array")
+    if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] not in (1, 3)) or min(data.shape[:2]) < 2:
+        raise DataError(f"{path}: image has shape {data.shape}, expected H×W, H×W×1 or H×W×3 (a 3D volume is sliced) "
+                        "with H and W at least 2")
     return np.ascontiguousarray(data)
 
 

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import errno
 import os
-import pickle
 import random
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +28,9 @@ VERSION = 1
 # Test hook: seconds to sleep after the temporary file is written and before it is renamed, so a
 # test can kill the process exactly while a checkpoint is being saved.
 SAVE_DELAY_ENV = "MEDICO_PEFT_TEST_SAVE_DELAY"
+# What a resumed run reads from a checkpoint (the Trainer writes these and more), with their types.
+REQUIRED = {"trainable": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "rng": dict,
+            "history": list, "global_step": int, "epoch": int}
 
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
@@ -80,16 +81,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: training checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(f"{path}: refused to load, it holds objects other than tensors and plain data ({exc})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: checkpoint is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    from ..models.checkpoints import torch_load_checked
+
+    state = torch_load_checked(path, "a medico-peft training checkpoint (latest.pt/best.pt)")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a medico-peft training checkpoint (format {FORMAT!r} expected)")
-    if state.get("version", 0) > VERSION:
+    version = state.get("version", 0)
+    if not isinstance(version, int):
+        raise CheckpointError(f"{path}: key 'version' should be an int, got {type(version).__name__}")
+    if version > VERSION:
         raise CheckpointError(f"{path}: checkpoint version {state.get('version')} is newer than supported ({VERSION})")
+    for key, kind in REQUIRED.items():
+        if key not in state:
+            raise CheckpointError(f"{path}: training checkpoint key {key!r} is missing (truncated state or "
+                                  "another program's file)")
+        if not isinstance(state[key], kind):
+            raise CheckpointError(f"{path}: training checkpoint key {key!r} should be a {kind.__name__}, "
+                                  f"got {type(state[key]).__name__}")
     return state
 
 
