@@ -115,6 +115,7 @@ class Results:
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.t0 = time.monotonic()
         self.load_before = load_average()
+        self.commit = git_state()  # the code that runs is the code at start
 
     def header(self) -> str:
         date = f"{self.started.strftime('%Y-%m-%d %H:%M:%S')} UTC ({time.monotonic() - self.t0:.0f} s wall clock)"
@@ -122,7 +123,7 @@ class Results:
             f"# {self.title}", "",
             f"- Command: `{self.command}`",
             f"- Date: {date}",
-            f"- Commit: {git_state()}",
+            f"- Commit: {self.commit}",
             f"- Machine: {machine(self.load_before, load_average())}", "", ""])
 
     def write(self, path, body: str) -> Path:
