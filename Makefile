@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: env system-deps lint-imports test test-fast demo bench clean
+.PHONY: env system-deps lint-imports test test-fast demo bench bench-check clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -47,6 +47,10 @@ demo: $(STAMP)
 
 bench: $(STAMP) system-deps
 	$(PY) -m benchmarks.run_all
+
+# Every results file starts with the scripts' header; every figure README's Results section quotes is in one.
+bench-check: $(STAMP)
+	$(PY) -m benchmarks.run_all --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -29,6 +28,11 @@ import torch  # noqa: E402
 from medico_peft.data.convert import convert  # noqa: E402
 from medico_peft.data.dataset import SliceDataset  # noqa: E402
 from medico_peft.data.manifest import load_manifest  # noqa: E402
+
+try:
+    from benchmarks._results import Results  # noqa: E402
+except ImportError:  # run as `python benchmarks/bench_data.py`
+    from _results import Results  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results" / "data.md"
@@ -79,11 +83,30 @@ def loader_rates(manifest, n_items: int, repeats: int = 3) -> dict[str, float]:
     return {d: float(np.median(r)) for d, r in rates.items()}
 
 
+def hdf5_read_ms(manifest_path, n: int = 20) -> float:
+    """Median ms to read one slice's image + label straight from the first shard (h5py, no loader):
+    for compressed shards this is mostly the HDF5 filter's decompression."""
+    import h5py
+
+    from medico_peft.data import shard_format as F
+
+    m = load_manifest(manifest_path)
+    times = []
+    with h5py.File(m.shard_path(m.shards[0]), "r") as f:
+        images, labels = f[F.IMAGES], f[F.LABELS]
+        for i in range(min(n, len(images))):
+            start = time.perf_counter()
+            images[i], labels[i]
+            times.append(1e3 * (time.perf_counter() - start))
+    return float(np.median(times))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer slices/items (smoke run)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results markdown file")
     args = parser.parse_args()
+    record = Results("Data stage benchmark")
     n_slices, n_items = (40, 40) if args.quick else (200, 100)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +124,7 @@ def main() -> int:
                 m = load_manifest(report.manifest_path)
                 mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
                 rate = loader_rates(report.manifest_path, n_items)
+                rate["read_ms"] = hdf5_read_ms(report.manifest_path)
                 base.setdefault("mb", mb_per_1000)
                 base.setdefault("rate", rate["float32"])
                 rows.append((f"synthetic {size}²", comp, report.total_samples, mb_per_1000,
@@ -119,6 +143,7 @@ def main() -> int:
                     m = load_manifest(report.manifest_path)
                     mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
                     rate = loader_rates(report.manifest_path, n_items)
+                    rate["read_ms"] = hdf5_read_ms(report.manifest_path)
                     base.setdefault("mb", mb_per_1000)
                     base.setdefault("rate", rate["float32"])
                     rows.append((f"Colin27+AAL {size}² (loader: train split)", comp, report.total_samples,
@@ -130,22 +155,20 @@ def main() -> int:
 
     rate_cols = " | ".join(f"samples/s, {d} masks" for d in MASK_DTYPES)
     header = (f"| data | compression | slices | MB / 1000 slices | size vs none | {rate_cols} "
-              "| speed vs none (float32) |\n|---|---|---:|---:|---:|" + "---:|" * (len(MASK_DTYPES) + 1))
+              "| speed vs none (float32) | HDF5 read ms / slice |\n|---|---|---:|---:|---:|" + "---:|" * (len(MASK_DTYPES) + 2))
     lines = [header] + [f"| {d} | {c} | {n} | {mb:.1f} | {mr:.2f} | "
-                        + " | ".join(f"{r[k]:.0f}" for k in MASK_DTYPES) + f" | {rr:.2f} |"
+                        + " | ".join(f"{r[k]:.0f}" for k in MASK_DTYPES) + f" | {rr:.2f} | {r['read_ms']:.1f} |"
                         for d, c, n, mb, mr, r, rr in rows]
     conv_lines = [f"| Colin27 {size}² (181 axial slices in, {n} kept) | {c} | {n / s:.0f} slices/s ({s:.2f} s) |"
                   for (size, c), (n, s) in conv.items()]
     text = "\n".join([
-        "# Data stage benchmark",
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
-        f"Python {platform.python_version()}. Command: `python benchmarks/bench_data.py`"
-        + (" --quick" if args.quick else "") + ". The CPU was shared with other processes: figures are "
-        f"medians of 3 interleaved runs of {n_items} items each and still vary by ±30 % between runs.",
+        f"Figures are medians of 3 interleaved runs of {n_items} items each, torch threads 1; on a CPU shared "
+        "with other jobs (see the header's load average) single runs vary by about ±30 %.",
         "Loader: `SliceDataset(n_objects=5)` default prompts (1 positive point, box jitter 0.025) and "
         "augmentation (flip, rot90, gamma/contrast), `num_workers=0`, i.e. one worker. "
-        "Synthetic slices: a smooth head-like ellipse on an exactly-zero background (see `synthetic_volume`).",
+        "Synthetic slices: a smooth head-like ellipse on an exactly-zero background (see `synthetic_volume`). "
+        "HDF5 read = median time to read one slice's image + label from the shard with h5py alone (for lzf/gzip "
+        "mostly decompression), the floor under any loader.",
         "",
         *lines,
         "",
@@ -153,11 +176,10 @@ def main() -> int:
         "",
         "| input | compression | throughput |",
         "|---|---|---:|",
-        *conv_lines,
+        *(conv_lines or ["| Colin27 | — | skipped: mricron-data not found (MEDICO_PEFT_MRICRON) |"]),
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    record.write(args.out, text)
     print(text)
     return 0
 

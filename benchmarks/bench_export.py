@@ -9,7 +9,6 @@ eager vs onnxruntime, plain and onnxslim-simplified), export time, artefact size
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -17,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+try:
+    from benchmarks._results import Results, weights_source
+except ImportError:  # run as `python benchmarks/bench_export.py`
+    from _results import Results, weights_source
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -38,7 +42,7 @@ def bench_model(name: str, threads: int, repeats: int, work: Path) -> dict:
     from medico_peft.runtime.torch_backend import TorchBackend
 
     model = load_model(name)
-    res = {"model": name, "img_size": model.img_size}
+    res = {"model": name, "img_size": model.img_size, "weights": weights_source(name)}
     metas = {}
     for variant, simplify in (("ort", False), ("ort+slim", True)):
         t0 = time.perf_counter()
@@ -71,10 +75,14 @@ def bench_model(name: str, threads: int, repeats: int, work: Path) -> dict:
     return res
 
 
+GOAL_SPEEDUP = 2.0
+
+
 def render(results: list[dict], threads: int, repeats: int) -> str:
-    lines = [f"# Export benchmark (CPU, {threads} threads, median of {repeats})", "",
-             f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}. "
-             "Ratios = torch eager time / onnxruntime time (higher is better), measured in the same run.", "",
+    lines = [f"CPU, {threads} threads, median of {repeats}. "
+             "Ratios = torch eager time / onnxruntime time (higher is better), measured in the same run.", ""]
+    lines += [f"- {r['model']}: {r['weights']}." for r in results]
+    lines += ["",
              "| model | part | torch eager (s) | ORT (s) | ORT+onnxslim (s) | speed-up ORT | speed-up ORT+slim |",
              "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -82,16 +90,25 @@ def render(results: list[dict], threads: int, repeats: int) -> str:
             t, a, b = r[f"{part} torch"], r[f"{part} ort"], r[f"{part} ort+slim"]
             lines.append(f"| {r['model']} ({r['img_size']}²) | {part} | {t:.4f} | {a:.4f} | {b:.4f} | "
                          f"{t / a:.2f}× | {t / b:.2f}× |")
+    best = max(r["encoder torch"] / min(r["encoder ort"], r["encoder ort+slim"]) for r in results)
+    lines += ["", f"Goal: exported encoder ≥ {GOAL_SPEEDUP:g}× faster than torch eager on CPU → "
+                  f"{'reached' if best >= GOAL_SPEEDUP else 'not reached'} (best encoder speed-up {best:.2f}×)."]
     lines += ["", "| model | export time ORT (s) | export time ORT+slim (s) | size (MB) | size slim (MB) |",
               "|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['model']} | {r['export_s ort']:.1f} | {r['export_s ort+slim']:.1f} | "
                      f"{r['size_mb ort']:.1f} | {r['size_mb ort+slim']:.1f} |")
-    lines += ["", "## Parity (max abs error vs torch fp32, onnxruntime CPU; per image, max over prompts)", ""]
+    lines += ["", "Export time includes the parity gate. Size = the ONNX files plus external data.", "",
+              "## Parity (max abs error vs torch fp32, onnxruntime CPU; per image, max over prompts)", ""]
     from medico_peft.export.parity import markdown_table
 
     for r in results:
-        lines += [f"### {r['model']}", "", markdown_table(r["parity ort+slim"]["rows"], "onnxruntime+slim"), ""]
+        rows = r["parity ort+slim"]["rows"]
+        lines += [f"### {r['model']}", "", markdown_table(rows, "onnxruntime+slim"), ""]
+        summary = [f"{k} ≤ {max(float(row[k]) for row in rows):.1e}" for k in ("end_to_end_logits", "mask_mismatch")
+                   if rows and all(k in row for row in rows)]
+        if summary:
+            lines += [f"Over all {len(dict.fromkeys(row['image'] for row in rows))} images: {', '.join(summary)}.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -102,14 +119,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "export.md"))
     args = ap.parse_args(argv)
+    record = Results("Export benchmark: torch eager vs onnxruntime on CPU",
+                     argv=None if argv is None else [__file__, *argv])
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         results = [bench_model(m, args.threads, args.repeats, Path(tmp)) for m in args.models]
     text = render(results, args.threads, args.repeats)
     print(text)
-    from medico_peft.utils.atomic import atomic_write_text
-
-    atomic_write_text(args.out, text)
+    record.write(args.out, text)
     return 0
 
 

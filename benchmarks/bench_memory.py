@@ -27,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    from benchmarks._results import Results, weights_source
+except ImportError:  # run as `python benchmarks/bench_memory.py`
+    from _results import Results, weights_source
+
 MODES = [
     # key, label, peft config, memory options
     ("full", "full finetune", {"method": "full"}, {}),
@@ -133,7 +138,13 @@ def table(rows: list[dict], args) -> str:
              f"{'single backward of the summed loss' if args.single_backward else 'per-iteration backward'}; "
              f"ViT input {args.vit_size}², "
              f"LiteMedSAM 256²; median of {args.steps} steps after {args.warmup} warm-up; "
-             f"{'GPU' if args.gpu else f'{args.threads} CPU thread(s)'}.", ""]
+             f"{'GPU' if args.gpu else f'{args.threads} CPU thread(s)'}.",
+             "Weights: " + "; ".join(f"{m}: {weights_source(m)}" for m in dict.fromkeys(r["model"] for r in rows))
+             + ". Memory and step time do not depend on the weights' values.",
+             "" if args.gpu else
+             "Process peak RSS includes the Python/torch runtime and the weights (the *weights* column); "
+             "*peak − weights* is what training itself adds, the fair column to compare modes. "
+             "Step times on a CPU shared with other jobs (see the header's load average) are unreliable.", ""]
     lines += ["| model | mode | trainable params | frozen prefix | weights MiB | peak MiB | peak − weights MiB "
               "| step s | peak / full | (peak − weights) / full | step / full |",
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -147,7 +158,23 @@ def table(rows: list[dict], args) -> str:
                 f"| {model} | {r['label']} | {r['trainable']:,} | {r['prefix']}/{r['segments']} | "
                 f"{r['weights'] / 2**20:.0f} | {r['peak'] / 2**20:.0f} | {extra / 2**20:.0f} | {r['step']:.3f} | "
                 f"{r['peak'] / full['peak']:.2f} | {extra / full_extra:.2f} | {r['step'] / full['step']:.2f} |")
+    lines += ["", f"Goal: best LoRA mode ≤ {GOAL_PEAK:.0%} of full finetune's peak and ≤ {GOAL_STEP:g} of its step "
+                  "time (same model):"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        group = [r for r in rows if r["model"] == model]
+        full = next(r for r in group if r["mode"] == "full")
+        lora = [r for r in group if r["mode"].startswith("lora")]
+        if not lora:
+            continue
+        best = min(lora, key=lambda r: r["peak"])
+        peak, step = best["peak"] / full["peak"], best["step"] / full["step"]
+        ok = peak <= GOAL_PEAK and step <= GOAL_STEP
+        lines.append(f"- {model}: best LoRA = {best['label']}: peak / full {peak:.2f}, step / full {step:.2f} → "
+                     f"{'reached' if ok else 'not reached'}.")
     return "\n".join(lines) + "\n"
+
+
+GOAL_PEAK, GOAL_STEP = 0.25, 0.7
 
 
 def main() -> None:
@@ -172,15 +199,12 @@ def main() -> None:
     if args.worker_model:
         worker(args)
         return
+    record = Results("Training memory modes")
     rows = run_all(args)
     text = table(rows, args)
     print()
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:])
-    out.write_text(f"# Training memory modes\n\nCommand: `{cmd.strip()}`\n\n{text}")
-    print(f"wrote {out}")
+    print(f"wrote {record.write(args.out, text)}")
 
 
 if __name__ == "__main__":

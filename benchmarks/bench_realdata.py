@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import re
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,11 @@ from medico_peft.evaluation.interactive import evaluate_interactive
 from medico_peft.models import load_model
 from medico_peft.training import TrainConfig, train
 from medico_peft.utils.atomic import atomic_write_text
+
+try:
+    from benchmarks._results import Results
+except ImportError:  # run as `python benchmarks/bench_realdata.py`
+    from _results import Results
 
 HERE = Path(__file__).resolve().parent
 # name -> (table label, peft section, learning rate)
@@ -96,13 +98,16 @@ def train_method(name: str, peft: dict, lr: float, manifest: Path, work: Path, a
     return result, cfg
 
 
-def adapter_stats(path: Path) -> tuple[int, float]:
+def adapter_stats(path: Path) -> tuple[int, float, float]:
+    """(parameters stored in the adapter file = everything trained, MB on disk, share of them in the mask
+    decoder): the share says how much of a method's trainable part is plain decoder training."""
     from safetensors import safe_open
 
-    """(parameters stored in the adapter file = everything trained, MB on disk)."""
     with safe_open(str(path), "pt") as f:
-        n = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return n, path.stat().st_size / 1e6
+        sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
+    n = sum(sizes.values())
+    decoder = sum(v for k, v in sizes.items() if k.startswith("mask_decoder."))
+    return n, path.stat().st_size / 1e6, decoder / max(1, n)
 
 
 def structure_means(result, clicks: int) -> dict[str, tuple[float, float]]:
@@ -114,11 +119,13 @@ def structure_means(result, clicks: int) -> dict[str, tuple[float, float]]:
     return {k: (sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for k, v in pooled.items()}
 
 
-def write_report(out: Path, rows: list[dict], args, command: str, n_test: int) -> None:
+TITLE = "Real data: Colin27 + AAL, LiteMedSAM on CPU"
+
+
+def write_report(out: Path, rows: list[dict], args, record: Results, n_test: int) -> None:
     c = args.clicks
     full = next((r for r in rows if r["method"] == "full"), None)
     lines = [
-        "# Real data: Colin27 + AAL, LiteMedSAM on CPU", "",
         "One subject (Debian `mricron-data`: Colin27 T1 `ch2.nii.gz` + AAL atlas, 116 labels). Axial slab split: "
         "train = lower 60 % of the labelled extent, test = upper 30 %, 5-slice gap. The test slab holds "
         "cortical structures that also occur, lower down, in the training slab. Objects = AAL labels present on "
@@ -130,12 +137,16 @@ def write_report(out: Path, rows: list[dict], args, command: str, n_test: int) -
         + (f" or {args.steps_per_method} optimiser steps, whichever comes first" if args.steps_per_method else "")
         + "), batch "
         f"{args.batch_size} slices × {args.n_objects} objects, {args.sub_iterations} click sub-iterations, constant "
-        "LR after 5 warm-up steps, no augmentation (frozen-prefix features cached).", "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-        f"{torch.__version__}, {torch.get_num_threads()} threads. {args.note}".rstrip(), "",
-        "| method | trainable params | adapter MB | CPU train s | steps | box Dice | "
+        "LR (the *lr* column, one per method; `--lr` sets one for all) after 5 warm-up steps, no augmentation "
+        f"(frozen-prefix features cached); torch threads {torch.get_num_threads()}. "
+        "Weights: real LiteMedSAM weights for every row. CPU seconds depend on the other jobs sharing the CPU "
+        "(see the header's load average); the steps column is the comparable budget.", "",
+        *([args.note, ""] if args.note else []),
+        "*Decoder share* = part of the trainable parameters that sit in the mask decoder (trained by every "
+        "method here): compare each row with *decoder only* before crediting the encoder adapter.", "",
+        "| method | lr | trainable params | decoder share | adapter MB | CPU train s | steps | box Dice | "
         f"+{c} clicks | Δ box vs full | Δ +{c} vs full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         d_box = d_clk = "—"
@@ -145,7 +156,9 @@ def write_report(out: Path, rows: list[dict], args, command: str, n_test: int) -
         params = f"{r['params']:,}" if r["params"] else "—"
         size = f"{r['adapter_mb']:.1f}" if r["adapter_mb"] else "—"
         secs = f"{r['train_s']:.0f}" if r["train_s"] else "—"
-        lines.append(f"| {r['label']} | {params} | {size} | {secs} | {r['steps'] or '—'} | {r['box']:.3f} | "
+        lr = f"{r['lr']:g}" if r.get("lr") else "—"
+        share = f"{100 * r['decoder_share']:.1f} %" if r.get("decoder_share") is not None else "—"
+        lines.append(f"| {r['label']} | {lr} | {params} | {share} | {size} | {secs} | {r['steps'] or '—'} | {r['box']:.3f} | "
                      f"{r['clicks']:.3f} | {d_box} | {d_clk} |")
     lines += ["", f"Per structure (L+R pooled): box / +{c} clicks", "",
               "| method | " + " | ".join(FEATURED) + " |", "|---|" + "---:|" * len(FEATURED)]
@@ -165,14 +178,13 @@ def write_report(out: Path, rows: list[dict], args, command: str, n_test: int) -
                       f"{'' if all(ok) else ' missed'})."]
     lines += ["", "Reference (given, not measured here): zero-shot LiteMedSAM with tight boxes on 20 central axial "
                   "slices of 9 deep and cortical structures scored mean Dice 0.613; this test slab is the upper brain "
-                  "(cortex only), so the zero-shot row is not the same number.", "",
-              "Reproduce:", "", "```", command, "```", ""]
-    atomic_write_text(out, "\n".join(lines))
+                  "(cortex only), so the zero-shot row is not the same number.", ""]
+    record.write(out, "\n".join(lines))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = "python " + shlex.join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    record = Results(TITLE, argv=None if argv is None else [__file__, *argv])
     work = Path(args.work)
     shards = work / "shards"
     manifest = shards / "manifest.json"
@@ -186,25 +198,26 @@ def main(argv=None) -> int:
     for name in args.methods.split(","):
         label, peft, lr = METHODS[name]
         base = load_model("litemedsam")
-        params = steps = train_s = adapter_mb = None
+        params = steps = train_s = adapter_mb = decoder_share = None
         if peft is None:
             model = base
         else:
             result, cfg = train_method(name, peft, lr, manifest, work, args)
             model = load_adapter(base, result.adapter_path)
-            params, adapter_mb = adapter_stats(Path(result.adapter_path))
+            params, adapter_mb, decoder_share = adapter_stats(Path(result.adapter_path))
             steps, train_s = len(result.steps), result.train_seconds
         t = time.perf_counter()
         res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=args.clicks,
                                    max_slices=args.max_slices, out_dir=work / "eval" / name,
                                    title=f"{label} (Colin27 + AAL, upper slab)")
-        rows.append({"method": name, "label": label, "params": params, "adapter_mb": adapter_mb, "steps": steps,
+        rows.append({"method": name, "label": label, "lr": (args.lr or lr) if peft is not None else None,
+                     "params": params, "decoder_share": decoder_share, "adapter_mb": adapter_mb, "steps": steps,
                      "train_s": train_s, "box": res.mean_dice[0], "clicks": res.mean_dice[-1],
                      "n_slices": res.n_slices, "eval_s": time.perf_counter() - t,
                      "structures": structure_means(res, args.clicks)})
         print(f"[bench] {name}: box {res.mean_dice[0]:.3f}, +{args.clicks} clicks {res.mean_dice[-1]:.3f}", flush=True)
         atomic_write_text(work / "results.json", json.dumps(rows, indent=2))
-        write_report(Path(args.out), rows, args, command, n_test)
+        write_report(Path(args.out), rows, args, record, n_test)
     print(f"[bench] wrote {args.out}")
     return 0
 

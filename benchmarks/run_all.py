@@ -1,8 +1,9 @@
 """Run every benchmark one after the other (`make bench`); each writes its own file under
-benchmarks/results/, which the README quotes. Run on a quiet machine: timings are side-by-side
-ratios within each script, but a busy neighbour still adds noise.
+benchmarks/results/ (header from benchmarks/_results.py), which the README quotes. Run on a quiet
+machine: timings are side-by-side ratios within each script, but a busy neighbour still adds noise.
 
     python -m benchmarks.run_all [--quick]
+    python -m benchmarks.run_all --check    # = make bench-check: results headers + README figures
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ FULL = [
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "vit_b", "--threads", "2", "--repeats", "5"],
     ["benchmarks/bench_memory.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
+    ["benchmarks/bench_demo.py"],
 ]
+CHECK = ["-m", "pytest", "-q", "tests/test_results_files.py"]
 QUICK = [
     ["benchmarks/bench_params.py", "--models", "litemedsam", "--out", "/tmp/params.md"],
     ["benchmarks/bench_data.py", "--quick", "--out", "/tmp/data.md"],
@@ -29,7 +32,11 @@ QUICK = [
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run, results to /tmp")
+    ap.add_argument("--check", action="store_true",
+                    help="run no benchmark; check every results file's header and that each README figure is in one")
     args = ap.parse_args()
+    if args.check:
+        return subprocess.call([sys.executable, *CHECK])
     for cmd in QUICK if args.quick else FULL:
         print(f"\n=== {' '.join(cmd)}", flush=True)
         t0 = time.time()

@@ -126,17 +126,18 @@ def test_truncated_checkpoint(tmp_path):
 
 
 class _Exploit:
+    def __init__(self, marker: str):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/medico_peft_pwned",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_code_executing_pickle_is_refused_not_run(tmp_path):
-    marker = "/tmp/medico_peft_pwned"
-    if os.path.exists(marker):
-        os.remove(marker)
+    marker = str(tmp_path / "pwned")
     path = tmp_path / "evil.pth"
     with open(path, "wb") as fh:
-        pickle.dump({"image_encoder.x": _Exploit()}, fh)
+        pickle.dump({"image_encoder.x": _Exploit(marker)}, fh)
     with pytest.raises(CheckpointError, match="refused to load"):
         load_model(checkpoint=path)
     assert not os.path.exists(marker)
