@@ -11,12 +11,7 @@ The hash is `medico_peft.utils.hashing.sha256_state_dict` over the plain model's
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,35 +21,12 @@ import torch
 from medico_peft.models import build_model
 from medico_peft.utils.hashing import sha256_state_dict
 
+try:
+    from benchmarks._results import Results
+except ImportError:  # run as `python benchmarks/bench_hash.py`
+    from _results import Results
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def load_note() -> str:
-    try:
-        one, five, _ = os.getloadavg()
-    except OSError:
-        return "load average unknown"
-    return f"load average {one:.1f} (1 min) / {five:.1f} (5 min) at the start"
 
 
 def measure(name: str, repeats: int) -> dict:
@@ -80,23 +52,13 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "hash.md"))
     args = ap.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
-    header = [
-        "# Base-weight hash time (check_base hashes the weights at every adapter load)",
-        "",
-        f"Command: `{command}`",
-        f"Date: {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}",
-        f"Commit: {git_commit()}",
-        f"Machine: {cpu_model()}, {os.cpu_count()} cores; {load_note()}; Python {platform.python_version()}, "
-        f"torch {torch.__version__}",
-        "",
-    ]
+    record = Results("Base-weight hash time (check_base hashes the weights at every adapter load)")
     rows = []
     for name in args.models:
         print(f"{name} ...", flush=True)
         rows.append(measure(name, args.repeats))
         print(f"  {rows[-1]['median_s']:.2f} s", flush=True)
-    lines = header + [
+    lines = [
         "What is timed: `sha256_state_dict(model.state_dict())` on CPU (one thread: hashlib's sha256 is "
         "sequential), models built with random weights (`build_model(name, seed=0)`, default input size). "
         f"Median of {args.repeats} run(s).",
@@ -107,10 +69,8 @@ def main() -> int:
     for r in rows:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['bytes']:,} | {r['median_s']:.2f} | {r['min_s']:.2f} "
                      f"| {r['max_s']:.2f} | {r['gb_s']:.2f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+    path = record.write(args.out, "\n".join(lines))
+    print(f"wrote {path}")
     return 0
 
 

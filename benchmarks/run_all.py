@@ -18,6 +18,7 @@ FULL = [
     ["benchmarks/bench_data.py"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "vit_b", "--threads", "2", "--repeats", "5"],
     ["benchmarks/bench_memory.py"],
+    ["benchmarks/bench_hash.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
     ["benchmarks/bench_demo.py"],
 ]
@@ -26,6 +27,7 @@ QUICK = [
     ["benchmarks/bench_params.py", "--models", "litemedsam", "--out", "/tmp/params.md"],
     ["benchmarks/bench_data.py", "--quick", "--out", "/tmp/data.md"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "--repeats", "1", "--out", "/tmp/export.md"],
+    ["benchmarks/bench_hash.py", "--models", "vit_tiny", "--repeats", "1", "--out", "/tmp/hash.md"],
 ]
 
 
