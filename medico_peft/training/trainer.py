@@ -242,7 +242,7 @@ class Trainer:
 
     monitor = "val_dice"  # the validate() metric that picks the best weights (higher is better)
     _STATE_KEYS = ("epoch", "batch_in_epoch", "global_step", "micro_step", "best_val", "bad_epochs", "history",
-                   "skipped")
+                   "skipped", "epoch_rows")
 
     def __init__(self, parts: TrainingParts, callbacks=None, resume: bool = False):
         self.parts = parts
@@ -330,14 +330,19 @@ class Trainer:
         p.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng_state(state["rng"], {"clicks": p.clicks})
         for key in self._STATE_KEYS:
-            setattr(self, key, state[key])
+            if key in state or key != "epoch_rows":  # checkpoints written before it was saved lack epoch_rows
+                setattr(self, key, state[key])
 
     def save_checkpoint(self, best: bool = False) -> None:
+        """latest.pt (and best.pt first when `best`). The order matters for a kill between the two writes:
+        latest.pt saying "this epoch was the best" while best.pt still held older weights would make a
+        resumed run's adapter come from the wrong epoch. With best.pt first, a kill in between leaves
+        latest.pt behind best.pt, and the resumed run replays to the same point and writes best.pt again."""
         if self.main:
             state = self.checkpoint_state()
-            ckpt.save_checkpoint(self.out_dir / ckpt.LATEST, state)
             if best:
                 ckpt.save_checkpoint(self.out_dir / ckpt.BEST, state)
+            ckpt.save_checkpoint(self.out_dir / ckpt.LATEST, state)
         D.barrier(self.info)
 
     def resume(self) -> None:
@@ -427,7 +432,8 @@ class Trainer:
                                            persistent_workers=False)
 
     def on_epoch_start(self) -> None:
-        self.epoch_rows = []
+        if self.batch_in_epoch == 0:  # a resumed partial epoch keeps the step rows restored from the checkpoint
+            self.epoch_rows = []
         self.emit("epoch_start")
 
     def train_epoch(self, bar: TrainProgress) -> str:
