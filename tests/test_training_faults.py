@@ -1,4 +1,5 @@
-"""Process-level faults: kill -9 while a checkpoint is being written, then --resume; 2-process DDP on CPU."""
+"""Process-level faults: kill -9 (mid-step, mid-checkpoint) then --resume, compared with an uninterrupted run;
+2-process DDP on CPU (replicas, the `no_sync` accumulation path, resume)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import pytest
 import torch
 
-from _training_helpers import REPO, TINY, tiny_cfg
+from _training_helpers import REPO, TINY, assert_same_metrics, assert_same_tensors, tiny_cfg
 from medico_peft.training import checkpointing as ckpt
 
 
@@ -64,6 +65,83 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     assert final["global_step"] == 12 and final["epoch"] == 3 and len(final["history"]) == 3
     assert [row["epoch"] for row in final["history"]] == [0, 1, 2]
     assert (out / "adapter.safetensors").is_file() and not tmp_files()
+
+
+# --- kill, resume, compare ---------------------------------------------------------------------------
+# The default feature-cache dtype (float16, tiny_cpu.yaml says float32), a checkpoint every 3 of the 4
+# steps per epoch (so checkpoints land mid-epoch and at epoch ends), 3 epochs = 12 steps.
+KILL_RECIPE = ("train.epochs=3", "memory.cache_dtype=float16", "output.checkpoint_every_steps=3")
+
+
+def _recipe_cli(out_dir, *extra):
+    return [sys.executable, "-m", "medico_peft.cli", "train", "--config", str(TINY), f"output.dir={out_dir}",
+            "output.progress=false", *KILL_RECIPE, *extra]
+
+
+def _step_of(path) -> int:
+    try:
+        return ckpt.load_checkpoint(path)["global_step"]
+    except Exception:  # noqa: BLE001 - not there yet
+        return -1
+
+
+def _kill_when(out, condition, *extra, delay: float = 0.0, what: str) -> None:
+    """Start `train` (with `extra` args) in `out`, SIGKILL it as soon as `condition()` holds."""
+    env = _env(**{ckpt.SAVE_DELAY_ENV: str(delay)}) if delay else _env()
+    proc = subprocess.Popen(_recipe_cli(out, *extra), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        reached = _wait_for(condition, proc)
+        if reached:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read().decode()[-2000:]
+    proc.stderr.close()
+    assert reached, f"{what}: never reached (exit {proc.returncode}) {err}"
+    assert proc.returncode == -signal.SIGKILL, f"{what}: the run ended by itself before the kill"
+
+
+@pytest.mark.slow
+def test_three_kills_then_resume_equal_an_uninterrupted_run(tmp_path):
+    """SIGKILL a real `medico_peft.cli train` three times (during the first best.pt write, between
+    checkpoints, during a latest.pt write), `--resume` each time: metrics.csv (every non-measured column)
+    and the adapter tensors equal the uninterrupted run's."""
+    ref, out = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(_recipe_cli(ref), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    tmp = lambda name: list(out.glob(f".{name}.*.tmp"))  # noqa: E731
+    # 1. while the first best.pt is being written (end of epoch 0): no best.pt exists yet.
+    _kill_when(out, lambda: bool(tmp("best.pt")), delay=1.0, what="first best.pt write")
+    assert not (out / "best.pt").exists() and (out / "latest.pt").exists()
+    # 2. between checkpoints, part-way through epoch 1: the steps since the last checkpoint are lost.
+    _kill_when(out, lambda: _step_of(out / "latest.pt") >= 6, "--resume", what="step 6 checkpoint")
+    # 3. while a latest.pt is being written, after the resumed run saved at least one checkpoint.
+    start = _step_of(out / "latest.pt")
+    seen: set = set()
+
+    def second_latest_write():
+        seen.update(p.name for p in tmp("latest.pt"))
+        return len(seen) >= 2 and bool(tmp("latest.pt"))
+
+    _kill_when(out, second_latest_write, "--resume", delay=1.0, what="a latest.pt write")
+    assert _step_of(out / "latest.pt") > start  # the killed legs did make progress
+    # 4. the rest, to the end.
+    done = subprocess.run(_recipe_cli(out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(out.glob(".*.pt.*.tmp"))
+
+    assert assert_same_metrics(out / "metrics.csv", ref / "metrics.csv") >= 3 * 6
+    from safetensors.torch import load_file
+
+    assert_same_tensors(load_file(out / "adapter.safetensors"), load_file(ref / "adapter.safetensors"), "adapter")
+    a, b = ckpt.load_checkpoint(out / "latest.pt"), ckpt.load_checkpoint(ref / "latest.pt")
+    assert a["global_step"] == b["global_step"] == 12
+    assert_same_tensors(a["trainable"], b["trainable"], "final trainable weights")
 
 
 def _free_port() -> int:
