@@ -277,8 +277,6 @@ def test_ddp_grad_accum_no_sync_and_resume(tmp_path):
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    from medico_peft.training import train  # noqa: F401 - the single-process reference below
-
     mp.spawn(_ddp_accum_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 
