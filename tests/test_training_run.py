@@ -214,3 +214,52 @@ def test_a_subclass_overrides_phases_and_keeps_the_loop(tmp_path):
     assert [r["val_dice"] for r in result.history] == pytest.approx([0.25, 0.35])
     assert all(r["train_objects"] == 2.0 for r in result.history) and result.best_val_dice == pytest.approx(0.35)
     assert result.adapter_path.is_file()
+
+
+def test_resumed_run_writes_the_same_metrics_and_adapter_as_a_straight_run(tmp_path):
+    """Stop mid-epoch, --resume: every non-measured metrics.csv column (the resumed epoch's train_loss and
+    train_dice average all of its steps, not just those after the resume) and the adapter tensors match."""
+    from safetensors.torch import load_file
+
+    from _training_helpers import assert_same_metrics, assert_same_tensors
+
+    extra = ["train.epochs=2", "memory.cache_dtype=float16", "output.checkpoint_every_steps=3"]
+    train(tiny_cfg(tmp_path / "a", *extra))
+    train(tiny_cfg(tmp_path / "b", *extra, "train.max_steps=3"))  # stops mid-epoch 0
+    train(tiny_cfg(tmp_path / "b", *extra), resume=True)
+    assert assert_same_metrics(tmp_path / "b" / "metrics.csv", tmp_path / "a" / "metrics.csv") >= 2 * 6
+    assert_same_tensors(load_file(tmp_path / "b" / "adapter.safetensors"),
+                        load_file(tmp_path / "a" / "adapter.safetensors"), "adapter")
+
+
+def test_a_kill_while_best_pt_is_written_keeps_the_best_weights_for_the_adapter(tmp_path, monkeypatch):
+    """The process dies inside the first best.pt write (simulated: the save raises a BaseException).
+    latest.pt must not already claim that epoch as the best, or the resumed run's adapter would come
+    from the last weights instead of the best epoch's."""
+    from safetensors.torch import load_file
+
+    from _training_helpers import assert_same_tensors
+
+    class Killed(BaseException):
+        pass
+
+    extra = ["train.epochs=2", "memory.cache_dtype=float16", "output.checkpoint_every_steps=3"]
+    straight = train(tiny_cfg(tmp_path / "a", *extra))
+    assert straight.history[0]["val_dice"] > straight.history[1]["val_dice"]  # epoch 0 stays the best
+    real_save = ckpt.save_checkpoint
+
+    def dies_in_best(path, state):
+        if path.name == ckpt.BEST:
+            with ckpt.atomic_path(path) as tmp:
+                tmp.write_bytes(b"half a checkpoint")
+                raise Killed
+        return real_save(path, state)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", dies_in_best)
+    with pytest.raises(Killed):
+        train(tiny_cfg(tmp_path / "b", *extra))
+    monkeypatch.setattr(ckpt, "save_checkpoint", real_save)
+    assert not (tmp_path / "b" / "best.pt").exists() and (tmp_path / "b" / "latest.pt").exists()
+    train(tiny_cfg(tmp_path / "b", *extra), resume=True)
+    assert_same_tensors(load_file(tmp_path / "b" / "adapter.safetensors"),
+                        load_file(tmp_path / "a" / "adapter.safetensors"), "adapter")

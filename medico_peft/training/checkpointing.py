@@ -2,8 +2,8 @@
 
 A checkpoint holds only what a resumed run needs: the trainable parameters (the frozen base is
 rebuilt from the config), optimiser, scheduler and grad-scaler state, every RNG state (as tensors
-and lists, so no pickle of arbitrary objects is ever needed), counters, the data position inside
-the epoch, the history and the config. A kill at any moment leaves either the previous file or the
+and lists, so no pickle of arbitrary objects is ever needed; under DDP each process's, in
+`per_rank`), counters, the data position inside the epoch, the history and the config. A kill at any moment leaves either the previous file or the
 new one under the final name, never a half-written one.
 """
 

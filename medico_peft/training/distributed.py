@@ -61,6 +61,15 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     return t.tolist()
 
 
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """`obj` of every process, in rank order (picklable plain data and CPU tensors)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -274,7 +274,11 @@ class Trainer:
 
     monitor = "val_dice"  # the validate() metric that picks the best weights (higher is better)
     _STATE_KEYS = ("epoch", "batch_in_epoch", "global_step", "micro_step", "best_val", "bad_epochs", "history",
-                   "skipped")
+                   "skipped", "epoch_rows")
+    # What differs between processes under DDP: each one's RNG streams (clicks are seeded per rank), its
+    # skipped-sample count and its step rows. A multi-process checkpoint holds them for every rank
+    # (`per_rank`), and each process resumes from its own.
+    _PER_RANK_KEYS = ("skipped", "epoch_rows")
 
     def __init__(self, parts: TrainingParts, callbacks=None, resume: bool = False):
         self.parts = parts
@@ -357,22 +361,39 @@ class Trainer:
             "world_size": self.info.world_size,
         }
 
+    def rank_state(self) -> dict:
+        """This process's own part of the loop state (see `_PER_RANK_KEYS`)."""
+        return {"rng": ckpt.rng_state({"clicks": self.parts.clicks}),
+                **{key: getattr(self, key) for key in self._PER_RANK_KEYS}}
+
     def load_checkpoint_state(self, state: dict, path: Path) -> None:
         p = self.parts
         ckpt.load_trainable(self.model, state["trainable"], str(path))
         p.optimizer.load_state_dict(state["optimizer"])
         p.scheduler.load_state_dict(state["scheduler"])
         p.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng_state(state["rng"], {"clicks": p.clicks})
         for key in self._STATE_KEYS:
-            setattr(self, key, state[key])
+            if key in state or key != "epoch_rows":  # checkpoints written before it was saved lack epoch_rows
+                setattr(self, key, state[key])
+        own = state.get("per_rank", [state])[self.info.rank] if self.info.enabled else state
+        ckpt.restore_rng_state(own["rng"], {"clicks": p.clicks})
+        for key in self._PER_RANK_KEYS:
+            if key in own:
+                setattr(self, key, own[key])
 
     def save_checkpoint(self, best: bool = False) -> None:
+        """latest.pt (and best.pt first when `best`). The order matters for a kill between the two writes:
+        latest.pt saying "this epoch was the best" while best.pt still held older weights would make a
+        resumed run's adapter come from the wrong epoch. With best.pt first, a kill in between leaves
+        latest.pt behind best.pt, and the resumed run replays to the same point and writes best.pt again."""
+        per_rank = D.all_gather_objects(self.rank_state(), self.info) if self.info.enabled else None
         if self.main:
             state = self.checkpoint_state()
-            ckpt.save_checkpoint(self.out_dir / ckpt.LATEST, state)
+            if per_rank is not None:
+                state["per_rank"] = per_rank
             if best:
                 ckpt.save_checkpoint(self.out_dir / ckpt.BEST, state)
+            ckpt.save_checkpoint(self.out_dir / ckpt.LATEST, state)
         D.barrier(self.info)
 
     def resume(self) -> None:
@@ -462,7 +483,8 @@ class Trainer:
                                            persistent_workers=False)
 
     def on_epoch_start(self) -> None:
-        self.epoch_rows = []
+        if self.batch_in_epoch == 0:  # a resumed partial epoch keeps the step rows restored from the checkpoint
+            self.epoch_rows = []
         self.emit("epoch_start")
 
     def train_epoch(self, bar: TrainProgress) -> str:
