@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError, ExportError
+from ..errors import ExportError
 from .artifacts import PARTS, check_io, ort_io, read_onnx_export
-from .preprocess import intensity_mode, preprocess_image
+from .exported_backend import ExportedBackend
 
 
 def make_session(path: Path, threads: int | None = None, providers=None, optimize: bool = True):
@@ -34,18 +34,12 @@ def make_session(path: Path, threads: int | None = None, providers=None, optimiz
         raise ExportError(f"{path}: onnxruntime cannot load this graph ({type(exc).__name__}: {exc})") from None
 
 
-class OrtBackend:
+class OrtBackend(ExportedBackend):
     name = "onnxruntime"
+    what = "ONNX export"
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, providers=None):
-        self.artifact = read_onnx_export(folder)
-        self.meta = self.artifact.meta
-        self.img_size = self.artifact.img_size
-        self.family = self.artifact.family
-        self.embedding_size = self.artifact.embedding_size
-        self.with_preprocess = self.artifact.with_preprocess
-        self.input_dtype = self.artifact.input_dtype
-        self.mask_outputs = self.artifact.mask_outputs
+        self._adopt(read_onnx_export(folder))
         folder = self.artifact.folder
         self.sessions = {}
         for part in PARTS:
@@ -64,25 +58,12 @@ class OrtBackend:
         self.full_res_output = "masks" in self._decoder_outputs
 
     def encode(self, image_hwc3: np.ndarray) -> torch.Tensor:
-        if self.with_preprocess:
-            if np.dtype(self.input_dtype) != image_hwc3.dtype:
-                if self.input_dtype == "float32":
-                    image_hwc3 = image_hwc3.astype(np.float32)
-                else:
-                    raise DataError(f"image: this encoder was exported for {self.input_dtype} input (in-graph "
-                                    f"preprocessing), got {image_hwc3.dtype}; re-export or pass {self.input_dtype}")
-            feed = image_hwc3
-        else:
-            mode = intensity_mode(self.family, image_hwc3.dtype)
-            feed = preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).numpy()
+        feed = self.encoder_feed(image_hwc3)
         (emb,) = self.sessions["encoder"].run(None, {"image": feed})
         return torch.from_numpy(emb)
 
     def _run_decoder(self, names, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask):
-        sl = self.artifact.mask_slice(multimask)
-        if sl is None:
-            raise ExportError(f"decoder was exported with mask_outputs={self.mask_outputs!r}; it cannot answer "
-                              f"multimask={multimask} (re-export with --mask-outputs all)")
+        sl = self.mask_slice(multimask)
         feed = decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, self.embedding_size)
         outputs = self.sessions["decoder"].run(list(names), feed)
         return [torch.from_numpy(o)[:, sl] for o in outputs]

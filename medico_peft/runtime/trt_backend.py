@@ -21,7 +21,7 @@ from ..errors import DataError, ExportError
 from .artifacts import PARTS, check_engine_compat, check_shapes_fit, current_device_info, import_tensorrt, \
     read_engine_export
 from .ort_backend import decoder_feed
-from .preprocess import intensity_mode, preprocess_image
+from .exported_backend import ExportedBackend
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
                  "INT64": torch.int64, "UINT8": torch.uint8, "BOOL": torch.bool}
@@ -61,45 +61,28 @@ class TrtEngine:
         return {k: v.float().cpu() for k, v in results.items()}
 
 
-class TrtBackend:
+class TrtBackend(ExportedBackend):
     name = "tensorrt"
+    what = "engine"
     full_res_output = False  # the engine's decoder returns low-res logits only (see the module docstring)
 
     def __init__(self, folder: str | os.PathLike):
-        self.artifact = read_engine_export(folder)
-        self.meta = self.artifact.meta
+        self._adopt(read_engine_export(folder))
         trt = import_tensorrt()
         check_engine_compat(self.meta, current_device_info(), str(self.artifact.sidecar))
-        self.img_size = self.artifact.img_size
-        self.family = self.artifact.family
-        self.embedding_size = self.artifact.embedding_size
-        self.with_preprocess = self.artifact.with_preprocess
-        self.input_dtype = self.artifact.input_dtype
-        self.mask_outputs = self.artifact.mask_outputs
         self.profiles = self.artifact.profiles
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self.engines = {part: TrtEngine(self.artifact.part_path(part), runtime) for part in PARTS}
 
     def encode(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        feed = self.encoder_feed(image_hwc3)
         if self.with_preprocess:
-            if np.dtype(self.input_dtype) != image_hwc3.dtype:
-                if self.input_dtype != "float32":
-                    raise DataError(f"image: this engine takes {self.input_dtype} input (in-graph preprocessing), "
-                                    f"got {image_hwc3.dtype}")
-                image_hwc3 = image_hwc3.astype(np.float32)
-            check_shapes_fit(self.profiles["encoder"], {"image": image_hwc3.shape}, "encoder.engine")
-            feed = image_hwc3
-        else:
-            mode = intensity_mode(self.family, image_hwc3.dtype)
-            feed = preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).numpy()
+            check_shapes_fit(self.profiles["encoder"], {"image": feed.shape}, "encoder.engine")
         return self.engines["encoder"]({"image": feed})["image_embeddings"]
 
     def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
-        sl = self.artifact.mask_slice(multimask)
-        if sl is None:
-            raise ExportError(f"engine was built from a decoder with mask_outputs={self.mask_outputs!r}; "
-                              f"it cannot answer multimask={multimask}")
+        sl = self.mask_slice(multimask)
         feed = decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, self.embedding_size)
         check_shapes_fit(self.profiles["decoder"], {k: feed[k].shape for k in ("point_coords", "point_labels")},
                          "decoder.engine")

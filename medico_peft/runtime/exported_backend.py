@@ -1,0 +1,48 @@
+"""What the onnxruntime and TensorRT backends share: reading an export's typed description, preparing the
+encoder's input the way the export expects it, and choosing the decoder's mask outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import DataError, ExportError
+from .artifacts import ExportedModel
+from .preprocess import intensity_mode, preprocess_image
+
+
+class ExportedBackend:
+    """Base of the backends that run an exported folder; `what` names the artefact in messages."""
+
+    what = "export"
+
+    def _adopt(self, artifact: ExportedModel) -> None:
+        self.artifact = artifact
+        self.meta = artifact.meta
+        self.img_size = artifact.img_size
+        self.family = artifact.family
+        self.embedding_size = artifact.embedding_size
+        self.with_preprocess = artifact.with_preprocess
+        self.input_dtype = artifact.input_dtype
+        self.mask_outputs = artifact.mask_outputs
+
+    def encoder_feed(self, image_hwc3: np.ndarray) -> np.ndarray:
+        """The encoder's `image` input: the raw H×W×3 array for in-graph preprocessing (float32 input accepts
+        any dtype, converted), else the model's own resize/normalise/pad to (1, 3, S, S)."""
+        if not self.with_preprocess:
+            mode = intensity_mode(self.family, image_hwc3.dtype)
+            return preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).numpy()
+        if np.dtype(self.input_dtype) != image_hwc3.dtype:
+            if self.input_dtype != "float32":
+                raise DataError(f"image: this {self.what} was exported for {self.input_dtype} input (in-graph "
+                                f"preprocessing), got {image_hwc3.dtype}; re-export or pass {self.input_dtype}")
+            image_hwc3 = image_hwc3.astype(np.float32)
+        return image_hwc3
+
+    def mask_slice(self, multimask: bool) -> slice:
+        """Which of the decoder's mask outputs answer `multimask` (refused if the export dropped them)."""
+        sl = self.artifact.mask_slice(multimask)
+        if sl is None:
+            raise ExportError(f"{self.what} was exported with mask_outputs={self.mask_outputs!r}; it cannot answer "
+                              f"multimask={multimask} (re-export with --mask-outputs all)")
+        return sl
