@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import DataError, ExportError
+from ..errors import ExportError
 from .artifacts import PARTS, check_engine_compat, check_shapes_fit, current_device_info, import_tensorrt, \
     read_engine_export
 from .ort_backend import decoder_feed
