@@ -64,18 +64,30 @@ def test_box_start_on_a_rectangle_is_perfect_and_needs_no_click():
     assert seg.calls[0]["boxes"].tolist() == [[6.0, 4.0, 19.0, 11.0]]
 
 
-def test_corrective_clicks_accumulate_and_feed_back_previous_logits():
+@pytest.mark.parametrize("radius", [0.0, 3.0])
+def test_corrective_clicks_accumulate_and_feed_back_previous_logits(radius):
+    from medico_peft.models.click_prompt import CLICK_VALUE
+
     gt = np.zeros((1, S, S), bool)
     gt[0, 2:30, 2:30] = True
     gt[0, 2:20, 14:30] = False  # an L shape: the box over-segments the missing quadrant
     seg = BoxAndClicks()
-    trace = run_protocol(seg, _image(), gt, (S, S), "box", n_clicks=3)
+    trace = run_protocol(seg, _image(), gt, (S, S), "box", n_clicks=3, click_radius=radius)
     assert trace.dice[0, -1] > trace.dice[0, 0]
     assert trace.point_labels[0, 0] == 0  # first fix: a negative click in the false-positive quadrant
+    yy, xx = np.mgrid[0:S, 0:S]
     for i, call in enumerate(seg.calls[1:], start=1):
         assert call["points"].shape == (1, i, 2)  # all previous clicks are re-sent
         assert call["boxes"] is not None  # the box stays part of the prompt
-        assert torch.equal(call["mask_input"], seg.calls[i - 1]["output"])  # previous logits fed back
+        fed, prev = call["mask_input"][0, 0].numpy(), seg.calls[i - 1]["output"][0, 0].numpy()
+        painted = np.zeros((S, S), bool)
+        for (x, y), lab in zip(call["points"][0].tolist(), call["labels"][0].tolist()):
+            if lab in (0, 1) and radius > 0:  # every click so far is a disk of ±CLICK_VALUE in the fed-back logits
+                disk = (xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2
+                assert (fed[disk] == (CLICK_VALUE if lab == 1 else -CLICK_VALUE)).all()
+                painted |= disk
+        assert np.array_equal(fed[~painted], prev[~painted])  # elsewhere: the previous logits, unchanged
+        assert painted.any() == (radius > 0)
         assert not call["multimask"]
     assert len(seg.calls) == 4
 

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--overlays", type=int, default=4, help="number of overlay PNGs")
     p.add_argument("--no-mask-input", action="store_true",
                    help="do not feed previous logits back (diagnostic for box-only models)")
+    p.add_argument("--click-radius", type=float, default=None,
+                   help="disk radius (mask-grid pixels) each click paints into the fed-back logits; "
+                        "default: the library's (models/click_prompt.py), as in training; 0 = points only")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -42,11 +45,12 @@ def run(args: argparse.Namespace) -> int:
         from ..adapters import load_adapter
 
         model = load_adapter(model, args.adapter)
+    radius = {} if args.click_radius is None else {"click_radius": args.click_radius}
     labels = [x for item in args.labels for x in item.split(",") if x] if args.labels else None
     result = evaluate_interactive(model, args.manifest, split=args.split, start=args.start, n_clicks=args.clicks,
                                   out_dir=args.out, max_slices=args.max_slices, labels=labels,
                                   n_overlays=args.overlays, progress=not args.no_progress,
-                                  use_mask_input=not args.no_mask_input)
+                                  use_mask_input=not args.no_mask_input, **radius)
     steps = result.mean_dice
     print(f"{result.n_objects} objects on {result.n_slices} slices: mean Dice {steps[0]:.3f} at the {args.start} "
           f"start, {steps[-1]:.3f} after {result.n_clicks} clicks -> {result.files['summary_md']}")

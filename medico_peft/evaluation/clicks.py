@@ -2,8 +2,14 @@
 
 Used by the trainer (random points in the error regions, one positive from the false negatives and
 one negative from the false positives per sub-iteration, as in MedicoSAM / micro-sam) and by the
-evaluator (one deterministic click per iteration at the centre of the larger error, found with a
-distance transform, like a person clicking into the middle of the worst mistake).
+evaluator and the trainer's validation (one deterministic click per iteration, `center_correction`).
+
+Evaluation protocol: the click goes to the pixel farthest from any edge of an error region (the
+maximum of the distance transform), in whichever of the false-negative and false-positive regions
+reaches deeper — the error a person sees as the widest mistake and clicks into the middle of. This
+is the "largest error" rule of the interactive-segmentation benchmarks (RITM/NoC style), with size
+measured as depth, not pixel count: a thin sliver along a long border has many pixels but cannot be
+clicked into, and a depth criterion never puts a click on a one-pixel-wide band.
 
 Coordinates are (x, y) = (column, row) pixels; label 1 = positive, 0 = negative, -1 = no point
 (SAM's prompt encoder turns -1 into its "not a point" embedding, so it is ignored).
@@ -49,6 +55,21 @@ def _deepest_pixel(region: np.ndarray):
         return None, 0.0
     y, x, dist = deepest_pixel(region)  # the image border counts as outside the error region
     return (float(x), float(y)), dist
+
+
+def center_corrections(pred: torch.Tensor, gt: torch.Tensor):
+    """`center_correction` for each of K objects: points (K, 1, 2) xy and labels (K, 1), −1 where perfect."""
+    pred_np = pred.bool().cpu().numpy()
+    gt_np = gt.bool().cpu().numpy()
+    k = pred_np.shape[0]
+    points = torch.zeros((k, 1, 2), dtype=torch.float32)
+    labels = torch.full((k, 1), -1, dtype=torch.long)
+    for j in range(k):
+        click = center_correction(pred_np[j], gt_np[j])
+        if click is not None:
+            points[j, 0] = torch.tensor(click[0])
+            labels[j, 0] = click[1]
+    return points, labels
 
 
 def center_correction(pred: np.ndarray, gt: np.ndarray):

@@ -26,7 +26,8 @@ import torch
 from ..data.prompts import deepest_pixel, mask_box
 from ..errors import ConfigError
 from ..models.postprocess import upscale_logits
-from .clicks import center_correction
+from ..models.click_prompt import CLICK_RADIUS, paint_clicks
+from .clicks import center_corrections
 from .metrics import dice_per_object
 from .segmenter import Segmenter, as_segmenter
 
@@ -65,11 +66,13 @@ class SliceTrace:
 
 
 def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, input_size: tuple[int, int],
-                 start: str = "box", n_clicks: int = 7, use_mask_input: bool = True) -> SliceTrace:
+                 start: str = "box", n_clicks: int = 7, use_mask_input: bool = True,
+                 click_radius: float = CLICK_RADIUS) -> SliceTrace:
     """Run the protocol for K objects of one image; gt is (K, H, W) bool at the cropped input size.
 
-    `use_mask_input=False` drops the fed-back logits (a diagnostic: box-only models such as
-    zero-shot LiteMedSAM never saw mask inputs and can degrade with them).
+    The fed-back logits carry every click so far painted in (`click_radius`, models/click_prompt.py,
+    as in training and the Predictor; 0 = points only). `use_mask_input=False` drops the fed-back
+    logits (a diagnostic: box-only models such as zero-shot LiteMedSAM never saw mask inputs).
     """
     if start not in STARTS:
         raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
@@ -96,16 +99,13 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
     start_masks = masks.numpy().copy()
 
     for _ in range(n_clicks):
-        new_xy = torch.zeros((k, 1, 2), dtype=torch.float32)
-        new_label = torch.full((k, 1), -1, dtype=torch.long)  # -1: already perfect, no click
-        for j in range(k):
-            click = center_correction(masks[j].numpy(), gt[j])
-            if click is not None:
-                new_xy[j, 0] = torch.tensor(click[0])
-                new_label[j, 0] = click[1]
+        new_xy, new_label = center_corrections(masks, gt_t)  # label -1: already perfect, no click
         points = torch.cat([points, new_xy], dim=1)
         labels = torch.cat([labels, new_label], dim=1)
-        low, _ = segmenter.predict(emb, points, labels, boxes, low if use_mask_input else None, False)
+        mask_input = None
+        if use_mask_input:
+            mask_input = paint_clicks(low, points, labels, scale=low.shape[-1] / size, radius=click_radius)
+        low, _ = segmenter.predict(emb, points, labels, boxes, mask_input, False)
         low = low[:, :1]
         masks = logits_to_masks(low, size, input_size)
         dice.append(dice_per_object(masks, gt_t).numpy())
@@ -190,7 +190,8 @@ def _mean(values) -> float:
 def evaluate_interactive(model, manifest, split: str = "test", start: str = "box", n_clicks: int = 7,
                          out_dir=None, max_slices: int | None = None, labels: Sequence[int | str] | None = None,
                          n_overlays: int = 4, max_objects_per_batch: int = 16, progress: bool = True,
-                         title: str | None = None, use_mask_input: bool = True) -> EvalResult:
+                         title: str | None = None, use_mask_input: bool = True,
+                         click_radius: float = CLICK_RADIUS) -> EvalResult:
     """Score a model (a `MedSam`, or any `Segmenter`) with the interactive protocol on one split.
 
     With `out_dir`, writes per_object.csv, summary.md, summary.json, dice_vs_clicks.png and
@@ -205,7 +206,8 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
         started = time.perf_counter()
         chosen, total = _choose_slices(loaded, manifest, split, label_ids, max_slices)
         rows, cases, n_slices = _run_slices(segmenter, manifest, split, label_ids, chosen, total, start, n_clicks,
-                                            n_overlays, max_objects_per_batch, progress, use_mask_input)
+                                            n_overlays, max_objects_per_batch, progress, use_mask_input,
+                                            click_radius)
     result = _aggregate(rows, cases, n_slices, start, n_clicks, split, time.perf_counter() - started)
     if out_dir is not None:
         from .report import write_eval_outputs
@@ -260,7 +262,7 @@ def _choose_slices(loaded, manifest, split: str, label_ids, max_slices: int | No
 
 def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, start: str, n_clicks: int,
                 n_overlays: int, max_objects_per_batch: int, progress: bool,
-                use_mask_input: bool) -> tuple[list[dict], list[OverlayCase], int]:
+                use_mask_input: bool, click_radius: float) -> tuple[list[dict], list[OverlayCase], int]:
     """The protocol on every chosen slice: per-object rows, overlay cases, number of slices scored."""
     from tqdm.auto import tqdm
 
@@ -275,7 +277,8 @@ def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, 
         for position, item in enumerate(iter_eval_slices(manifest, split=split, label_ids=label_ids)):
             if chosen is not None and position not in chosen:
                 continue
-            gt, traces, dice = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch, use_mask_input)
+            gt, traces, dice = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch, use_mask_input,
+                                           click_radius)
             rows += _slice_rows(item, gt, dice, start, n_clicks)
             if len(cases) < n_overlays:
                 cases.append(_overlay_case(item, gt, traces, n_slices))
@@ -287,7 +290,8 @@ def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, 
     return rows, cases, n_slices
 
 
-def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per_batch: int, use_mask_input: bool):
+def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per_batch: int, use_mask_input: bool,
+               click_radius: float):
     """One slice's objects through the protocol in batches: (gt masks, [(first object, trace)], dice K×steps)."""
     h, w = item["input_size"]
     label_map = item["label_map"][:h, :w].numpy()
@@ -295,7 +299,7 @@ def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per
     traces = []
     for lo in range(0, gt.shape[0], max_objects_per_batch):
         trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w), start, n_clicks,
-                             use_mask_input)
+                             use_mask_input, click_radius)
         traces.append((lo, trace))
     return gt, traces, np.concatenate([trace.dice for _, trace in traces], axis=0)
 

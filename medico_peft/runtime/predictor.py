@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..models.click_prompt import CLICK_RADIUS, paint_clicks
 from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
 
 
@@ -46,8 +47,17 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, backend, cache_size: int = 4):
+    """One predictor over torch, onnxruntime and TensorRT backends.
+
+    `click_radius`: when `predict` gets both points and a `mask_input` (the previous answer's low-res
+    logits), every positive/negative point is painted into that mask prompt as a ±disk of this many
+    mask-grid pixels (models/click_prompt.py) — the same corrective-click encoding the trainer and the
+    evaluation protocol use. 0 gives official SAM's behaviour (points as tokens only).
+    """
+
+    def __init__(self, backend, cache_size: int = 4, click_radius: float = CLICK_RADIUS):
         self.backend = backend
+        self.click_radius = click_radius
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._embeddings = None
@@ -101,6 +111,10 @@ class Predictor:
             if mask_input.size != side * side:
                 raise DataError(f"mask_input: expected {side}×{side} low-res logits, got shape {mask_input.shape}")
             mask_input, has_mask = mask_input.reshape(1, 1, side, side), 1.0
+            if points is not None and len(points):
+                scale = side / max(self._orig_hw)  # original pixels → mask grid (longest side fills the input)
+                mask_input = paint_clicks(torch.from_numpy(mask_input), torch.from_numpy(coords), torch.from_numpy(labs),
+                                          scale=scale, radius=self.click_radius).numpy()
         logits, low, iou = decode_at_original_size(self.backend, self._embeddings, coords, labs, mask_input, has_mask,
                                                    self._orig_hw, multimask)
         return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),

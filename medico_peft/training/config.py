@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..models.click_prompt import CLICK_RADIUS
 from ..tuners import PeftConfig
 from ..utils.config import check_fields, config_error, from_mapping, option
 
@@ -62,6 +63,10 @@ class TrainLoopConfig(_Section):
     seed: int = 0
     sub_iterations: int = option(8, min=0)
     mask_feed_prob: float = option(0.5, min=0.0, max=1.0)
+    click_radius: float = option(CLICK_RADIUS, min=0.0,
+                                 help="radius (mask-grid pixels) of the disk each click paints into the fed-back "
+                                      "mask prompt (models/click_prompt.py); 0 = clicks as point tokens only. "
+                                      "Evaluate and predict with the same radius")
     prompt: str = option("alternate", choices=("alternate", "point", "box"))
     val_every: int = option(1, min=1)
     val_clicks: int = 3

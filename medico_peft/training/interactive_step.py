@@ -5,7 +5,8 @@ output; the loss takes the best of the three masks, since one point is ambiguous
 (one mask), alternating per iteration. Then `sub_iterations` times: a random positive click in the
 false negatives and a negative click in the false positives of the current best mask are appended
 to the prompt, and with probability `mask_feed_prob` the previous low-res logits are fed back as
-mask input. The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
+mask input with every click so far painted into them (`click_radius`, models/click_prompt.py: the
+same painting evaluation and the Predictor do, so clicks reach the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
 sub-iterations.
 
 Per-iteration backward (`per_iteration_backward=True`; the trainer's default via
@@ -30,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..evaluation.clicks import random_corrections
+from ..evaluation.clicks import center_corrections, random_corrections
+from ..models.click_prompt import CLICK_RADIUS, paint_clicks
 from ..evaluation.metrics import dice_per_object
 from .losses import mask_losses, true_iou
 from .memory import SegmentedEncoder
@@ -54,9 +56,14 @@ def first_prompt(objs: dict, kind: str) -> dict:
     return {"points": None, "point_labels": None, "boxes": objs["boxes"].float(), "multimask": False}
 
 
-def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator) -> dict:
-    """Append one corrective positive and one negative click per object (on CPU: the generator lives there)."""
-    pts, lbl = random_corrections(pred.cpu(), gt.cpu(), generator)
+def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None) -> dict:
+    """Append corrective clicks per object: with a generator (training) one random positive and one random
+    negative click (on CPU: the generator lives there); without (validation) the evaluation protocol's one
+    click at the centre of the deeper error (`center_corrections`)."""
+    if generator is None:
+        pts, lbl = center_corrections(pred.cpu(), gt.cpu())
+    else:
+        pts, lbl = random_corrections(pred.cpu(), gt.cpu(), generator)
     device = gt.device
     pts, lbl = pts.to(device), lbl.to(device)
     if prompt["points"] is not None:
@@ -69,13 +76,15 @@ class InteractiveStep(nn.Module):
     """Module whose forward is the whole interactive loss, so DistributedDataParallel can wrap it."""
 
     def __init__(self, model: nn.Module, encoder: SegmentedEncoder, loss_cfg, sub_iterations: int,
-                 mask_feed_prob: float, per_iteration_backward: bool = False, touch_all_params: bool = False):
+                 mask_feed_prob: float, per_iteration_backward: bool = False, touch_all_params: bool = False,
+                 click_radius: float = CLICK_RADIUS):
         super().__init__()
         self.model = model
         self.encoder = encoder
         self.loss_cfg = loss_cfg
         self.sub_iterations = sub_iterations
         self.mask_feed_prob = mask_feed_prob
+        self.click_radius = click_radius
         self.per_iteration_backward = per_iteration_backward
         # DDP: the remaining backward also reaches every trainable parameter (with a zero gradient), so
         # the one synchronised backward all-reduces the decoder grads accumulated inside `forward` too.
@@ -128,7 +137,7 @@ class InteractiveStep(nn.Module):
                 break
             prompt = add_clicks(prompt, pred, gt, generator)
             feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
-            mask_input = feed_low if feed else None
+            mask_input = fed_back_mask(model, feed_low, prompt, self.click_radius) if feed else None
         dice = dice_per_object(pred, gt).mean().item()
         if not split:
             return total / n_iter, {"dice": dice, "objects": int(gt.shape[0])}
@@ -161,10 +170,17 @@ def prompt_kind_for(step: int, mode: str) -> str:
     return mode
 
 
+def fed_back_mask(model: nn.Module, low: torch.Tensor, prompt: dict, click_radius: float) -> torch.Tensor:
+    """The previous low-res logits with every click so far painted in (`models.click_prompt`)."""
+    return paint_clicks(low, prompt["points"], prompt["point_labels"], scale=low.shape[-1] / model.img_size,
+                        radius=click_radius)
+
+
 @torch.no_grad()
 def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, device: torch.device, clicks: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dice per object after the box prompt and after `clicks` corrective clicks (logits fed back)."""
+                   click_radius: float = CLICK_RADIUS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dice per object after the box prompt and after `clicks` corrective clicks placed as the evaluation
+    protocol places them (centre of the deeper error), logits fed back with the clicks painted in."""
     images = batch["image"].to(device)
     emb = encoder(images)
     objs = valid_objects(batch, device)
@@ -181,6 +197,6 @@ def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, dev
         if it == 0:
             box_dice = dice_per_object(pred, gt).cpu()
         if it < clicks:
-            prompt = add_clicks(prompt, pred, gt, generator)
-            mask_input = low
+            prompt = add_clicks(prompt, pred, gt, None)
+            mask_input = fed_back_mask(model, low, prompt, click_radius)
     return box_dice, dice_per_object(pred, gt).cpu()

@@ -203,7 +203,8 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
     train_ds, val_ds = build_datasets(cfg, model.img_size)
     encoder = build_encoder(cfg, model)
     step = InteractiveStep(model, encoder, cfg.loss, cfg.train.sub_iterations, cfg.train.mask_feed_prob,
-                           per_iteration_backward=cfg.memory.per_iteration_backward, touch_all_params=info.enabled)
+                           per_iteration_backward=cfg.memory.per_iteration_backward, touch_all_params=info.enabled,
+                           click_radius=cfg.train.click_radius)
     step_module = wrap_distributed(step, info, device)
     params, optimizer = build_optimizer(cfg, model)
     sampler = D.ResumableSampler(train_ds, info, shuffle=True, seed=cfg.train.seed)
@@ -541,11 +542,11 @@ class Trainer:
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_ds, indices),
                                              batch_size=cfg.train.batch_size, collate_fn=_collate,
                                              num_workers=cfg.data.num_workers)
-        g = torch.Generator().manual_seed(cfg.train.seed + 12345)  # same clicks every validation
         sums = [0.0, 0.0, 0.0]
         for batch in loader:
             with autocast(cfg.memory.precision, self.device):
-                box, final = validate_batch(self.model, p.encoder, batch, self.device, cfg.train.val_clicks, g)
+                box, final = validate_batch(self.model, p.encoder, batch, self.device, cfg.train.val_clicks,
+                                            cfg.train.click_radius)
             sums[0] += float(box.sum())
             sums[1] += float(final.sum())
             sums[2] += box.numel()
