@@ -32,6 +32,7 @@ import torch
 from medico_peft.adapters import load_adapter
 from medico_peft.data.real_data import build_colin27_aal_shards
 from medico_peft.evaluation.interactive import evaluate_interactive
+from medico_peft.models.click_prompt import CLICK_RADIUS
 from medico_peft.models import load_model
 from medico_peft.training import TrainConfig, train
 from medico_peft.utils.atomic import atomic_write_text
@@ -94,7 +95,7 @@ def train_method(name: str, peft: dict, lr: float, manifest: Path, work: Path, a
     })
     steps = f" or {args.steps_per_method} steps" if args.steps_per_method else ""
     print(f"[bench] training {name} for {args.minutes_per_method:g} min{steps}", flush=True)
-    result = train(cfg)
+    result = train(cfg, overwrite=True)  # the benchmark's own work folder: a rerun replaces its runs
     return result, cfg
 
 
@@ -130,8 +131,8 @@ def write_report(out: Path, rows: list[dict], args, record: Results, n_test: int
         "train = lower 60 % of the labelled extent, test = upper 30 %, 5-slice gap. The test slab holds "
         "cortical structures that also occur, lower down, in the training slab. Objects = AAL labels present on "
         "a slice (hemispheres separate).", "",
-        f"Protocol: tight box, then {c} corrective clicks at the centre of the largest error with the previous "
-        f"logits fed back (`medico-peft evaluate --start box --clicks {c}`); mean Dice over all objects of "
+        f"Protocol: tight box, then {c} corrective clicks, each at the centre of the deeper error region (the "
+        f"pixel farthest from its edges) with the previous logits fed back and every click painted into them (`medico-peft evaluate --start box --clicks {c}`); mean Dice over all objects of "
         f"{rows[0]['n_slices'] if rows else '?'} evenly spaced test slices (of {n_test}); Dice at 256².", "",
         f"Training: every method gets the same budget ({args.minutes_per_method:g} min of CPU wall clock"
         + (f" or {args.steps_per_method} optimiser steps, whichever comes first" if args.steps_per_method else "")
@@ -160,6 +161,17 @@ def write_report(out: Path, rows: list[dict], args, record: Results, n_test: int
         share = f"{100 * r['decoder_share']:.1f} %" if r.get("decoder_share") is not None else "—"
         lines.append(f"| {r['label']} | {lr} | {params} | {share} | {size} | {secs} | {r['steps'] or '—'} | {r['box']:.3f} | "
                      f"{r['clicks']:.3f} | {d_box} | {d_clk} |")
+    lines += ["", f"Dice after each corrective round (0 = box), clicks painted into the fed-back mask prompt "
+                  f"(`click_radius` {CLICK_RADIUS:g}, the default of training, evaluation and the Predictor) vs the "
+                  "same clicks as point tokens only (`--click-radius 0`, official SAM's feedback):", "",
+              "| method | clicks as | " + " | ".join(f"round {i}" for i in range(c + 1)) + " | rises every round |",
+              "|---|---|" + "---:|" * (c + 1) + "---|"]
+    for r in rows:
+        for kind, key in (("painted disks", "rounds"), ("point tokens", "rounds_tokens")):
+            vals = r[key]
+            rises = all(b >= a for a, b in zip(vals, vals[1:]))
+            lines.append(f"| {r['label']} | {kind} | " + " | ".join(f"{v:.3f}" for v in vals)
+                         + f" | {'yes' if rises else 'no'} |")
     lines += ["", f"Per structure (L+R pooled): box / +{c} clicks", "",
               "| method | " + " | ".join(FEATURED) + " |", "|---|" + "---:|" * len(FEATURED)]
     for r in rows:
@@ -210,9 +222,13 @@ def main(argv=None) -> int:
         res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=args.clicks,
                                    max_slices=args.max_slices, out_dir=work / "eval" / name,
                                    title=f"{label} (Colin27 + AAL, upper slab)")
+        # Ablation of the click encoding: the same clicks as point tokens only (official SAM's feedback).
+        tokens = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=args.clicks,
+                                      max_slices=args.max_slices, click_radius=0.0, progress=False)
         rows.append({"method": name, "label": label, "lr": (args.lr or lr) if peft is not None else None,
                      "params": params, "decoder_share": decoder_share, "adapter_mb": adapter_mb, "steps": steps,
                      "train_s": train_s, "box": res.mean_dice[0], "clicks": res.mean_dice[-1],
+                     "rounds": res.mean_dice, "rounds_tokens": tokens.mean_dice,
                      "n_slices": res.n_slices, "eval_s": time.perf_counter() - t,
                      "structures": structure_means(res, args.clicks)})
         print(f"[bench] {name}: box {res.mean_dice[0]:.3f}, +{args.clicks} clicks {res.mean_dice[-1]:.3f}", flush=True)
