@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import AdapterError, ConfigError
 from ..tuners import PeftConfig, is_injected, peft_state
 from ..utils.atomic import atomic_path, atomic_write_text
-from .io import adapter_tensors, check_base, inject_and_apply
+from .io import adapter_tensors, check_base, inject_and_apply, read_safetensors
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
@@ -64,8 +64,6 @@ def export_peft_dir(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 def import_peft_dir(base_model: nn.Module, directory: str | os.PathLike, force: bool = False) -> nn.Module:
     """Load a directory written by `export_peft_dir` onto a plain base model (in place)."""
-    from safetensors.torch import load_file, safe_open
-
     directory = Path(directory)
     weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     for f in (weights, config_path):
@@ -78,13 +76,7 @@ def import_peft_dir(base_model: nn.Module, directory: str | os.PathLike, force: 
                            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object (peft's adapter config), got {type(config).__name__}")
-    try:
-        with safe_open(str(weights), framework="pt") as handle:
-            raw = dict(handle.metadata() or {})
-        tensors = load_file(str(weights))
-    except Exception as exc:  # safetensors raises several types for truncated/garbled files
-        raise AdapterError(f"{weights}: not a readable safetensors file, truncated or corrupt, expected peft adapter "
-                           f"weights ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    raw, tensors = read_safetensors(weights, "peft adapter weights")
     if "medico_peft.config" not in raw:
         raise AdapterError(f"{weights}: no 'medico_peft.config' metadata; only directories written by "
                            "export_peft_dir can be imported (their module names refer to the split qkv)")

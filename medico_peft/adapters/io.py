@@ -51,21 +51,27 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict
 
 
 # --- reading -------------------------------------------------------------------------------------
-def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(parsed metadata, tensors) of an adapter file; AdapterError for anything malformed."""
+
+def read_safetensors(path, expected: str) -> tuple[dict, dict]:
+    """(string metadata, tensors) of a safetensors file; one AdapterError naming the file and `expected`
+    for anything safetensors cannot read (it raises several types for truncated or garbled files)."""
     from safetensors.torch import load_file, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: adapter file not found")
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = dict(handle.metadata() or {})
-        tensors = load_file(str(path))
-    except Exception as exc:  # safetensors raises several types for truncated/garbled files
+        return raw, load_file(str(path))
+    except Exception as exc:
         detail = " ".join(str(exc).split())[:200]
-        raise AdapterError(f"{path}: not a readable safetensors file, truncated or corrupt, expected a medico_peft "
-                           f"adapter ({type(exc).__name__}: {detail})") from None
+        raise AdapterError(f"{path}: not a readable safetensors file, truncated or corrupt, expected {expected} "
+                           f"({type(exc).__name__}: {detail})") from None
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(parsed metadata, tensors) of an adapter file; AdapterError for anything malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: adapter file not found")
+    raw, tensors = read_safetensors(path, "a medico_peft adapter")
     return parse_metadata(raw, path), tensors
 
 
