@@ -101,6 +101,15 @@ def hdf5_read_ms(manifest_path, n: int = 20) -> float:
     return float(np.median(times))
 
 
+
+def measure_shards(report, n_items: int) -> tuple[float, dict]:
+    """(MB per 1000 slices, loader rates with the HDF5 read ms/slice) of a converted shard set."""
+    m = load_manifest(report.manifest_path)
+    mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
+    rate = loader_rates(report.manifest_path, n_items)
+    rate["read_ms"] = hdf5_read_ms(report.manifest_path)
+    return mb_per_1000, rate
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer slices/items (smoke run)")
@@ -121,10 +130,7 @@ def main() -> int:
                 out = tmp / f"s{size}{comp}"
                 report = convert(pair, out, size=size, compression=comp, split="train", empty_share=0.0,
                                  min_area=0, progress=False)
-                m = load_manifest(report.manifest_path)
-                mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
-                rate = loader_rates(report.manifest_path, n_items)
-                rate["read_ms"] = hdf5_read_ms(report.manifest_path)
+                mb_per_1000, rate = measure_shards(report, n_items)
                 base.setdefault("mb", mb_per_1000)
                 base.setdefault("rate", rate["float32"])
                 rows.append((f"synthetic {size}²", comp, report.total_samples, mb_per_1000,
@@ -140,10 +146,7 @@ def main() -> int:
                     start = time.perf_counter()
                     report = build_colin27_aal_shards(tmp / f"colin{size}{comp}", size=size, compression=comp)
                     conv[size, comp] = (report.total_samples, time.perf_counter() - start)
-                    m = load_manifest(report.manifest_path)
-                    mb_per_1000 = sum(e.bytes for e in m.shards) / report.total_samples * 1000 / 2**20
-                    rate = loader_rates(report.manifest_path, n_items)
-                    rate["read_ms"] = hdf5_read_ms(report.manifest_path)
+                    mb_per_1000, rate = measure_shards(report, n_items)
                     base.setdefault("mb", mb_per_1000)
                     base.setdefault("rate", rate["float32"])
                     rows.append((f"Colin27+AAL {size}² (loader: train split)", comp, report.total_samples,
