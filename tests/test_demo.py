@@ -7,7 +7,7 @@ import re
 import pytest
 
 from medico_peft.cli import main
-from medico_peft.commands.demo import demo_peft_config, lora_config
+from medico_peft.workflows.demo import demo_peft_config, lora_config
 from medico_peft.training import TrainConfig
 
 
@@ -50,7 +50,7 @@ def test_demo_report_says_why_training_stopped(tmp_path):
     """report.md names the trainer's own stop reason, or that the epochs ran out (not a fixed sentence)."""
     from types import SimpleNamespace
 
-    from medico_peft.commands.demo import stop_reason
+    from medico_peft.workflows.demo import stop_reason
 
     cfg = TrainConfig.from_dict(lora_config(tmp_path / "m.json", tmp_path / "t", 5e-4, demo_peft_config(), False, 1))
     budget = "time budget train.max_minutes=1 reached after 7 steps (60.0 s elapsed, next step would take ~9.0 s)"

@@ -1,0 +1,1 @@
+"""Workflows: end-to-end runs that combine data, training and evaluation (the demo)."""
