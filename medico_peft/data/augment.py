@@ -13,24 +13,34 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..utils.config import check_fields, config_error, field_prefix, option
+
+
+def _factor_range(name: str):
+    """Parser of a (low, high) multiplicative range with 0 < low <= high."""
+    def parse(value) -> tuple[float, float]:
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise config_error(name, f"expected two numbers (low, high), got {value!r}") from None
+        if not 0 < lo <= hi:
+            raise config_error(name, f"({lo}, {hi}) should satisfy 0 < low <= high")
+        return lo, hi
+    return parse
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    flip: bool = True
-    rot90: bool = True
-    gamma: tuple[float, float] = (0.7, 1.5)  # sampled log-uniformly
-    contrast: tuple[float, float] = (0.9, 1.1)
-    p_intensity: float = 0.5
+    flip: bool = option(True, help="random horizontal/vertical flips")
+    rot90: bool = option(True, help="random 90-degree rotations")
+    gamma: tuple[float, float] = option((0.7, 1.5), parse=_factor_range("gamma"),
+                                        help="gamma range, sampled log-uniformly")
+    contrast: tuple[float, float] = option((0.9, 1.1), parse=_factor_range("contrast"), help="contrast factor range")
+    p_intensity: float = option(0.5, min=0.0, max=1.0, help="probability of the intensity changes")
 
     def __post_init__(self):
-        for name in ("gamma", "contrast"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ConfigError(f"augment.{name}: ({lo}, {hi}) should satisfy 0 < low <= high")
-        if not 0.0 <= self.p_intensity <= 1.0:
-            raise ConfigError(f"augment.p_intensity: {self.p_intensity} should be in [0, 1]")
+        with field_prefix("augment"):
+            check_fields(self)
 
 
 IDENTITY_LUT = (np.arange(256, dtype=np.float32) / 255.0)

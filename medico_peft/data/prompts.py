@@ -13,27 +13,25 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..utils.config import check_fields, field_prefix, option
 
 MaskOf = Callable[[slice, slice], np.ndarray]  # (rows, cols) -> bool array of that region
 
 
 @dataclass(frozen=True)
 class PromptConfig:
-    n_positive: int = 1
-    n_negative: int = 0
-    box_jitter: float = 0.025  # each box side moves by up to this share of the box size (micro-sam)
-    centre_point: bool = False  # first positive point at the max of the object's distance transform
-    negative_margin: float = 0.1  # negatives come from the box grown by this share of its size (>= 2 px)
-    negative_dilation: int = 3  # ... and lie outside the object dilated by this many pixels
+    n_positive: int = option(1, min=0, help="positive points sampled inside the object")
+    n_negative: int = option(0, min=0, help="negative points sampled near it")
+    box_jitter: float = option(0.025, min=0.0, max=1.0,
+                               help="each box side moves by up to this share of the box size (micro-sam)")
+    centre_point: bool = option(False, help="first positive point at the max of the object's distance transform")
+    negative_margin: float = option(0.1, min=0.0, max=1.0,
+                                    help="negatives come from the box grown by this share of its size (>= 2 px)")
+    negative_dilation: int = option(3, min=0, help="... and lie outside the object dilated by this many pixels")
 
     def __post_init__(self):
-        for name in ("n_positive", "n_negative", "negative_dilation"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ConfigError(f"prompts.{name}: {getattr(self, name)!r} should be an int >= 0")
-        for name in ("box_jitter", "negative_margin"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"prompts.{name}: {getattr(self, name)!r} should be in [0, 1]")
+        with field_prefix("prompts"):
+            check_fields(self)
 
     @property
     def n_points(self) -> int:

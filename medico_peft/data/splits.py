@@ -9,21 +9,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from ..utils.config import check_fields, field_prefix, option
 
 SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class SplitFractions:
-    train: float
-    val: float
-    test: float
+    train: float = option(min=0.0, max=1.0, help="share of volumes for training")
+    val: float = option(min=0.0, max=1.0, help="share of volumes for validation")
+    test: float = option(min=0.0, max=1.0, help="share of volumes for testing")
 
     def __post_init__(self):
-        for name in SPLIT_NAMES:
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"split_fractions.{name}: {value} is outside [0, 1]")
+        with field_prefix("split_fractions"):
+            check_fields(self)
         if self.train + self.val + self.test > 1.0 + 1e-9:
             raise ConfigError(f"split_fractions: train+val+test = {self.train + self.val + self.test:.3f} exceeds 1")
 
