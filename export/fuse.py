@@ -11,7 +11,9 @@ import os
 import warnings
 from pathlib import Path
 
-from medico_peft.errors import ExportError
+from ..adapters import load_adapter
+from ..tuners import is_injected, merge, peft_state, verify_merge
+from ..utils.hashing import sha256_file, sha256_state_dict
 
 FUSE_ATOL = 1e-4
 
@@ -19,33 +21,17 @@ FUSE_ATOL = 1e-4
 def _base_sha256_now(model) -> str | None:
     """State sha256 of a plain model's weights as they are now (not the hash cached at load time);
     for a model that already carries an adapter, the hash recorded when its base was loaded."""
-    try:
-        from medico_peft.tuners import is_injected
-    except ImportError:
-        is_injected = None
-    if is_injected is not None and is_injected(model):
+    if is_injected(model):
         return getattr(model, "base_sha256", None)
-    from medico_peft.utils.hashing import sha256_state_dict
-
     return sha256_state_dict(model.state_dict())
 
 
 def fuse(model, adapter: str | os.PathLike | None = None, check: bool = True):
     """(model with LoRA folded, info dict with the adapter's sha256 and method)."""
-    from medico_peft.utils.hashing import sha256_file
-
     info: dict = {"adapter": None, "base_sha256": _base_sha256_now(model)}
     if adapter is not None:
-        try:
-            from medico_peft.adapters import load_adapter
-        except ImportError as exc:
-            raise ExportError(f"{adapter}: adapters need medico_peft.adapters ({exc})") from None
         model = load_adapter(model, adapter)  # verifies the base sha256 (AdapterError otherwise)
         info["adapter"] = {"path": str(Path(adapter)), "sha256": sha256_file(adapter)}
-    try:
-        from medico_peft.tuners import is_injected, merge, peft_state, verify_merge
-    except ImportError:  # tuners not installed: nothing can be injected either
-        return model.eval(), info
     if not is_injected(model):
         return model.eval(), info
     model.eval()

@@ -13,10 +13,7 @@ def _tuner_layer_cls():
 
 def lora_layer_names(model: nn.Module) -> list[str]:
     """Qualified names of peft tuner layers (outermost only), e.g. `...attn.qkv.q`."""
-    try:
-        cls = _tuner_layer_cls()
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return []
+    cls = _tuner_layer_cls()
     names = []
     for name, module in model.named_modules():
         if isinstance(module, cls) and not any(name.startswith(n + ".") for n in names):
