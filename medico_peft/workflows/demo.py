@@ -27,7 +27,7 @@ def lora_config(manifest, out_dir, lr: float, peft, progress: bool, max_minutes:
         "model": {"name": "litemedsam"},
         "peft": peft.to_dict(),
         "data": {"manifest": str(manifest), "n_objects": 2},
-        "train": {"epochs": 50, "batch_size": 2, "sub_iterations": 2, "device": "cpu", "max_minutes": max_minutes},
+        "train": {"epochs": 50, "batch_size": 2, "sub_iterations": 3, "device": "cpu", "max_minutes": max_minutes},
         "optim": {"lr": lr},
         "schedule": {"kind": "constant", "warmup_steps": 2},
         "output": {"dir": str(out_dir), "tensorboard": False, "progress": progress},
@@ -121,8 +121,8 @@ def write_demo_report(out: Path, before, after, result, times: dict, cfg) -> Pat
     lines = [
         "# medico-peft demo: LiteMedSAM + LoRA on MNI152 grey/white matter (CPU)", "",
         f"Held-out slab: {before.n_slices} axial slices ({before.n_objects} objects), never seen in training. "
-        f"Protocol: one tight box, then {before.n_clicks} corrective clicks at the centre of the largest error "
-        "(previous logits fed back); Dice at 256².", "",
+        f"Protocol: one tight box, then {before.n_clicks} corrective clicks, each at the centre of the "
+        "deeper error region, previous logits fed back with every click painted in; Dice at 256².", "",
         "| model | label | " + " | ".join(steps) + " |", "|---|---|" + "---:|" * len(steps),
     ]
     for name, res in (("zero-shot", before), ("LoRA", after)):
