@@ -60,7 +60,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path):
     state = ckpt.load_checkpoint(out / "latest.pt")  # ... the final name still holds a complete checkpoint
     assert state["global_step"] == 2  # nothing lost beyond one checkpoint interval
 
-    done = subprocess.run(_cli(out), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(_cli(out, "--resume"), env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     final = ckpt.load_checkpoint(out / "latest.pt")
     assert final["global_step"] == 12 and final["epoch"] == 3 and len(final["history"]) == 3
