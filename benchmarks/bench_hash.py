@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from medico_peft.models import build_model
 from medico_peft.utils.hashing import sha256_state_dict
 

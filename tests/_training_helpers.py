@@ -56,8 +56,6 @@ def assert_same_metrics(got_path, want_path, atol: float = 1e-6) -> int:
 
 
 def assert_same_tensors(got: dict, want: dict, what: str, atol: float = 0.0) -> None:
-    import torch
-
     assert sorted(got) == sorted(want), f"{what}: tensor names differ"
     for name in want:
         a, b = got[name], want[name]

@@ -26,7 +26,7 @@ from ..utils.paths import staged_folder
 from . import normalize
 from .labels import LabelMap, LabelSelection
 from .manifest import MANIFEST_NAME, Manifest, write_manifest
-from .readers import DEFAULT_MAX_IN_MEMORY_MB, Volume, read_volume, split_stem
+from .readers import DEFAULT_MAX_IN_MEMORY_MB, read_volume, split_stem
 from .resize import resize_image, resize_labels
 from .shard_format import COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, encode_label_names
 from .shard_writer import ShardWriter, SliceSample

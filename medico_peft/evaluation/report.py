@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from ..utils.atomic import atomic_path, atomic_write_text
 from ..utils.figures import pyplot, save_png
