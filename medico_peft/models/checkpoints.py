@@ -2,7 +2,7 @@
 
 Accepted: official SAM state dicts (`sam_vit_b_01ec64.pth`, ...), MedicoSAM / micro-sam trainer
 checkpoints (`model_state` with `sam.` or `module.sam.` prefixes) and their exported bare state
-dicts, the LiteMedSAM checkpoint, and our own `.safetensors`. Pickles are only ever opened with
+dicts, the LiteMedSAM checkpoint, our own `.safetensors`, and transformers `SamModel` folders (`hf_sam.py`). Pickles are only ever opened with
 `weights_only=True`: a pickle that would run code is refused, never executed.
 """
 
@@ -33,6 +33,11 @@ SPEC_METADATA_KEY = "medico_peft.spec"
 def read_state_dict(path: str | os.PathLike) -> tuple[dict, dict]:
     """Return (state dict restricted to SAM's three parts, metadata) from any supported file."""
     path = Path(path)
+    if path.is_dir():  # a transformers SamModel folder (config.json + model.safetensors)
+        from .hf_sam import read_hf_folder
+
+        spec, state = read_hf_folder(path)
+        return state, {SPEC_METADATA_KEY: json.dumps(spec.to_dict())}
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     metadata: dict = {}

@@ -281,7 +281,7 @@ def hf_sam_config(spec: ModelSpec):
         from transformers import SamConfig
     except ImportError:
         raise CheckpointError("writing a transformers SamModel folder needs the `transformers` package "
-                              "(pip install 'medico-peft[hf]')") from None
+                              "(installed with peft, which depends on it)") from None
     return SamConfig(**hf_config_dict(spec))
 
 
