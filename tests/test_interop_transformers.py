@@ -331,3 +331,24 @@ def test_a_trained_fourier_matrix_is_refused(base_path, tmp_path):
     stock_adapter(base_path, tmp_path / "stock", "dora_rslora_prompt_encoder", train_fourier=True)
     with pytest.raises(AdapterError, match="random Fourier matrix fixed"):
         import_peft_hf_dir(load_model(checkpoint=base_path), tmp_path / "stock")
+
+
+@pytest.mark.slow
+def test_vit_b_sized_model_and_qv_adapter_match_samodel(tmp_path):
+    """vit_b's real dimensions (768 wide, 12 blocks, global attention at 2/5/8/11) at 256² to stay fast on CPU."""
+    model = build_model("vit_b", img_size=256, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "pos_embed" in name or "rel_pos" in name:
+                p.normal_(0, 0.2)
+    save_model(model, tmp_path / "b.safetensors")
+    base = load_model(checkpoint=tmp_path / "b.safetensors")
+    assert_close(compare(base, hf_twin(base)), atol=1e-4)
+    inject(base, PeftConfig(method="lora", rank=4, targets=["q", "v"]))
+    _perturb(base, scale=0.05)
+    export_peft_hf_dir(base.eval(), tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stock = PeftModel.from_pretrained(hf_twin(load_model(checkpoint=tmp_path / "b.safetensors")),
+                                          str(tmp_path / "hf")).eval()
+    assert_close(compare(base, stock), atol=1e-4)
