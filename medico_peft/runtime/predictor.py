@@ -27,15 +27,17 @@ def decode_at_original_size(backend, embeddings, coords, labels, mask_input, has
 
     A backend whose graph computes the full-resolution logits itself (`full_res_output` true, e.g. an
     ONNX decoder with its `masks` output) returns them from `decode_full`; for the others the low-res
-    logits go through `upscale_masks`, the one upscaler shared with the model and the ONNX graph.
+    logits go through `upscale_masks`, the one upscaler shared with the model and the ONNX graph, on the
+    backend's device. The three outputs are returned on the CPU.
     """
     if getattr(backend, "full_res_output", False):
         logits, low, iou = backend.decode_full(embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
                                                multimask)
-        return logits.float(), low, iou
+        return logits.float().cpu(), low.cpu(), iou.cpu()
     low, iou = backend.decode(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask)
     logits = upscale_masks(low.float(), torch.tensor(orig_hw, dtype=torch.float32), backend.img_size)
-    return logits, low, iou
+    # a device-resident backend (TensorRT) upscales on its device; only these final outputs come back
+    return logits.cpu(), low.cpu(), iou.cpu()
 
 
 @dataclass
