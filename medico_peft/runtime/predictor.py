@@ -72,16 +72,19 @@ class Predictor:
         return cls(TorchBackend(model), **kw)
 
     @classmethod
-    def from_onnx(cls, folder, threads: int | None = None, providers=None, **kw) -> "Predictor":
+    def from_onnx(cls, folder, threads: int | None = None, providers=None, io_binding: bool | None = None,
+                  **kw) -> "Predictor":
+        """`io_binding` (default: on with the CUDA provider) keeps embeddings on the provider's device."""
         from .ort_backend import OrtBackend
 
-        return cls(OrtBackend(folder, threads=threads, providers=providers), **kw)
+        return cls(OrtBackend(folder, threads=threads, providers=providers, io_binding=io_binding), **kw)
 
     @classmethod
-    def from_tensorrt(cls, folder, **kw) -> "Predictor":
+    def from_tensorrt(cls, folder, cuda_graph: bool = False, **kw) -> "Predictor":
+        """Embeddings stay on the GPU; `cuda_graph` replays the decoder from a captured CUDA graph."""
         from .trt_backend import TrtBackend
 
-        return cls(TrtBackend(folder), **kw)
+        return cls(TrtBackend(folder, cuda_graph=cuda_graph), **kw)
 
     @property
     def backend_name(self) -> str:
