@@ -82,6 +82,11 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
     if do_compile:
         compiled = torch.compile(model.image_encoder)
         torch_row("torch.compile encoder", lambda: compiled(model.normalize(x)), model)
+        if device == "cuda":
+            def bf16_compiled():
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return compiled(model.normalize(x)).float()
+            torch_row("torch bf16 + compile encoder", bf16_compiled, model)
 
     onnx_dir = work / f"{name}_onnx"
     export_onnx(load_model(name), onnx_dir, parity_random=2, parity_real=1)
@@ -90,9 +95,11 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
     providers = (["CUDAExecutionProvider", "CPUExecutionProvider"]
                  if "CUDAExecutionProvider" in ort.get_available_providers() and device == "cuda"
                  else ["CPUExecutionProvider"])
-    rows.append(_predictor_row(name, f"onnxruntime {providers[0].replace('ExecutionProvider', '')}",
-                               Predictor.from_onnx(onnx_dir, providers=providers), img, box, coords, labels,
-                               repeats, ref, s))
+    ort_label = f"onnxruntime {providers[0].replace('ExecutionProvider', '')}"
+    if providers[0].startswith("CUDA"):
+        ort_label += " + IO binding"
+    rows.append(_predictor_row(name, ort_label, Predictor.from_onnx(onnx_dir, providers=providers), img, box,
+                               coords, labels, repeats, ref, s, sync))
     for precision in precisions:
         try:
             import tensorrt  # noqa: F401
@@ -108,41 +115,82 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
             build_engines(onnx_dir, work / f"{name}_{precision}", precision=precision, max_points=8,
                           timing_cache=str(work / "timing.cache"), parity_random=1, parity_real=1)
             p = Predictor.from_tensorrt(work / f"{name}_{precision}")
-            rows.append(_predictor_row(name, f"tensorrt {precision}", p, img, box, coords, labels, repeats, ref, s))
+            rows.append(_predictor_row(name, f"tensorrt {precision}", p, img, box, coords, labels, repeats, ref, s,
+                                       sync))
+            if precision == precisions[-1]:  # the decoder replayed from a CUDA graph, on the last precision
+                p = Predictor.from_tensorrt(work / f"{name}_{precision}", cuda_graph=True)
+                rows.append(_predictor_row(name, f"tensorrt {precision} + CUDA graph", p, img, box, coords, labels,
+                                           repeats, ref, s, sync))
         except Exception as exc:  # report and continue: one failing precision must not hide the rest
             traceback.print_exc()
             rows.append({"model": name, "backend": f"tensorrt {precision}", "skipped": f"failed: {exc}"[:120]})
+    if device == "cuda" and name == "litemedsam" and "fp16" in precisions:
+        rows.append(_batch_row(name, work, img, repeats, sync))
     return rows
 
 
-def _predictor_row(name, label, predictor, img, box, coords, labels, repeats, ref, s):
-    """Latency of the backend's encoder and decoder; errors on what `predict` returns (for onnxruntime the
-    graph's own full-resolution logits, for TensorRT the low-res logits through the shared upscaler)."""
+def _batch_row(name, work: Path, img, repeats, sync, batch: int = 8) -> dict:
+    """Encoder time per slice when `batch` slices go through one TensorRT fp16 call (the volume path)."""
+    from medico_peft.export.onnx_export import export_onnx
+    from medico_peft.export.tensorrt_build import build_engines
+    from medico_peft.models import load_model
+    from medico_peft.runtime.trt_backend import TrtBackend
+
+    label = f"tensorrt fp16, encoder batch {batch} (ms per slice)"
+    try:
+        export_onnx(load_model(name), work / f"{name}_onnx_b{batch}", parity_random=1, parity_real=0,
+                    max_batch=batch)
+        build_engines(work / f"{name}_onnx_b{batch}", work / f"{name}_fp16_b{batch}", precision="fp16",
+                      max_points=8, timing_cache=str(work / "timing.cache"), parity_random=1, parity_real=0)
+        b = TrtBackend(work / f"{name}_fp16_b{batch}")
+        images = [img] * batch
+        per_slice = median_time(lambda: b.encode_batch(images), repeats, sync) / batch
+        single = median_time(lambda: b.encode(img), repeats, sync)
+        return {"model": name, "backend": label, "encoder_ms": 1e3 * per_slice, "decoder_ms": float("nan"),
+                "end_to_end_ms": None, "max_logit_err": float("nan"), "mask_mismatch": 0.0,
+                "note": f"batch 1: {1e3 * single:.2f} ms"}
+    except Exception as exc:  # report and continue
+        traceback.print_exc()
+        return {"model": name, "backend": label, "skipped": f"failed: {exc}"[:120]}
+
+
+def _predictor_row(name, label, predictor, img, box, coords, labels, repeats, ref, s, sync=lambda: None):
+    """Latency of the backend's encoder, decoder (on the embeddings where the backend keeps them: on the GPU for
+    TensorRT and onnxruntime CUDA) and end to end (encode + decode + upscale + masks back on the host, no cache);
+    errors on what `predict` returns (for onnxruntime the graph's own full-resolution logits, for TensorRT the
+    low-res logits through the shared upscaler)."""
+    from medico_peft.runtime.predictor import decode_at_original_size
+
     b = predictor.backend
-    enc_t = median_time(lambda: b.encode(img), repeats, lambda: None)
+    enc_t = median_time(lambda: b.encode(img), repeats, sync)
     emb = b.encode(img)
-    dec_t = median_time(lambda: b.decode(emb, coords, labels, None, 0.0, img.shape[:2], False), repeats, lambda: None)
+    dec_t = median_time(lambda: b.decode(emb, coords, labels, None, 0.0, img.shape[:2], False), repeats, sync)
+    e2e_t = median_time(lambda: decode_at_original_size(b, b.encode(img), coords, labels, None, 0.0, img.shape[:2],
+                                                        False), repeats, sync)
     logits = predictor.set_image(img).predict(box=box).logits
-    return _row(name, label, enc_t, dec_t, None, ref, s, logits=logits)
+    return _row(name, label, enc_t, dec_t, None, ref, s, logits=logits, e2e_t=e2e_t)
 
 
-def _row(name, label, enc_t, dec_t, low, ref, s, logits=None):
+def _row(name, label, enc_t, dec_t, low, ref, s, logits=None, e2e_t=None):
     from medico_peft.runtime.preprocess import upscale_masks
 
     if logits is None:
         logits = upscale_masks(low, torch.tensor(ref.logits.shape[-2:], dtype=torch.float32), s)[0].numpy()
     return {"model": name, "backend": label, "encoder_ms": 1e3 * enc_t, "decoder_ms": 1e3 * dec_t,
+            "end_to_end_ms": None if e2e_t is None else 1e3 * e2e_t,
             "max_logit_err": float(np.abs(logits - ref.logits).max()),
             "mask_mismatch": float(((logits > 0) != ref.masks).mean())}
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| model | backend | encoder ms | decoder ms | max logit err | mask mismatch |", "|---|---|---|---|---|---|"]
+    out = ["| model | backend | encoder ms | decoder ms | end to end ms | max logit err | mask mismatch |",
+           "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r:
-            out.append(f"| {r['model']} | {r['backend']} | skipped: {r['skipped']} | | | |")
+            out.append(f"| {r['model']} | {r['backend']} | skipped: {r['skipped']} | | | | |")
         else:
-            out.append(f"| {r['model']} | {r['backend']} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | "
+            e2e = "" if r.get("end_to_end_ms") is None else f"{r['end_to_end_ms']:.2f}"
+            out.append(f"| {r['model']} | {r['backend']} | {r['encoder_ms']:.2f} | {r['decoder_ms']:.2f} | {e2e} | "
                        f"{r['max_logit_err']:.2e} | {r['mask_mismatch']:.2e} |")
     return "\n".join(out)
 
@@ -177,6 +225,9 @@ def main(argv=None) -> int:
                                "(max abs logit error, share of mask pixels that differ).\n\n"
                                f"{weights}\n\n{text}\n")
     bad = [r for r in rows if "skipped" not in r and r["mask_mismatch"] > 0.05]
+    for r in rows:
+        if r.get("note"):
+            print(f"{r['model']} {r['backend']}: {r['note']}")
     return 1 if bad else 0
 
 

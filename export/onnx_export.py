@@ -23,7 +23,7 @@ from ..errors import ExportError
 from ..runtime.artifacts import ENGINE_SIDECAR, ONNX_SIDECAR, multimask_modes, write_sidecar
 from ..runtime.preprocess import intensity_mode
 from ..utils.paths import staged_folder
-from .parity import Tolerance, gate, run_parity
+from .parity import Tolerance, batch_parity, gate, run_parity
 from .sidecar import onnx_io
 from .wrappers import DecoderWrapper, EncoderWrapper
 
@@ -94,7 +94,7 @@ def _file_info(path: Path) -> dict:
     return info
 
 
-def check_options(opset: int, input_dtype: str) -> None:
+def check_options(opset: int, input_dtype: str, max_batch: int = 1, with_preprocess: bool = False) -> None:
     """Refuse an opset without LayerNormalization/dynamic Resize and an unsupported in-graph input dtype."""
     import onnx  # noqa: F401  (fail before any tracing when the `export` extra is missing)
     import onnxruntime  # noqa: F401
@@ -103,6 +103,11 @@ def check_options(opset: int, input_dtype: str) -> None:
         raise ExportError(f"--opset: expected >= {MIN_OPSET} (LayerNormalization, dynamic Resize), got {opset}")
     if input_dtype not in ("uint8", "float32"):
         raise ExportError(f"input_dtype: expected uint8 or float32, got {input_dtype!r}")
+    if not isinstance(max_batch, int) or max_batch < 1:
+        raise ExportError(f"--max-batch: expected an integer >= 1, got {max_batch!r}")
+    if max_batch > 1 and with_preprocess:
+        raise ExportError(f"--max-batch {max_batch}: needs an export without --with-preprocess (the in-graph "
+                          "preprocessing takes one H×W×3 image of any size, so it has no batch dimension)")
 
 
 def prepare_model(model):
@@ -111,14 +116,18 @@ def prepare_model(model):
 
 
 def trace_encoder(model, stage: Path, opset: int, with_preprocess: bool, input_dtype: str, intensity: str,
-                  external_data: bool | None) -> None:
-    """`encoder.onnx`: a padded (1, 3, S, S) input, or with preprocessing an (H, W, 3) image of any size."""
+                  external_data: bool | None, max_batch: int = 1) -> None:
+    """`encoder.onnx`: a padded (1, 3, S, S) input — (B, 3, S, S) with a dynamic batch when `max_batch` > 1 —
+    or with preprocessing an (H, W, 3) image of any size."""
     s = model.img_size
     enc = EncoderWrapper(model, with_preprocess, intensity)
     if with_preprocess:
         dummy = (torch.randint(0, 255, (s * 3 // 4, s, 3), dtype=torch.uint8) if input_dtype == "uint8"
                  else torch.rand(s * 3 // 4, s, 3))
         enc_axes = {"image": {0: "height", 1: "width"}}
+    elif max_batch > 1:  # traced at batch 2 so no reshape can bake in a batch of 1
+        dummy = torch.rand(2, 3, s, s)
+        enc_axes = {"image": {0: "batch"}, "image_embeddings": {0: "batch"}}
     else:
         dummy, enc_axes = torch.rand(1, 3, s, s), None
     _export_graph(enc, (dummy,), stage / "encoder.onnx", opset, ["image"], ["image_embeddings"], enc_axes,
@@ -144,7 +153,8 @@ def simplify_graphs(stage: Path) -> None:
 
 
 def describe_export(model, stage: Path, *, opset: int, with_preprocess: bool, input_dtype: str, intensity: str,
-                    mask_outputs: str, simplify: bool, adapter_info: dict | None, export_seconds: float) -> dict:
+                    mask_outputs: str, simplify: bool, adapter_info: dict | None, export_seconds: float,
+                    max_batch: int = 1) -> dict:
     """The sidecar (without the parity table): provenance, options, files with sha256, exact graph I/O, versions."""
     import onnx
     import onnxruntime
@@ -161,7 +171,7 @@ def describe_export(model, stage: Path, *, opset: int, with_preprocess: bool, in
         "adapter": (adapter_info or {}).get("adapter"),
         "fuse": {k: v for k, v in (adapter_info or {}).items() if k not in ("adapter", "base_sha256")},
         "opset": opset, "with_preprocess": with_preprocess, "input_dtype": input_dtype, "intensity": intensity,
-        "mask_outputs": mask_outputs, "simplified": simplify,
+        "mask_outputs": mask_outputs, "simplified": simplify, "max_batch": max_batch,
         "mask_index": "0 = single-mask answer, 1..3 = multimask answers" if mask_outputs == "all" else mask_outputs,
         "files": {"encoder": _file_info(stage / "encoder.onnx"), "decoder": _file_info(stage / "decoder.onnx")},
         "io": {"encoder": onnx_io(stage / "encoder.onnx"), "decoder": onnx_io(stage / "decoder.onnx")},
@@ -179,6 +189,8 @@ def gate_parity(model, stage: Path, out: Path, mask_outputs: str, tolerance: Tol
 
     backend = OrtBackend(stage, threads=threads)
     rows = run_parity(model, backend, parity_random, parity_real, multimask_modes(mask_outputs))
+    if backend.artifact.max_batch > 1:
+        rows.append(batch_parity(model, backend))
     maxima = gate(rows, tolerance, f"ONNX export to {out}")
     return {"backend": "onnxruntime-cpu", "reference": "torch fp32", "tolerance": tolerance.to_dict(),
             "max": maxima, "rows": rows}
@@ -188,22 +200,26 @@ def export_onnx(model, out_dir: str | os.PathLike, *, opset: int = MIN_OPSET, wi
                 input_dtype: str = "uint8", mask_outputs: str = "all", simplify: bool = False,
                 tolerance: Tolerance | None = None, adapter_info: dict | None = None,
                 external_data: bool | None = None, parity_random: int = 4, parity_real: int = 1,
-                threads: int | None = None) -> dict:
-    """Export, gate on parity, write atomically; returns the sidecar dict."""
-    check_options(opset, input_dtype)
+                threads: int | None = None, max_batch: int = 1) -> dict:
+    """Export, gate on parity, write atomically; returns the sidecar dict.
+
+    `max_batch` > 1 gives the encoder graph a dynamic batch dimension (several slices per call, e.g. for
+    volumes; TensorRT builds its profile up to it); the gate then also compares a batch of two images."""
+    check_options(opset, input_dtype, max_batch, with_preprocess)
     tolerance = tolerance or Tolerance()
     model = prepare_model(model)
     out = Path(out_dir)
     t0 = time.perf_counter()
     with staging_folder(out) as stage, torch.no_grad():
         intensity = intensity_mode(model.spec.family, input_dtype)
-        trace_encoder(model, stage, opset, with_preprocess, input_dtype, intensity, external_data)
+        trace_encoder(model, stage, opset, with_preprocess, input_dtype, intensity, external_data, max_batch)
         trace_decoder(model, stage, opset, mask_outputs, external_data)
         if simplify:
             simplify_graphs(stage)
         meta = describe_export(model, stage, opset=opset, with_preprocess=with_preprocess, input_dtype=input_dtype,
                                intensity=intensity, mask_outputs=mask_outputs, simplify=simplify,
-                               adapter_info=adapter_info, export_seconds=time.perf_counter() - t0)
+                               adapter_info=adapter_info, export_seconds=time.perf_counter() - t0,
+                               max_batch=max_batch)
         write_sidecar(stage / ONNX_SIDECAR, meta)  # the parity gate loads the staged folder through it
         meta["parity"] = gate_parity(model, stage, out, mask_outputs, tolerance, parity_random, parity_real,
                                      threads)

@@ -84,12 +84,19 @@ def prompt_cases(h: int, w: int, rng: np.random.Generator) -> list[tuple[str, di
     ]
 
 
+def _host(a) -> np.ndarray:
+    """float64 host copy of an array or tensor (device-resident backends return GPU embeddings)."""
+    if isinstance(a, torch.Tensor):
+        a = a.detach().float().cpu().numpy()
+    return np.asarray(a, np.float64)
+
+
 def _nonfinite(*arrays) -> int:
-    return int(sum(np.count_nonzero(~np.isfinite(np.asarray(a, np.float64))) for a in arrays))
+    return int(sum(np.count_nonzero(~np.isfinite(_host(a))) for a in arrays))
 
 
 def _maxabs(a, b) -> float:
-    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))) if np.size(a) else 0.0
+    return float(np.max(np.abs(_host(a) - _host(b)))) if np.size(_host(a)) else 0.0
 
 
 @torch.no_grad()
@@ -146,6 +153,24 @@ def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask
     return rows
 
 
+@torch.no_grad()
+def batch_parity(reference, backend, seed: int = 0) -> dict:
+    """One parity row for a batched encoder: two images of different aspect ratios encoded in one
+    `backend.encode_batch` call vs one by one by `reference` (a torch model or a backend)."""
+    from ..runtime.preprocess import as_hwc3
+    from ..runtime.torch_backend import TorchBackend
+
+    if isinstance(reference, torch.nn.Module):
+        reference = TorchBackend(reference)
+    rng = np.random.default_rng(seed)
+    s = backend.img_size
+    images = [as_hwc3(rng.integers(0, 256, shape, dtype=np.uint8)) for shape in ((s, s), (s * 3 // 4, s))]
+    ref = torch.cat([reference.encode(im) for im in images])
+    out = backend.encode_batch(images)
+    return {"image": "batch of 2 random images", "prompt": "encoder only", "multimask": False,
+            "nonfinite": _nonfinite(ref, out), "embeddings": _maxabs(ref, out)}
+
+
 def _badness(value: float) -> float:
     """Sort key: NaN ranks worst (Python's max() never picks a NaN by itself)."""
     return float("inf") if np.isnan(value) else value
@@ -181,5 +206,5 @@ def markdown_table(rows: list[dict], label: str = "") -> str:
     lines = ["| " + " | ".join(["backend", "image"] + keys) + " |", "|" + "---|" * (len(keys) + 2)]
     for image in dict.fromkeys(r["image"] for r in rows):
         sub = [r for r in rows if r["image"] == image]
-        lines.append("| " + " | ".join([label, image] + [f"{max(r[k] for r in sub):.2e}" for k in keys]) + " |")
+        lines.append("| " + " | ".join([label, image] + [f"{max(r.get(k, 0.0) for r in sub):.2e}" for k in keys]) + " |")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import ExportError
 from ..runtime.artifacts import ENGINE_SIDECAR, ONNX_SIDECAR, PARTS, current_device_info, import_tensorrt, \
     multimask_modes, read_sidecar, trt_major, write_sidecar
-from .parity import Tolerance, gate, run_parity
+from .parity import Tolerance, batch_parity, gate, run_parity
 
 LOW_RES_OUTPUTS = ("iou_predictions", "low_res_masks")
 TOLERANCES = {  # engine vs onnxruntime fp32
@@ -69,10 +69,15 @@ def decoder_profile(max_points: int, opt_points: int | None = None) -> dict:
             "point_labels": [[1, 1], [1, opt], [1, max_points]]}
 
 
-def encoder_profile(img_size: int, with_preprocess: bool, max_side: int = 4096) -> dict:
-    if not with_preprocess:
-        return {}
-    return {"image": [[2, 2, 3], [img_size, img_size, 3], [max_side, max_side, 3]]}
+def encoder_profile(img_size: int, with_preprocess: bool, max_side: int = 4096, max_batch: int = 1) -> dict:
+    """The encoder's profile: any H×W×3 image with in-graph preprocessing; 1..max_batch padded images when
+    the ONNX encoder has a batch dimension; none (a static 1×3×S×S input) otherwise."""
+    if with_preprocess:
+        return {"image": [[2, 2, 3], [img_size, img_size, 3], [max_side, max_side, 3]]}
+    if max_batch > 1:
+        s = img_size
+        return {"image": [[1, 3, s, s], [max_batch, 3, s, s], [max_batch, 3, s, s]]}
+    return {}
 
 
 def uses_strong_typing(version: str, precision: str) -> bool:
@@ -156,7 +161,8 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
     onnx_meta = read_sidecar(onnx_dir / ONNX_SIDECAR)
     strong = uses_strong_typing(trt.__version__, precision)
     spec = onnx_meta["model"]["spec"]
-    profiles = {"encoder": encoder_profile(int(spec["img_size"]), bool(onnx_meta["with_preprocess"])),
+    profiles = {"encoder": encoder_profile(int(spec["img_size"]), bool(onnx_meta["with_preprocess"]),
+                                           max_batch=int(onnx_meta.get("max_batch", 1))),
                 "decoder": decoder_profile(max_points)}
     tol = TOLERANCES[precision]
     if atol is not None:
@@ -175,11 +181,14 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
                 p.unlink()
         meta = {**device, "kind": "tensorrt", "precision": precision, "profiles": profiles, "engines": built,
                 "max_points": max_points, "workspace_gb": workspace_gb,
-                "onnx": {k: onnx_meta[k] for k in ("model", "adapter", "opset", "with_preprocess", "input_dtype",
-                                                     "intensity", "mask_outputs")}}
+                "onnx": {**{k: onnx_meta[k] for k in ("model", "adapter", "opset", "with_preprocess", "input_dtype",
+                                                        "intensity", "mask_outputs")},
+                         "max_batch": int(onnx_meta.get("max_batch", 1))}}
         write_sidecar(stage / ENGINE_SIDECAR, meta)
-        rows = run_parity(OrtBackend(onnx_dir), TrtBackend(stage), parity_random, parity_real,
-                          multimask_modes(onnx_meta["mask_outputs"]))
+        reference, engines = OrtBackend(onnx_dir), TrtBackend(stage)
+        rows = run_parity(reference, engines, parity_random, parity_real, multimask_modes(onnx_meta["mask_outputs"]))
+        if engines.max_batch > 1:
+            rows.append(batch_parity(reference, engines))
         maxima = gate(rows, tol, f"TensorRT {precision} engines in {out}")
         meta["parity"] = {"reference": "onnxruntime fp32", "tolerance": tol.to_dict(), "max": maxima, "rows": rows}
         write_sidecar(stage / ENGINE_SIDECAR, meta)

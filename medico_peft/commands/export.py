@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     onnx.add_argument("--parity-images", type=int, default=4, help="random images of different aspect ratios")
     onnx.add_argument("--real-images", type=int, default=1, help="MNI152 slices (nilearn) in the parity gate")
     onnx.add_argument("--threads", type=int, help="onnxruntime threads for the parity gate")
+    onnx.add_argument("--max-batch", type=int, default=1,
+                      help="images per encoder call (a dynamic batch dimension for volumes; not with "
+                           "--with-preprocess); TensorRT engines built from the export get a profile up to it")
     onnx.set_defaults(handler=run_onnx)
 
     trt = sub.add_parser("tensorrt", help="TensorRT engines from an ONNX export folder")
@@ -65,7 +68,8 @@ def run_onnx(args: argparse.Namespace) -> int:
     meta = export_onnx(model, args.out, opset=args.opset, with_preprocess=args.with_preprocess,
                        input_dtype=args.input_dtype, mask_outputs=args.mask_outputs, simplify=args.simplify,
                        tolerance=tol, adapter_info=info, external_data=True if args.external_data else None,
-                       parity_random=args.parity_images, parity_real=args.real_images, threads=args.threads)
+                       parity_random=args.parity_images, parity_real=args.real_images, threads=args.threads,
+                       max_batch=args.max_batch)
     worst = meta["parity"]["max"]
     print(f"wrote {args.out}/encoder.onnx, decoder.onnx, export.json ({meta['export_seconds']:.1f} s); parity max: "
           + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))

@@ -60,6 +60,7 @@ class ExportedModel:
     input_dtype: str
     mask_outputs: str
     meta: dict = field(repr=False)
+    max_batch: int = 1        # images per encoder call (>1 only for exports without in-graph preprocessing)
     profiles: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -82,7 +83,8 @@ def _model_fields(onnx_meta: dict) -> dict:
     return {"family": spec["family"], "img_size": int(spec["img_size"]),
             "embedding_size": int(onnx_meta["model"]["embedding_size"]),
             "with_preprocess": bool(onnx_meta["with_preprocess"]),
-            "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": onnx_meta["mask_outputs"]}
+            "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": onnx_meta["mask_outputs"],
+            "max_batch": int(onnx_meta.get("max_batch", 1))}
 
 
 def write_sidecar(path: str | os.PathLike, data: dict) -> Path:
@@ -131,6 +133,8 @@ def _checked_fields(onnx_meta, path: Path, where: str = "") -> dict:
     except (TypeError, ValueError, AttributeError) as exc:
         raise ExportError(f"{path}: sidecar {where or 'content'} is malformed ({type(exc).__name__}: {exc}); "
                           "expected the sidecar written by `medico-peft export`") from None
+    if fields["max_batch"] < 1:
+        raise ExportError(f"{path}: sidecar key {where}'max_batch' is {fields['max_batch']}, expected >= 1")
     if fields["mask_outputs"] not in MASK_SLICES:
         raise ExportError(f"{path}: sidecar key {where}'mask_outputs' is {fields['mask_outputs']!r}, expected one of "
                           f"{sorted(MASK_SLICES)}")

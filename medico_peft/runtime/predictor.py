@@ -27,15 +27,17 @@ def decode_at_original_size(backend, embeddings, coords, labels, mask_input, has
 
     A backend whose graph computes the full-resolution logits itself (`full_res_output` true, e.g. an
     ONNX decoder with its `masks` output) returns them from `decode_full`; for the others the low-res
-    logits go through `upscale_masks`, the one upscaler shared with the model and the ONNX graph.
+    logits go through `upscale_masks`, the one upscaler shared with the model and the ONNX graph, on the
+    backend's device. The three outputs are returned on the CPU.
     """
     if getattr(backend, "full_res_output", False):
         logits, low, iou = backend.decode_full(embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
                                                multimask)
-        return logits.float(), low, iou
+        return logits.float().cpu(), low.cpu(), iou.cpu()
     low, iou = backend.decode(embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask)
     logits = upscale_masks(low.float(), torch.tensor(orig_hw, dtype=torch.float32), backend.img_size)
-    return logits, low, iou
+    # a device-resident backend (TensorRT) upscales on its device; only these final outputs come back
+    return logits.cpu(), low.cpu(), iou.cpu()
 
 
 @dataclass
@@ -70,16 +72,19 @@ class Predictor:
         return cls(TorchBackend(model), **kw)
 
     @classmethod
-    def from_onnx(cls, folder, threads: int | None = None, providers=None, **kw) -> "Predictor":
+    def from_onnx(cls, folder, threads: int | None = None, providers=None, io_binding: bool | None = None,
+                  **kw) -> "Predictor":
+        """`io_binding` (default: on with the CUDA provider) keeps embeddings on the provider's device."""
         from .ort_backend import OrtBackend
 
-        return cls(OrtBackend(folder, threads=threads, providers=providers), **kw)
+        return cls(OrtBackend(folder, threads=threads, providers=providers, io_binding=io_binding), **kw)
 
     @classmethod
-    def from_tensorrt(cls, folder, **kw) -> "Predictor":
+    def from_tensorrt(cls, folder, cuda_graph: bool = False, **kw) -> "Predictor":
+        """Embeddings stay on the GPU; `cuda_graph` replays the decoder from a captured CUDA graph."""
         from .trt_backend import TrtBackend
 
-        return cls(TrtBackend(folder), **kw)
+        return cls(TrtBackend(folder, cuda_graph=cuda_graph), **kw)
 
     @property
     def backend_name(self) -> str:
