@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medico_peft.cli import main as cli_main
 from medico_peft.data import shard_format as F
 from medico_peft.data.convert import convert
+from medico_peft.data.dataset import SliceDataset
 from medico_peft.data.labels import LabelSelection, read_label_names
 from medico_peft.data.manifest import load_manifest
 from medico_peft.data.pairing import pair_by_stem
 from medico_peft.data.splits import SplitFractions, slab_split
 from test_data_synthetic import make_nifti_dataset, make_volume, save_nifti
+
+BLOSC_ID = "32001"  # HDF5's registered filter id of Blosc (hdf5plugin)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +60,8 @@ def test_nifti_folder_roundtrip(nifti_dirs, tmp_path):
                 ys, xs = np.nonzero(lab == i)
                 assert (x0, y0, x1, y1) == (xs.min(), ys.min(), xs.max(), ys.max())
         with h5py.File(manifest.shard_path(entry)) as f:
-            assert f[F.IMAGES].chunks == (1, 64, 64) and f[F.IMAGES].compression == "lzf"
+            # default filter: Blosc (HDF5 filter id 32001) with LZ4, one slice per chunk
+            assert f[F.IMAGES].chunks == (1, 64, 64) and BLOSC_ID in f[F.IMAGES]._filters
     assert all(len(s) == 1 for s in splits_of_volume.values()), "a volume appears in two splits"
     assert {s for v in splits_of_volume.values() for s in v} == {"train", "val", "test"}
     assert manifest.label_names == {1: "label_1", 2: "label_2"}
@@ -191,14 +199,40 @@ def test_shard_caps_and_compression(nifti_dirs, tmp_path):
     assert all(e.n_samples <= 7 for e in m.shards) and len(m.shards) > 2
     by_mb = convert(pairs, tmp_path / "mb", size=64, split="train", max_shard_mb=0.05, progress=False)
     assert all(e.n_samples <= 7 for e in load_manifest(by_mb.manifest_path).shards)  # 0.05 MB / 12 KB = 5
-    sizes = {}
-    for comp in ("none", "gzip", "lzf"):
+    sizes, items = {}, {}
+    for comp in ("none", "gzip", "lzf", "blosc-lz4", "blosc-zstd"):
         r = convert(pairs, tmp_path / comp, size=64, split="train", compression=comp, progress=False)
         mm = load_manifest(r.manifest_path)
+        assert mm.compression == comp
         sizes[comp] = sum(e.bytes for e in mm.shards)
         with h5py.File(mm.shard_path(mm.shards[0])) as f:
-            assert f[F.IMAGES].compression == (None if comp == "none" else comp)
-    assert sizes["gzip"] < sizes["none"] and sizes["lzf"] < sizes["none"]
+            if comp.startswith("blosc"):
+                assert BLOSC_ID in f[F.IMAGES]._filters and BLOSC_ID in f[F.LABELS]._filters
+            else:
+                assert f[F.IMAGES].compression == (None if comp == "none" else comp)
+        ds = SliceDataset(r.manifest_path, split="train", augment=None, seed=0)
+        items[comp] = [ds[i] for i in range(3)]
+    assert all(sizes[c] < sizes["none"] for c in sizes if c != "none")
+    for comp, got in items.items():  # every filter decodes to the same pixels and labels
+        for a, b in zip(items["none"], got):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["masks"], b["masks"]), comp
+
+
+def test_blosc_shard_without_the_plugin_names_the_missing_filter(nifti_dirs, tmp_path):
+    r = convert(pair_by_stem(*nifti_dirs), tmp_path / "b", size=64, split="train", progress=False)
+    code = (
+        "import sys; sys.modules['hdf5plugin'] = None\n"  # as if hdf5plugin were not installed
+        "from medico_peft.data.dataset import SliceDataset\n"
+        "from medico_peft.errors import DataError\n"
+        "try:\n"
+        f"    SliceDataset({str(r.manifest_path)!r}, split='train', augment=None)[0]\n"
+        "except DataError as exc:\n"
+        "    print('ERR', exc)\n"
+    )
+    env = {**os.environ, "HDF5_PLUGIN_PATH": str(tmp_path / "no-plugins")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert "ERR" in out.stdout, out.stdout + out.stderr
+    assert "-00000.h5" in out.stdout and "hdf5plugin" in out.stdout
 
 
 def test_parallel_matches_serial(nifti_dirs, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.shard_format import COMPRESSIONS, DEFAULT_COMPRESSION
 from ..errors import ConfigError
 
 BUILTINS = ("colin27-aal", "mni152")
@@ -35,7 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--slab-fractions", default="0.6,0,0.3", help="train,val,test for --split slab")
     p.add_argument("--slab-gap", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compression", default="lzf", choices=("lzf", "gzip", "none"))
+    p.add_argument("--compression", default=DEFAULT_COMPRESSION, choices=COMPRESSIONS,
+                   help=f"HDF5 filter of the shards (default {DEFAULT_COMPRESSION}: fast to decode; see docs/shard_format.md)")
     p.add_argument("--max-samples-per-shard", type=int, default=1000)
     p.add_argument("--max-shard-mb", type=float, default=512.0)
     p.add_argument("--workers", type=int, default=0, help="processes converting volumes in parallel")

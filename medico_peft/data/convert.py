@@ -28,7 +28,7 @@ from .labels import LabelMap, LabelSelection
 from .manifest import MANIFEST_NAME, Manifest, write_manifest
 from .readers import DEFAULT_MAX_IN_MEMORY_MB, read_volume, split_stem
 from .resize import resize_image, resize_labels
-from .shard_format import COMPRESSIONS, FORMAT_NAME, FORMAT_VERSION, encode_label_names
+from .shard_format import COMPRESSIONS, DEFAULT_COMPRESSION, FORMAT_NAME, FORMAT_VERSION, encode_label_names
 from .shard_writer import ShardWriter, SliceSample
 from .splits import SPLIT_NAMES, SplitFractions, slab_split, split_volumes
 
@@ -52,7 +52,8 @@ class ConvertConfig:
     slab_fractions: tuple = option((0.6, 0.0, 0.3), parse=SplitFractions.parse, help="for split='slab'")
     slab_gap: int = option(5, min=0)
     seed: int = 0
-    compression: str = option("lzf", choices=COMPRESSIONS)
+    compression: str = option(DEFAULT_COMPRESSION, choices=COMPRESSIONS,
+                              help="shard filter: blosc-lz4 (fast, default), blosc-zstd, lzf, gzip or none")
     max_samples_per_shard: int = option(1000, min=1)
     max_shard_mb: float = option(512.0, gt=0)
     workers: int = option(0, min=0, help="0/1 = in this process")

@@ -42,6 +42,8 @@ class _ShardMeta:
 def _read_meta(path: Path) -> _ShardMeta:
     import h5py
 
+    F.register_filters()
+
     try:
         with h5py.File(path, "r") as f:
             F.check_shard(f, path)
@@ -70,6 +72,7 @@ class _ShardReader:
         if handle is None:
             import h5py
 
+            F.register_filters()
             handle = self._handles[path] = h5py.File(path, "r")
         return handle
 
@@ -90,7 +93,8 @@ class _ShardReader:
                 dsets = self._dsets[path] = (f[F.IMAGES], f[F.LABELS])
             return dsets[0][row], dsets[1][row]
         except Exception as exc:
-            raise CorruptSampleError(f"{path}: sample {row} is unreadable ({type(exc).__name__}: {exc})") from None
+            raise CorruptSampleError(f"{path}: sample {row} is unreadable ({type(exc).__name__}: {exc})"
+                                     f"{F.filter_error_hint(self._dsets.get(path))}") from None
 
 
 def _label_filter(ids: np.ndarray, label_ids) -> np.ndarray:
@@ -276,7 +280,8 @@ def iter_eval_slices(manifest_path, split: str = "test", label_ids: Sequence[int
                 try:
                     image, label = f[F.IMAGES][row], f[F.LABELS][row]
                 except Exception as exc:
-                    raise CorruptSampleError(f"{path}: sample {row} is unreadable ({type(exc).__name__}: {exc})") from None
+                    raise CorruptSampleError(f"{path}: sample {row} is unreadable ({type(exc).__name__}: {exc})"
+                                             f"{F.filter_error_hint((f[F.IMAGES], f[F.LABELS]))}") from None
                 pixels = torch.from_numpy(image.astype(np.float32) / 255.0)
                 pixels = pixels.expand(3, *pixels.shape).contiguous() if pixels.ndim == 2 else pixels[:3].contiguous()
                 source = info[F.SOURCE_FILE][row]

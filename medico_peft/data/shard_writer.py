@@ -45,7 +45,8 @@ class ShardWriter:
     Label maps are stored as uint8 while every id fits, else uint16 (readers accept both).
     """
 
-    def __init__(self, out_dir: Path, split: str, attrs: dict, label_dtype=np.uint8, compression: str = "lzf",
+    def __init__(self, out_dir: Path, split: str, attrs: dict, label_dtype=np.uint8,
+                 compression: str = F.DEFAULT_COMPRESSION,
                  max_samples: int = 1000, max_mb: float = 512.0, buffer: int = 32):
         self.out_dir, self.split, self.attrs = Path(out_dir), split, attrs
         self.label_dtype, self.compression = label_dtype, compression
@@ -65,12 +66,12 @@ class ShardWriter:
         self._final_name = name
         f = self._file = h5py.File(self._tmp, "w")
         size = sample.image.shape[-1]
-        comp = None if self.compression == "none" else self.compression
-        chunk = (1,) + sample.image.shape
+        comp = F.dataset_options(self.compression)
+        chunk = (1,) + sample.image.shape  # one slice per chunk: a read decodes exactly one slice
         f.create_dataset(F.IMAGES, (0,) + sample.image.shape, np.uint8, maxshape=(None,) + sample.image.shape,
-                         chunks=chunk, compression=comp)
+                         chunks=chunk, **comp)
         f.create_dataset(F.LABELS, (0, size, size), self.label_dtype, maxshape=(None, size, size),
-                         chunks=(1, size, size), compression=comp)
+                         chunks=(1, size, size), **comp)
         specs = {
             F.SOURCE_FILE: (_STR, ()), F.VOLUME_ID: (_STR, ()), F.SLICE_INDEX: (np.int32, ()),
             F.AXIS: (np.int8, ()), F.SPACING: (np.float32, (2,)), F.INPUT_SIZE: (np.int32, (2,)),
