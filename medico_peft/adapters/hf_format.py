@@ -36,6 +36,7 @@ PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LAYOUT_KEY = "medico_peft.layout"  # "fused" (official module names); absent in older, split-qkv directories
+BUFFERS_KEY = "medico_peft.buffers"  # modules_to_save buffers written for peft; not trained, dropped on import
 OWNED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
 
 
@@ -76,10 +77,18 @@ def peft_directory_contents(model: nn.Module) -> tuple[dict, dict, dict]:
     if cfg.train_prompt_encoder:
         modules_to_save.append("prompt_encoder")
     config["modules_to_save"] = modules_to_save or None
+    buffers = []  # peft saves (and loads) a modules_to_save module's whole state dict, buffers included
+    for part in modules_to_save:
+        params = {n for n, _ in model.get_submodule(part).named_parameters()}
+        for key, value in model.get_submodule(part).state_dict().items():
+            if key not in params:
+                buffers.append(f"{part}.{key}")
+                tensors[f"{part}.{key}"] = value.detach().cpu().contiguous().clone()
     config["base_model_name_or_path"] = None
     metadata = {"format": "pt", "medico_peft.config": json.dumps(cfg.to_dict(), sort_keys=True),
                 "medico_peft.base_spec": json.dumps(model.spec.to_dict(), sort_keys=True),
-                "medico_peft.base_sha256": str(model.base_sha256), LAYOUT_KEY: "fused"}
+                "medico_peft.base_sha256": str(model.base_sha256), LAYOUT_KEY: "fused",
+                BUFFERS_KEY: json.dumps(sorted(buffers))}
     return config, {PREFIX + k: v for k, v in tensors.items()}, metadata
 
 
@@ -153,6 +162,8 @@ def import_peft_dir(base_model: nn.Module, directory: str | os.PathLike, force: 
     if "medico_peft.config" in raw:
         cfg, meta = _our_metadata(raw, weights)
         check_base(meta, base_model, weights, force)
+        for key in json.loads(raw.get(BUFFERS_KEY, "[]")):
+            tensors.pop(key, None)
         if raw.get(LAYOUT_KEY) != "fused":  # written before the fused layout: split names only medico_peft has
             inject_and_apply(base_model, cfg, tensors, weights)
             return base_model

@@ -259,6 +259,12 @@ def map_foreign(base_model: nn.Module, config: dict, tensors: dict[str, torch.Te
                 raise AdapterError(f"{source}: modules_to_save trains {n!r} fully; medico_peft adapters train only the "
                                    "mask decoder and prompt encoder fully")
             owned.append(n + ".")
+    params = {n for n, _ in base_model.named_parameters()}
+    base_state = base_model.state_dict()
+    for key in [k for k in rest if k in base_state and k not in params]:  # buffers peft saved with modules_to_save
+        if not torch.equal(rest[key].to(base_state[key].dtype), base_state[key]):
+            raise AdapterError(f"{source}: buffer {key!r} differs from this base's; not expressible (buffers do not train)")
+        del rest[key]
     strays = [k for k in rest if not k.startswith(tuple(owned))]
     if strays:
         raise AdapterError(f"{source}: tensor {strays[0]!r} is neither a LoRA tensor nor under modules_to_save")
