@@ -60,6 +60,7 @@ class ExportedModel:
     input_dtype: str
     mask_outputs: str
     meta: dict = field(repr=False)
+    pixel_mean: tuple = (0.0, 0.0, 0.0)  # [0, 1] units; the padding colour that normalises to 0
     profiles: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -82,7 +83,8 @@ def _model_fields(onnx_meta: dict) -> dict:
     return {"family": spec["family"], "img_size": int(spec["img_size"]),
             "embedding_size": int(onnx_meta["model"]["embedding_size"]),
             "with_preprocess": bool(onnx_meta["with_preprocess"]),
-            "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": onnx_meta["mask_outputs"]}
+            "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": onnx_meta["mask_outputs"],
+            "pixel_mean": tuple(float(v) for v in spec.get("pixel_mean", (0.0, 0.0, 0.0)))}
 
 
 def write_sidecar(path: str | os.PathLike, data: dict) -> Path:
