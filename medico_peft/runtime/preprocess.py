@@ -137,7 +137,8 @@ def preprocess_image(image: torch.Tensor, img_size: int, mode: str, pad_value=No
     if pad_value is None:
         return F.pad(x, pad)
     fill = torch.as_tensor(pad_value, dtype=torch.float32).reshape(1, -1, 1, 1)
-    content = F.pad(torch.ones_like(x[:, :1]), pad) > 0
+    idx = torch.arange(img_size)
+    content = (idx[:, None] < hi) & (idx[None, :] < wi)  # (S, S): the resized image, not the padding
     return torch.where(content, F.pad(x, pad), fill)
 
 
