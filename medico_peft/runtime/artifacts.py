@@ -61,6 +61,7 @@ class ExportedModel:
     mask_outputs: str
     meta: dict = field(repr=False)
     max_batch: int = 1        # images per encoder call (>1 only for exports without in-graph preprocessing)
+    pixel_mean: tuple = (0.0, 0.0, 0.0)  # [0, 1] units; the padding colour that normalises to 0
     profiles: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -84,7 +85,8 @@ def _model_fields(onnx_meta: dict) -> dict:
             "embedding_size": int(onnx_meta["model"]["embedding_size"]),
             "with_preprocess": bool(onnx_meta["with_preprocess"]),
             "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": onnx_meta["mask_outputs"],
-            "max_batch": int(onnx_meta.get("max_batch", 1))}
+            "max_batch": int(onnx_meta.get("max_batch", 1)),
+            "pixel_mean": tuple(float(v) for v in spec.get("pixel_mean", (0.0, 0.0, 0.0)))}
 
 
 def write_sidecar(path: str | os.PathLike, data: dict) -> Path:

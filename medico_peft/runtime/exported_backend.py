@@ -25,13 +25,15 @@ class ExportedBackend:
         self.with_preprocess = artifact.with_preprocess
         self.input_dtype = artifact.input_dtype
         self.mask_outputs = artifact.mask_outputs
+        self.pixel_mean = artifact.pixel_mean
 
     def encoder_feed(self, image_hwc3: np.ndarray) -> np.ndarray:
         """The encoder's `image` input: the raw H×W×3 array for in-graph preprocessing (float32 input accepts
         any dtype, converted), else the model's own resize/normalise/pad to (1, 3, S, S)."""
         if not self.with_preprocess:
             mode = intensity_mode(self.family, image_hwc3.dtype)
-            return preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).numpy()
+            return preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode,
+                                    pad_value=self.pixel_mean).numpy()
         if np.dtype(self.input_dtype) != image_hwc3.dtype:
             if self.input_dtype != "float32":
                 raise DataError(f"image: this {self.what} was exported for {self.input_dtype} input (in-graph "

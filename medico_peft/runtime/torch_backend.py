@@ -14,7 +14,8 @@ from .preprocess import intensity_mode, preprocess_image, resized_hw
 
 def torch_encode(model, image_hwc3: np.ndarray) -> torch.Tensor:
     mode = intensity_mode(model.spec.family, image_hwc3.dtype)
-    x = preprocess_image(torch.from_numpy(image_hwc3), model.img_size, mode).to(model.pixel_mean.device)
+    x = preprocess_image(torch.from_numpy(image_hwc3), model.img_size, mode,
+                         pad_value=model.pixel_mean.reshape(-1).cpu()).to(model.pixel_mean.device)
     return model.encode(x)
 
 
