@@ -207,6 +207,11 @@ def export_semantic_onnx(model, out_dir: str | os.PathLike, *, opset: int = 17, 
     from .onnx_export import _simplify, check_options, staging_folder
 
     check_semantic_model(model)
+    from ..tuners import is_injected
+
+    if is_injected(model) or is_injected(model.sam):
+        raise ExportError("semantic export: the model still carries PEFT modules; fold them first with "
+                          "medico_peft.export.fuse.fuse_semantic (or export_semantic_adapter from the adapter file)")
     check_options(opset, input_dtype)
     tolerance = tolerance or SemanticTolerance()
     model = model.eval()
@@ -275,3 +280,14 @@ def build_semantic_engine(onnx_dir: str | os.PathLike, out_dir: str | os.PathLik
         meta["parity"] = {"reference": "onnxruntime fp32", "tolerance": tol.to_dict(), "max": maxima, "rows": rows}
         write_sidecar(stage / ENGINE_SIDECAR, meta)
     return meta
+
+
+def export_semantic_adapter(base_model, adapter: str | os.PathLike, out_dir: str | os.PathLike, **options) -> dict:
+    """Load a semantic adapter file onto `base_model` (a plain MedSam; base weights checked), fold its LoRA
+    (`fuse_semantic`, merged vs unmerged logits checked) and export with `export_semantic_onnx(**options)`."""
+    from ..adapters.semantic import load_semantic_adapter
+    from .fuse import fuse_semantic
+
+    model = load_semantic_adapter(base_model, adapter)
+    fused, info = fuse_semantic(model, adapter)
+    return export_semantic_onnx(fused, out_dir, adapter_info=info, **options)

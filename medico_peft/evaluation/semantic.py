@@ -79,13 +79,17 @@ def resolve_class_table(model, label_names: dict[int, str], class_table=None, wh
     """The class table the model's head was trained with, checked against the model and the data.
 
     `class_table`: a `ClassTable`, its dict form ({"names", "source_ids"}), or None to use the model's
-    own (`model.class_table`, set by the semantic adapter loader) or, failing that, to match the
-    model's class names to the manifest's label names one to one.
+    own: `model.class_table` (a trained model) or the table its semantic adapter file recorded
+    (metadata `extra.classes`), failing both, the model's class names matched one to one to the
+    manifest's label names.
     """
     from ..data.classes import ClassTable
 
     names = [str(n) for n in model.class_names]
     table = class_table if class_table is not None else getattr(model, "class_table", None)
+    if table is None:
+        extra = (getattr(model, "adapter_metadata", None) or {}).get("extra") or {}
+        table = extra.get("classes") if isinstance(extra, dict) else None
     if isinstance(table, dict):
         try:
             table = ClassTable(names=tuple(table["names"]), source_ids=tuple(tuple(int(i) for i in ids)

@@ -122,8 +122,8 @@ class Predictor:
         self.require_task("semantic", "predict_semantic")
         arr = np.asarray(image)
         if arr.ndim == 3 and arr.shape[2] not in (1, 3):
-            raise DataError(f"image: shape {arr.shape} is neither a 2D image (H×W, H×W×1, H×W×3) nor accepted as a "
-                            "volume here; use predict_semantic_volume(volume, axis) for 3D input")
+            raise DataError(f"image: shape {arr.shape} has {arr.shape[2]} channels; expected H×W, H×W×1 or H×W×3 "
+                            "(for a 3D volume use predict_semantic_volume(volume, axis))")
         arr = as_hwc3(arr)
         return prediction_from_logits(self.backend.semantic_logits(arr), self.backend.class_names)
 
