@@ -29,13 +29,14 @@ def save_png(fig, path, dpi: int | None = None) -> Path:
 def class_colors(n: int):
     """(n, 3) RGB floats in [0, 1], one distinct colour per class index; index 0 (background) black.
 
-    tab20's 20 colours first, then evenly spaced hues: distinct for the ~16 classes of a brain atlas."""
+    tab20's 10 saturated colours, then its 10 light ones, then golden-ratio hues: neighbouring class indices
+    (often left/right of one structure) get different hues."""
     import colorsys
 
     import numpy as np
 
     plt = pyplot()
-    base = [plt.get_cmap("tab20")(i)[:3] for i in range(20)]
+    base = [plt.get_cmap("tab20")(i)[:3] for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]
     extra = [colorsys.hsv_to_rgb((i * 0.618034) % 1.0, 0.8, 0.95) for i in range(max(0, n - 21))]
     colors = [(0.0, 0.0, 0.0)] + (base + extra)[: max(0, n - 1)]
     return np.asarray(colors, np.float32).reshape(n, 3)
