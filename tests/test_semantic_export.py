@@ -257,3 +257,16 @@ def test_tensorrt_semantic_engine_builds_passes_its_gate_and_predicts(unetr, sam
         a = Predictor.from_tensorrt(tmp_path / name).predict_semantic(img)
         b = Predictor.from_onnx(folder).predict_semantic(img)
         assert a.labels.shape == (90, 140) and (a.labels != b.labels).mean() < 0.02
+
+
+@pytest.mark.slow
+def test_gpu_check_semantic_dry_run_reports_skips_with_their_reason(tmp_path):
+    """benchmarks/gpu_check.py's semantic section runs on CPU (no TensorRT rows built, each skip says why)."""
+    from benchmarks.gpu_check import check_semantic, semantic_table
+
+    rows = check_semantic("vit_tiny", "cpu", 1, tmp_path, ["fp32"])
+    by = {r["backend"]: r for r in rows}
+    assert by["torch fp32 (cpu)"]["max_logit_err"] == 0.0
+    assert by["onnxruntime CPU"]["max_logit_err"] < 1e-3 and by["onnxruntime CPU"]["label_mismatch"] < 1e-3
+    assert "CUDA GPU" in by["tensorrt fp32"]["skipped"]
+    assert "| vit_tiny | tensorrt fp32 | skipped:" in semantic_table(rows)
