@@ -239,6 +239,16 @@ def semantic_profile(img_size: int, with_preprocess: bool, max_side: int = 4096)
     return {"image": [[2, 2, 3], [img_size, img_size, 3], [max_side, max_side, 3]]}
 
 
+def semantic_engine_sidecar(onnx_meta: dict, device: dict, precision: str, profiles: dict, built: dict,
+                            workspace_gb: float) -> dict:
+    """`engine.json` of a semantic engine (before its parity table): the GPU and TensorRT version it is bound
+    to, and the ONNX sidecar's model, classes, preprocessing, files and graph I/O it was built from."""
+    return {**device, "kind": "tensorrt", "task": "semantic", "precision": precision, "profiles": profiles,
+            "engines": built, "workspace_gb": workspace_gb,
+            "onnx": {k: onnx_meta[k] for k in ("task", "model", "semantic", "adapter", "opset", "with_preprocess",
+                                                 "input_dtype", "intensity", "files", "io")}}
+
+
 def build_semantic_engine(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, precision: str = "fp32",
                           workspace_gb: float = 4.0, timing_cache: str | None = None, atol: float | None = None,
                           max_side: int = 4096, parity_random: int = 4, parity_real: int = 1) -> dict:
@@ -269,10 +279,7 @@ def build_semantic_engine(onnx_dir: str | os.PathLike, out_dir: str | os.PathLik
         built[SEMANTIC_PART]["onnx_sha256"] = onnx_meta["files"][SEMANTIC_PART]["sha256"]
         for p in stage.glob(f".{SEMANTIC_PART}.prepared.onnx*"):
             p.unlink()
-        meta = {**device, "kind": "tensorrt", "task": "semantic", "precision": precision, "profiles": profiles,
-                "engines": built, "workspace_gb": workspace_gb,
-                "onnx": {k: onnx_meta[k] for k in ("task", "model", "semantic", "adapter", "opset", "with_preprocess",
-                                                     "input_dtype", "intensity", "files", "io")}}
+        meta = semantic_engine_sidecar(onnx_meta, device, precision, profiles, built, workspace_gb)
         write_sidecar(stage / ENGINE_SIDECAR, meta)
         rows = run_semantic_parity(OrtSemanticBackend(onnx_dir), TrtSemanticBackend(stage), parity_random,
                                    parity_real)

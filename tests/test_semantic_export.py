@@ -270,3 +270,23 @@ def test_gpu_check_semantic_dry_run_reports_skips_with_their_reason(tmp_path):
     assert by["onnxruntime CPU"]["max_logit_err"] < 1e-3 and by["onnxruntime CPU"]["label_mismatch"] < 1e-3
     assert "CUDA GPU" in by["tensorrt fp32"]["skipped"]
     assert "| vit_tiny | tensorrt fp32 | skipped:" in semantic_table(rows)
+
+
+def test_semantic_engine_sidecar_reads_back_and_the_interactive_engine_backend_refuses_it(samed_pp, tmp_path):
+    """The TensorRT side that runs without a GPU: engine.json of a semantic export is typed as semantic (one
+    `semantic.engine`, its classes and profile), and the interactive TensorRT backend refuses it by task."""
+    from medico_peft.runtime.artifacts import read_engine_export, read_onnx_export, write_sidecar
+    from medico_peft.runtime.trt_backend import TrtBackend
+
+    _, folder, _ = samed_pp
+    onnx_meta = read_onnx_export(folder).meta
+    device = {"tensorrt_version": "10.9.0", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": [9, 0]}
+    profiles = {"semantic": se.semantic_profile(128, True)}
+    write_sidecar(tmp_path / "engine.json", se.semantic_engine_sidecar(onnx_meta, device, "fp16", profiles,
+                                                                       {"semantic": {}}, 4.0))
+    art = read_engine_export(tmp_path)
+    assert art.task == "semantic" and art.parts == ("semantic",) and art.with_preprocess
+    assert art.part_path("semantic") == tmp_path / "semantic.engine"
+    assert art.semantic["class_names"] == list(CLASSES) and art.profiles == profiles
+    with pytest.raises(ExportError, match="semantic export .*predict_semantic"):
+        TrtBackend(tmp_path)
