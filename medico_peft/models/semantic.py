@@ -142,10 +142,15 @@ class UnetrHead(nn.Module):
 
 
 def default_channels(sam: MedSam) -> list[int]:
-    """Decoder widths per level: ViT 256,128,64,32,16 (S/16 → S); TinyViT 256,64,16 (S/4 → S, cheap at S)."""
+    """Decoder widths per level, coarsest first: ViT 256,128,64,32,16 (S/16 → S); TinyViT 64,32,16 (S/4 → S).
+
+    TinyViT's bottom level already sits at S/4 (64² for LiteMedSAM), where a 256-wide 3×3 block would
+    cost more than the whole encoder; 64 keeps the head a small share of a training step on CPU.
+    """
     levels = int(round(math.log2(sam.img_size / sam.spec.embedding_size))) + 1
-    step = 1 if sam.spec.family == "vit" else 2
-    return [max(16, 256 >> (step * i)) for i in range(levels)]
+    if sam.spec.family == "vit":
+        return [max(16, 256 >> i) for i in range(levels)]
+    return [max(16, 64 >> i) for i in range(levels)]
 
 
 def build_unetr_head(sam: MedSam, num_classes: int, channels: list[int] | None = None) -> UnetrHead:
