@@ -21,6 +21,7 @@ FULL = [
     ["benchmarks/bench_hash.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
     ["benchmarks/bench_demo.py"],
+    ["benchmarks/bench_semantic.py"],
 ]
 CHECK = ["-m", "pytest", "-q", "tests/test_results_files.py"]
 QUICK = [

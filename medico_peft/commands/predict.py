@@ -21,6 +21,10 @@ def register(subparsers) -> None:
     p.add_argument("--point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="positive point")
     p.add_argument("--neg-point", type=float, nargs=2, action="append", metavar=("X", "Y"), help="negative point")
     p.add_argument("--multimask", action="store_true", help="three candidate masks; the best-scoring one is written")
+    p.add_argument("--semantic", action="store_true",
+                   help="automatic multi-class segmentation with a semantic adapter/export (no prompts): a 2D image "
+                        "gives labels.png; a NIfTI/.npy volume without --slice gives labels.nii.gz (labels.npy), "
+                        "predicted slice by slice along --axis on the same grid; plus labels_overlay.png, classes.json")
     p.add_argument("--out", required=True, help="output folder (mask.png, mask_overlay.png)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
     p.set_defaults(handler=run)
@@ -43,6 +47,12 @@ def make_predictor(args):
     from medico_peft.models import load_model
 
     model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
+    if getattr(args, "semantic", False):
+        if not args.adapter:
+            raise ConfigError("--adapter: predict --semantic on the torch backend needs a semantic adapter file")
+        from medico_peft.adapters import load_semantic_adapter
+
+        return Predictor.from_torch(load_semantic_adapter(model, args.adapter))
     if args.adapter:
         from medico_peft.adapters import load_adapter
 
@@ -57,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     from medico_peft.utils.paths import prepare_output_dir
 
     prepare_output_dir(args.out, args.overwrite)
+    if args.semantic:
+        return run_semantic(args)
     image = read_image(args.image, args.slice, args.axis)
     predictor = make_predictor(args)
     points = (args.point or []) + (args.neg_point or [])
@@ -67,4 +79,18 @@ def run(args: argparse.Namespace) -> int:
     mask_path, overlay_path = write_mask_and_overlay(args.out, image, out.masks[best])
     print(f"wrote {mask_path} and {overlay_path} ({int(out.masks[best].sum())} px, score {out.scores[best]:.3f}, "
           f"backend {predictor.backend_name})")
+    return 0
+
+
+def run_semantic(args: argparse.Namespace) -> int:
+    from medico_peft.runtime.semantic_io import predict_semantic_file
+
+    if args.box or args.point or args.neg_point or args.multimask:
+        from medico_peft.errors import ConfigError
+
+        raise ConfigError("--semantic takes no prompts: drop --box/--point/--neg-point/--multimask")
+    result = predict_semantic_file(make_predictor(args), args.image, args.out, axis=args.axis, slice_index=args.slice)
+    found = ", ".join(f"{name} {n}" for name, n in result["counts"].items())
+    print(f"wrote {result['files']['labels']}, {result['files']['overlay'].name}, classes.json "
+          f"({result['kind']}; voxels per class: {found})")
     return 0

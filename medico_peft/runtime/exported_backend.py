@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, ExportError
-from .artifacts import ExportedModel
+from .artifacts import ExportedModel, require_task
 from .preprocess import intensity_mode, preprocess_image
 
 
@@ -15,8 +15,10 @@ class ExportedBackend:
     """Base of the backends that run an exported folder; `what` names the artefact in messages."""
 
     what = "export"
+    task = "interactive"  # the sidecar task this backend runs; a folder of the other task is refused
 
     def _adopt(self, artifact: ExportedModel) -> None:
+        require_task(artifact, self.task)
         self.artifact = artifact
         self.meta = artifact.meta
         self.img_size = artifact.img_size
@@ -48,3 +50,22 @@ class ExportedBackend:
             raise ExportError(f"{self.what} was exported with mask_outputs={self.mask_outputs!r}; it cannot answer "
                               f"multimask={multimask} (re-export with --mask-outputs all)")
         return sl
+
+    def check_feed(self, part: str, name: str, feed: np.ndarray) -> None:
+        """Refuse an input whose rank, fixed dimensions or dtype differ from the exported graph's (from the
+        sidecar), naming the graph, the input, the expected and the given shape."""
+        entry = next((e for e in self.meta["io"][part]["inputs"] if e["name"] == name), None)
+        if entry is None:
+            raise ExportError(f"{self.artifact.sidecar}: the {part} graph has no input {name!r}")
+        want = list(entry["shape"])
+        got = list(np.shape(feed))
+        shown = "×".join(str(d) for d in want)
+        if len(got) != len(want) or any(isinstance(w, int) and w > 0 and w != g for w, g in zip(want, got)):
+            hint = (" (an H×W×3 image: this graph preprocesses in-graph)" if self.with_preprocess else
+                    f" (the padded {self.img_size}×{self.img_size} model input: pass the original image to the "
+                    "Predictor, which resizes and pads it)")
+            raise DataError(f"{name}: shape {tuple(got)} does not fit the exported {part} graph, which takes "
+                            f"{shown}{hint}")
+        if np.dtype(feed.dtype).name != entry["dtype"]:
+            raise DataError(f"{name}: dtype {np.dtype(feed.dtype).name} does not fit the exported {part} graph, "
+                            f"which takes {entry['dtype']}")

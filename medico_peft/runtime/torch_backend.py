@@ -58,3 +58,42 @@ class TorchBackend:
         low, iou = torch_decode(self.model, embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
                                 multimask)
         return low.float().cpu(), iou.float().cpu()
+
+
+def semantic_class_names(model) -> list[str]:
+    """The class names of a semantic model (one per output channel, 0 = background)."""
+    return [str(n) for n in model.class_names]
+
+
+def is_semantic_model(model) -> bool:
+    """A model whose forward maps images to class logits (`models.semantic.SemanticSam`)."""
+    from ..models.semantic import SemanticSam
+
+    return isinstance(model, SemanticSam)
+
+
+class TorchSemanticBackend:
+    """A `SemanticSam` behind the semantic entry point: image → (1, C, H, W) logits at the original size."""
+
+    name = "torch"
+    task = "semantic"
+
+    def __init__(self, model):
+        if not is_semantic_model(model):
+            raise TypeError(f"TorchSemanticBackend needs a SemanticSam, got {type(model).__name__}")
+        self.model = model.eval()
+        self.img_size = model.sam.img_size
+        self.family = model.sam.spec.family
+        self.class_names = semantic_class_names(model)
+
+    def model_input(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        mode = intensity_mode(self.family, image_hwc3.dtype)
+        device = self.model.sam.pixel_mean.device
+        return preprocess_image(torch.from_numpy(image_hwc3), self.img_size, mode).to(device)
+
+    @torch.no_grad()
+    def semantic_logits(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        from .semantic import logits_to_original
+
+        logits = self.model(self.model_input(image_hwc3)).float().cpu()
+        return logits_to_original(logits, image_hwc3.shape[:2], self.img_size)

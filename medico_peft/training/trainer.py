@@ -531,7 +531,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean Dice over val objects (box, then box + clicks), summed across ranks; NaN without val data."""
         p, cfg = self.parts, self.cfg
-        nan = {"val_dice_box": math.nan, "val_dice": math.nan}
+        nan = self.empty_validation()
         if p.val_ds is None:
             return nan
         self.model.eval()
@@ -555,6 +555,10 @@ class Trainer:
         if count == 0:
             return nan
         return {"val_dice_box": box / count, "val_dice": final / count}
+
+    def empty_validation(self) -> dict[str, float]:
+        """The validation columns with NaN values (epochs that do not validate, runs without val data)."""
+        return {"val_dice_box": math.nan, "val_dice": math.nan}
 
     def epoch_row(self, val: dict[str, float], seconds: float) -> dict:
         """The epoch's line in history / metrics.csv."""
@@ -588,7 +592,7 @@ class Trainer:
         cfg = self.cfg
         complete = self.batch_in_epoch >= self.parts.batches_per_epoch
         last = self.epoch + 1 == cfg.train.epochs
-        val = {"val_dice_box": math.nan, "val_dice": math.nan}
+        val = self.empty_validation()
         if final or last or (self.epoch + 1) % cfg.train.val_every == 0:
             val = self.validate()
         row = self.epoch_row(val, seconds)
@@ -683,8 +687,6 @@ class Trainer:
 
     def finish(self) -> Path:
         """Adapter from the best validated weights (else the last), plus config.yaml, metrics.csv, curves.png."""
-        from ..adapters import save_adapter
-
         best = self.out_dir / ckpt.BEST
         if best.exists():
             ckpt.load_trainable(self.model, ckpt.load_checkpoint(best)["trainable"], str(best))
@@ -692,10 +694,16 @@ class Trainer:
                               "epochs": self.epoch, "steps": self.global_step}}
         if self.stop_reason is not None:
             extra["training"]["stop_reason"] = self.stop_reason
-        path = save_adapter(self.model, self.out_dir / ADAPTER_NAME, extra_metadata=extra)
+        path = self.write_adapter(self.out_dir / ADAPTER_NAME, extra)
         self.parts.logger.epoch(self.history)
         self.parts.logger.close(self.history)
         return path
+
+    def write_adapter(self, path: Path, extra: dict) -> Path:
+        """The run's adapter file (the model holds the weights to save)."""
+        from ..adapters import save_adapter
+
+        return save_adapter(self.model, path, extra_metadata=extra)
 
     def close(self) -> None:
         """Flush TensorBoard (on errors too; curves are drawn by a finished run) and leave the process group."""
@@ -717,5 +725,8 @@ def train(cfg: TrainConfig, model=None, resume: bool | str = False, callbacks=No
     `callbacks`: functions `(event, state)` with a `TrainerState`, called at "epoch_start", "batch",
     "step" and "epoch_end" (tests, custom hooks; `state.request_stop(reason)` ends the run).
     """
-    with Trainer.from_config(cfg, model=model, resume=resume, callbacks=callbacks, overwrite=overwrite) as trainer:
+    trainer_cls = Trainer
+    if cfg.task == "semantic":
+        from .semantic import SemanticTrainer as trainer_cls
+    with trainer_cls.from_config(cfg, model=model, resume=resume, callbacks=callbacks, overwrite=overwrite) as trainer:
         return trainer.fit()
