@@ -15,7 +15,7 @@ Recipe: vit_b at 1024², batch 1, 5 objects, box + 8 click sub-iterations (Medic
 256², batch 4, 5 objects, 8 sub-iterations. CPU budget: ~25 min wall on a 2-core machine under load
 (vit_b 1024² steps take 20-60 s each).
 
-    nice -n 10 python benchmarks/bench_memory.py                  # -> benchmarks/results/memory.md
+    nice -n 10 python benchmarks/bench_memory.py                  # -> benchmarks/results/memory_tensor.md
     python benchmarks/bench_memory.py --models litemedsam --configs full,lora_qv --out /tmp/m.md   # quick
 """
 
@@ -185,7 +185,7 @@ def main() -> None:
     p.add_argument("--configs", default="", help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="run on CUDA, add torch.cuda.max_memory_allocated")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory.md"))
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "memory_tensor.md"))
     p.add_argument("--worker-model", help=argparse.SUPPRESS)
     p.add_argument("--worker-config", help=argparse.SUPPRESS)
     args = p.parse_args()
