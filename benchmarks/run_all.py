@@ -18,6 +18,7 @@ FULL = [
     ["benchmarks/bench_data.py"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "vit_b", "--threads", "2", "--repeats", "5"],
     ["benchmarks/bench_memory.py"],
+    ["benchmarks/bench_step_time.py"],
     ["benchmarks/bench_hash.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
     ["benchmarks/bench_demo.py"],
