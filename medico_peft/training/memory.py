@@ -142,15 +142,19 @@ class SegmentedEncoder(nn.Module):
                 x = fn(x)
         return x
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, input_size: torch.Tensor | None = None) -> torch.Tensor:
+        """`input_size` (B, 2): each item's content size; the padding is set to 0 after normalising
+        (`MedSam.normalize`), as the Predictor and official SAM feed the ViT."""
         x = None
         keys = FeatureCache.keys(images) if self.cache is not None else None
+        if keys is not None and input_size is not None:  # the content size decides which pixels count as padding
+            keys = [f"{k}:{int(h)}x{int(w)}" for k, (h, w) in zip(keys, input_size.reshape(-1, 2).tolist())]
         if keys is not None:
             x = self.cache.get(keys)
             if x is not None:
                 x = x.to(images.device, torch.float32)
         if x is None:
-            x = self._prefix(self.model.normalize(images))
+            x = self._prefix(self.model.normalize(images, input_size))
             if keys is not None:
                 self.cache.put(keys, x)
                 # Hits and misses must give bit-identical results (exact resume): same rounding, same layout.
