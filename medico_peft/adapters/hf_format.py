@@ -16,6 +16,7 @@ reading of it on a probe image before it is accepted (and before an export is co
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError
 from ..tuners import PeftConfig, is_injected, peft_state, unload
+from ..tuners.lora.init import needs_conversion, to_plain_lora
 from ..utils.atomic import atomic_path, atomic_write_text
 from ..utils.paths import staged_folder
 from .io import (adapter_tensors, check_base, inject_and_apply, read_safetensors, restore_base_parts,
@@ -50,6 +52,8 @@ def peft_directory_contents(model: nn.Module) -> tuple[dict, dict, dict]:
     """(peft adapter config dict, tensors under `base_model.model.` keys, safetensors metadata) for `model`."""
     if not is_injected(model):
         raise AdapterError("export_peft_dir: the model has no PEFT config; inject or load an adapter first")
+    if needs_conversion(model):  # pissa/olora: export the plain LoRA on the original base (as the adapter file)
+        model = to_plain_lora(copy.deepcopy(model))
     state = peft_state(model)
     cfg: PeftConfig = state.config
     if cfg.method == "adapter":
@@ -63,6 +67,7 @@ def peft_directory_contents(model: nn.Module) -> tuple[dict, dict, dict]:
     tensors, fused = fuse_split_tensors(model, adapter_tensors(model))
     names = sorted(k[:-len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
     config = state.lora_config.to_dict()
+    config["init_lora_weights"] = True  # trained weights: how they were initialised does not matter to a loader
     config["target_modules"] = "^(?:" + "|".join(re.escape(n) for n in names) + ")$"
     if fused:
         n = len(split_parts(cfg))

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, MedicoPeftError
 from ..tuners import PeftConfig, inject, is_injected, peft_state, trainable_state_dict, unload
+from ..tuners.lora.init import converted_state, needs_conversion
 from ..utils.atomic import atomic_path
 from ..utils.hashing import sha256_state_dict
 from ..utils.state import describe_mismatch
@@ -32,7 +33,11 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
-    """Write only what was trained (PEFT tensors + trained SAM parts) and the metadata needed to reload it."""
+    """Write only what was trained (PEFT tensors + trained SAM parts) and the metadata needed to reload it.
+
+    A PiSSA/OLoRA model is written as its plain-LoRA equivalent on the original base (`tuners.lora.init`):
+    the file's config has rank 2r and init default; `extra.lora_init` records the original init, rank, alpha.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -42,9 +47,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict
         raise AdapterError("save_adapter: the model has no PEFT config; call medico_peft.tuners.inject(model, cfg) first")
     if model.base_sha256 is None:
         raise AdapterError("save_adapter: the model has no base_sha256; load it with medico_peft.models.load_model")
-    tensors = adapter_tensors(model)
+    cfg = peft_state(model).config
+    if needs_conversion(model):
+        # PiSSA/OLoRA: the model's base holds residuals; the file is the equivalent plain rank-2r LoRA on the
+        # original base (whose sha256 it records), so it loads, merges and exports like any LoRA file.
+        cfg, named = converted_state(model)
+        tensors = {file_key(n): t.contiguous() for n, t in named.items()}
+        extra_metadata = dict(extra_metadata or {})
+        extra_metadata["lora_init"] = {"init": peft_state(model).config.init, "rank": peft_state(model).config.rank,
+                                       "alpha": peft_state(model).config.alpha,
+                                       "saved_as": "plain LoRA on the original base: rank 2r, [A ; A0], [B | -B0]"}
+    else:
+        tensors = adapter_tensors(model)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    metadata = build_metadata(model, peft_state(model).config, extra_metadata, created)
+    metadata = build_metadata(model, cfg, extra_metadata, created)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path

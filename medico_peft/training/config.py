@@ -72,6 +72,10 @@ class TrainLoopConfig(_Section):
     val_clicks: int = 3
     early_stop_patience: int = 0  # epochs without a better val Dice before stopping; 0 = never
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    loraplus_lr_ratio: float | None = option(None, gt=0,
+                                             help="LoRA+: the LoRA B matrices train with optim.lr times this "
+                                                  "ratio (the paper suggests 2-16; every other parameter keeps "
+                                                  "optim.lr); needs LoRA layers. Default: off (one learning rate)")
 
 
 @dataclass
@@ -294,7 +298,11 @@ class TrainConfig:
                                                 "for generated data")
         if "method" not in self.peft:
             raise config_error("peft.method", "required (lora, dora, adapter, decoder_only or full)")
-        self.peft_config()
+        peft = self.peft_config()
+        if self.train.loraplus_lr_ratio is not None and not peft.uses_lora:
+            raise config_error("train.loraplus_lr_ratio", f"LoRA+ gives the LoRA B matrices their own learning "
+                                                          f"rate; peft.method {peft.method!r} without decoder_lora "
+                                                          "has no LoRA layers (leave it unset)")
         if self.task == "semantic":
             if self.semantic.dice + self.semantic.ce <= 0:
                 raise config_error("semantic.dice", "semantic.dice and semantic.ce are both 0: no loss to train")

@@ -156,10 +156,12 @@ class SegmentedEncoder(nn.Module):
                     tapped[name] = x
         return x, [tapped[t] for t in taps]
 
-    def forward(self, images: torch.Tensor, taps=()):
+    def forward(self, images: torch.Tensor, taps=(), input_size: torch.Tensor | None = None):
         """The image embeddings; with `taps` (segment names, e.g. 'blocks.2') also those segments' raw
         outputs, as `(embeddings, [outputs in taps order])` (semantic heads read them as skip features).
-        Taps inside the frozen prefix are cached with the prefix output."""
+        Taps inside the frozen prefix are cached with the prefix output. `input_size` (B, 2): each item's
+        content size; the padding is set to 0 after normalising (`MedSam.normalize`), as the Predictor
+        and official SAM feed the ViT."""
         names = [s[0] for s in self.segments]
         unknown = [t for t in taps if t not in names]
         if unknown:
@@ -167,13 +169,15 @@ class SegmentedEncoder(nn.Module):
         prefix_taps = [t for t in taps if names.index(t) < self.n_prefix]
         x, pt = None, []
         keys = FeatureCache.keys(images) if self.cache is not None else None
+        if keys is not None and input_size is not None:  # the content size decides which pixels count as padding
+            keys = [f"{k}:{int(h)}x{int(w)}" for k, (h, w) in zip(keys, input_size.reshape(-1, 2).tolist())]
         if keys is not None:
             cached = self.cache.get(keys)
             if cached is not None:
                 x, *pt = cached if isinstance(cached, tuple) else (cached,)
                 x, pt = x.to(images.device, torch.float32), [t.to(images.device, torch.float32) for t in pt]
         if x is None:
-            x, pt = self._prefix_with_taps(self.model.normalize(images), prefix_taps)
+            x, pt = self._prefix_with_taps(self.model.normalize(images, input_size), prefix_taps)
             if keys is not None:
                 self.cache.put(keys, (x, *pt) if prefix_taps else x)
                 # Hits and misses must give bit-identical results (exact resume): same rounding, same layout.
