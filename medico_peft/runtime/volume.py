@@ -84,9 +84,12 @@ class SliceState:
 
 
 class VolumePredictor:
+    """See the module docstring. `predictor` may be None until the first segment() (set `.predictor`), so a
+    volume and its prompts can be checked before a model is loaded."""
+
     def __init__(self, predictor, *, cache_slices: int = 64, stop_iou: float = 0.5, min_area: int = 4,
                  prompt_mode: str = "box+mask", max_rounds: int = 8, settle_dice: float = 0.99,
-                 batch_slices: int | None = None):
+                 batch_slices: int | None = None, box_margin: float = 0.0):
         if int(cache_slices) < 1:
             raise ConfigError(f"cache_slices: expected >= 1, got {cache_slices}")
         if not 0.0 <= float(stop_iou) <= 1.0:
@@ -95,25 +98,42 @@ class VolumePredictor:
             raise ConfigError(f"min_area: expected >= 1 voxel, got {min_area}")
         if int(max_rounds) < 0:
             raise ConfigError(f"max_rounds: expected >= 0, got {max_rounds}")
+        if not float(box_margin) >= 0.0:
+            raise ConfigError(f"box_margin: expected >= 0 voxels, got {box_margin}")
+        self.box_margin = float(box_margin)
         if not 0.0 < float(settle_dice) <= 1.0:
             raise ConfigError(f"settle_dice: expected a value in (0, 1], got {settle_dice}")
         self.predictor = predictor
         self.cache_slices = int(cache_slices)
         self.stop_iou = float(stop_iou)
         self.min_area = int(min_area)
-        self.prompt_mode = str(prompt_mode)
-        self._parts = parse_prompt_mode(prompt_mode)
+        self.prompt_mode = prompt_mode
         self.max_rounds = int(max_rounds)
         self.settle_dice = float(settle_dice)
-        if batch_slices is None:
-            batch_slices = 4 if hasattr(predictor.backend, "encode_batch") else 1
-        if int(batch_slices) < 1:
+        if batch_slices is not None and int(batch_slices) < 1:
             raise ConfigError(f"batch_slices: expected >= 1, got {batch_slices}")
-        self.batch_slices = min(int(batch_slices), self.cache_slices)
+        self._batch_slices = None if batch_slices is None else int(batch_slices)
         self._volume = None
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._encoded = 0
         self.decoded_slices = 0
+
+    @property
+    def batch_slices(self) -> int:
+        """Slices per encoder call: as given, else 4 where the backend has a batch path, else 1 (≤ cache_slices)."""
+        n = self._batch_slices
+        if n is None:
+            n = 4 if hasattr(getattr(self.predictor, "backend", None), "encode_batch") else 1
+        return min(n, self.cache_slices)
+
+    @property
+    def prompt_mode(self) -> str:
+        return self._prompt_mode
+
+    @prompt_mode.setter
+    def prompt_mode(self, mode: str) -> None:
+        self._parts = parse_prompt_mode(mode)
+        self._prompt_mode = str(mode)
 
     # ----------------------------------------------------------------------------------- volume
     def set_volume(self, volume, *, axis: int = 0, spacing=(1.0, 1.0, 1.0), affine=None,
@@ -194,7 +214,7 @@ class VolumePredictor:
         if self._volume is None:
             raise DataError("volume: no volume set; call set_volume(volume, axis=..., spacing=...) first")
 
-    def _check_index(self, index) -> int:
+    def check_index(self, index) -> int:
         self._need_volume()
         if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
             raise DataError(f"slice: expected an integer slice index, got {index!r}")
@@ -203,7 +223,7 @@ class VolumePredictor:
                             f"slices (0..{self.n_slices - 1})")
         return int(index)
 
-    def _check_prompt(self, index: int, points, labels, box):
+    def check_prompt(self, index: int, points, labels, box):
         """Validate user prompts on slice `index` (voxel coordinates) → (points (P, 2), labels (P,), box (4,))."""
         h, w = self.slice_shape
         where = f"slice {index} (axis {self.axis}) is {w}×{h} (width×height)"
@@ -301,7 +321,12 @@ class VolumePredictor:
     def _step(self, j: int, prev: int, direction: int):
         """Prompt slice j from slice prev's result; (mask, state) or None where the object ends."""
         prev_mask = self._mask_view[prev]
-        box = mask_box(prev_mask) if "box" in self._parts else None
+        box = None
+        if "box" in self._parts:
+            h, w = self.slice_shape
+            m = self.box_margin
+            x0, y0, x1, y1 = mask_box(prev_mask).astype(float)
+            box = np.array([max(0.0, x0 - m), max(0.0, y0 - m), min(w - 1.0, x1 + m), min(h - 1.0, y1 + m)])
         points = labels = None
         if "points" in self._parts:
             r, c, _ = deepest_pixel(prev_mask)
@@ -311,13 +336,17 @@ class VolumePredictor:
         mask, low, score = self._predict(j, direction, points, labels, box, mask_input)
         if mask.sum() < self.min_area or score < self.stop_iou:
             return None
-        return mask, SliceState(low, score, None if box is None else tuple(int(v) for v in box))
+        return mask, SliceState(low, score, None if box is None else tuple(float(v) for v in box))
 
     def _propagate(self, start: int, direction: int, correcting: bool) -> None:
         prev, j = start, start + direction
-        while 0 <= j < self.n_slices and self._mask_view[prev].sum() >= self.min_area:
+        while 0 <= j < self.n_slices:
             if correcting and self._states.get(j, SliceState(None, 0.0)).anchor:
                 break  # a slice the user prompted keeps its result
+            if self._mask_view[prev].sum() < self.min_area:  # nothing left to carry on
+                if correcting and not (prev == start and self._anchor_beyond(start, direction)):
+                    self._clear_run(j, direction)  # (a slice emptied by the user ends the object on the far side
+                break                              # of its anchors only: the prompted body is not erased)
             step = self._step(j, prev, direction)
             if step is None:
                 if correcting:
@@ -330,6 +359,9 @@ class VolumePredictor:
             self._states[j] = state
             prev, j = j, j + direction
 
+    def _anchor_beyond(self, start: int, direction: int) -> bool:
+        return any(st.anchor and (i - start) * direction > 0 for i, st in self._states.items())
+
     def _clear_run(self, j: int, direction: int) -> None:
         """The object ends before slice j now: clear the old result's run from j on (up to a user-prompted slice)."""
         while 0 <= j < self.n_slices and self._mask_view[j].any() and not self._states.get(j, SliceState(None, 0)).anchor:
@@ -341,7 +373,7 @@ class VolumePredictor:
     def segment(self, slice_index: int, *, box=None, points=None, labels=None, mask=None) -> np.ndarray:
         """A new object: segment slice `slice_index` from the prompt (box and/or points, or a 2D `mask` that is
         taken as that slice's result), propagate both ways; returns the bool mask (volume shape)."""
-        k = self._check_index(slice_index)
+        k = self.check_index(slice_index)
         if mask is not None:
             if box is not None or points is not None:
                 raise DataError("mask: give either a 2D mask or a box/points prompt, not both")
@@ -354,7 +386,7 @@ class VolumePredictor:
             b = mask_box(m)
             self._states[k] = SliceState(None, 1.0, None if b is None else tuple(int(v) for v in b), anchor=True)
         else:
-            pts, lab, b = self._check_prompt(k, points, labels, box)
+            pts, lab, b = self.check_prompt(k, points, labels, box)
             if pts is None and b is None:
                 raise DataError("prompt: no box, points or mask given; expected at least one")
             self._reset()
@@ -368,8 +400,8 @@ class VolumePredictor:
 
     def correct(self, slice_index: int, *, points=None, labels=None, box=None) -> np.ndarray:
         """Add clicks (and/or a new box) on slice `slice_index`; re-segment it and re-propagate (see module doc)."""
-        k = self._check_index(slice_index)
-        pts, lab, b = self._check_prompt(k, points, labels, box)
+        k = self.check_index(slice_index)
+        pts, lab, b = self.check_prompt(k, points, labels, box)
         if pts is None and b is None:
             raise DataError("correct: no points and no box given; expected at least one")
         self._history.append((self._mask.copy(), dict(self._states)))
