@@ -80,19 +80,18 @@ def test_correction_that_removes_an_end_slice_clears_the_run_beyond_it():
     np.testing.assert_array_equal(after[:hi - 1], before[:hi - 1])
 
 
-def test_positive_click_beyond_the_end_extends_the_object():
+def test_positive_click_beyond_the_end_extends_the_object_and_keeps_the_rest():
     vol = np.zeros((30, 40, 36), np.float32) + 20
-    vol[5:25, 15:25, 10:20] = 220  # a box-shaped object, slices 5..24
+    vol[5:15, 15:25, 10:20] = 220   # slices 5..14
+    vol[16:25, 15:25, 10:20] = 220  # ... a dark slice 15, then 16..24: propagation from 8 stops at 15
     vp = fake_vp(stop_iou=0.0).set_volume(vol, axis=0)
-    vp.segment(8, box=[10, 15, 19, 24], )
-    assert extent(vp.mask, 0) == (5, 24)
-    vol2 = vol.copy()
-    vol2[25:28, 15:25, 10:20] = 220  # the user sees more object: a new volume, a click on slice 27
-    vp.set_volume(vol2, axis=0)
-    vp.segment(8, box=[10, 15, 19, 24])
-    assert extent(vp.mask, 0) == (5, 27)
-    vp.correct(14, points=[[14, 20]], labels=[0])  # a small hole deep inside: only that slice changes
-    assert vp.mask[14].sum() < vp.undo()[14].sum()
+    before = vp.segment(8, box=[10, 15, 19, 24])
+    assert extent(before, 0) == (5, 14)
+    after = vp.correct(20, points=[[14, 20]], labels=[1])
+    reached = np.flatnonzero(after.any(axis=(1, 2))).tolist()
+    assert reached == list(range(5, 15)) + list(range(16, 25))
+    np.testing.assert_array_equal(after[:16], before[:16])
+    np.testing.assert_array_equal(vp.undo(), before)
 
 
 def test_cache_is_bounded_and_refills_when_a_correction_goes_far():
