@@ -35,6 +35,8 @@ def register(subparsers) -> None:
                         "...; 'none' = per-slice min-max); default mr_percentile")
     v.add_argument("--prompt-mode", default=None, help="how a slice prompts the next (VolumePredictor.prompt_mode)")
     v.add_argument("--stop-iou", type=float, default=None, help="stop propagating below this predicted IoU")
+    v.add_argument("--box-margin", type=float, default=None,
+                   help="voxels added to each side of the box carried to the next slice")
     p.add_argument("--out", required=True, help="output folder (mask.png, mask_overlay.png; with --volume "
                                                 "mask.nii.gz, montage.png)")
     p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out folder")
@@ -74,7 +76,8 @@ def run_volume(args: argparse.Namespace) -> int:
         raise ConfigError("--multimask: not used with --volume (propagation takes the single-mask answer)")
     objects = (load_prompts_file(args.prompts) if args.prompts
                else objects_from_args(args.slice, args.box, args.point, args.neg_point))
-    options = {k: v for k, v in (("prompt_mode", args.prompt_mode), ("stop_iou", args.stop_iou)) if v is not None}
+    options = {k: v for k, v in (("prompt_mode", args.prompt_mode), ("stop_iou", args.stop_iou),
+                                          ("box_margin", args.box_margin)) if v is not None}
     intensity = None if args.intensity.lower() == "none" else args.intensity
     summary = predict_volume(args.image, args.out, lambda: make_predictor(args), objects, axis=args.axis,
                              overwrite=args.overwrite, intensity=intensity, **options)
