@@ -27,10 +27,14 @@ Conventions
 Propagation (`prompt_mode`)
 Each next slice is prompted from the previous slice's result: `box` = the previous mask's bounding box
 (`mask_box`), `points` = one positive point at its deepest pixel (`deepest_pixel`), `mask` = the previous
-answer's low-res logits as SAM's mask input. It stops when the mask has fewer than `min_area` voxels or the
-model's predicted IoU falls below `stop_iou`. The default, `box+mask`, was chosen by measurement
-(benchmarks/bench_volume_modes.py → benchmarks/results/volume_modes.md: zero-shot LiteMedSAM on Colin27 + AAL
-deep structures, 3D Dice per mode; see that file for the figures and the reasoning).
+answer's low-res logits as SAM's mask input; `box_margin` grows the carried box by that many voxels per side.
+It stops when the mask has fewer than `min_area` voxels or the model's predicted IoU falls below `stop_iou`.
+Measured so far (benchmarks/bench_volume_modes.py, zero-shot LiteMedSAM via onnxruntime, Colin27 + AAL, axial,
+tight box on the middle slice; the run was cut short on a saturated shared CPU, so no results file yet; figures
+from its log): Thalamus_L 3D Dice box 0.180 (the mask shrinks slice after slice inside a tight box),
+box+mask 0.621, box with margin 3 0.749 (0.761 with stop_iou 0.7), box+mask margin 3 0.421,
+box+points+mask margin 3 0.456; Putamen_R box 0.371. The default `box+mask`, margin 0, is the best margin-free
+mode measured; whether margin 3 with `box` should replace it needs the full run over more structures.
 
 Corrections
 `correct(k, points=..., labels=..., box=...)` re-segments slice k with every click placed on it so far, the box
