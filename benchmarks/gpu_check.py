@@ -103,6 +103,8 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
         ort_label += " + IO binding"
     rows.append(_predictor_row(name, ort_label, Predictor.from_onnx(onnx_dir, providers=providers), img, box,
                                coords, labels, repeats, ref, s, sync))
+    ref_volume = volume_reference(name)
+    rows.append(_volume_row(name, ort_label, Predictor.from_onnx(onnx_dir, providers=providers), ref_volume))
     for precision in precisions:
         try:
             import tensorrt  # noqa: F401
@@ -120,6 +122,7 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
             p = Predictor.from_tensorrt(work / f"{name}_{precision}")
             rows.append(_predictor_row(name, f"tensorrt {precision}", p, img, box, coords, labels, repeats, ref, s,
                                        sync))
+            rows.append(_volume_row(name, f"tensorrt {precision}", p, ref_volume))
             if precision == precisions[-1]:  # the decoder replayed from a CUDA graph, on the last precision
                 p = Predictor.from_tensorrt(work / f"{name}_{precision}", cuda_graph=True)
                 rows.append(_predictor_row(name, f"tensorrt {precision} + CUDA graph", p, img, box, coords, labels,
@@ -155,6 +158,43 @@ def _batch_row(name, work: Path, img, repeats, sync, batch: int = 8) -> dict:
     except Exception as exc:  # report and continue
         traceback.print_exc()
         return {"model": name, "backend": label, "skipped": f"failed: {exc}"[:120]}
+
+
+VOLUME_SHAPE = (16, 96, 128)
+
+
+def _ball_volume():
+    z, y, x = np.mgrid[:VOLUME_SHAPE[0], :VOLUME_SHAPE[1], :VOLUME_SHAPE[2]]
+    ball = (z - 8) ** 2 + (y - 48) ** 2 + (x - 60) ** 2 <= 7 ** 2
+    return (ball * 200.0 + 20 + np.random.default_rng(0).normal(0, 5, VOLUME_SHAPE)).astype(np.float32)
+
+
+def _segment_volume(predictor):
+    """VolumePredictor over `predictor` (the same code for every backend): a box on the middle slice, then one
+    correction; (mask, seconds per decoded slice)."""
+    from medico_peft.runtime.volume import VolumePredictor
+
+    vp = VolumePredictor(predictor, stop_iou=0.0, min_area=1).set_volume(_ball_volume(), axis=0)
+    t0 = time.perf_counter()
+    vp.segment(8, box=[50, 38, 70, 58])
+    mask = vp.correct(10, points=[[60, 48]], labels=[1])
+    return mask, (time.perf_counter() - t0) / max(vp.decoded_slices, 1)
+
+
+def volume_reference(name: str):
+    from medico_peft.models import load_model
+    from medico_peft.runtime import Predictor
+
+    return _segment_volume(Predictor.from_torch(load_model(name).eval()))[0]  # CPU fp32
+
+
+def _volume_row(name, label, predictor, ref_mask):
+    """VolumePredictor on a synthetic 16-slice ball volume: ms per decoded slice (encoder column, encoding
+    included) and the share of voxels that differ from the CPU torch fp32 volume."""
+    mask, per_slice = _segment_volume(predictor)
+    return {"model": name, "backend": f"{label} volume (ms/slice)", "encoder_ms": 1e3 * per_slice,
+            "decoder_ms": float("nan"), "max_logit_err": float("nan"),
+            "mask_mismatch": float((mask != ref_mask).mean())}
 
 
 def _predictor_row(name, label, predictor, img, box, coords, labels, repeats, ref, s, sync=lambda: None):

@@ -161,6 +161,22 @@ class Predictor:
         self._orig_hw = (arr.shape[0], arr.shape[1])
         return self
 
+    def encode_images(self, images) -> list[torch.Tensor]:
+        """Embeddings of several images (no caching): one encoder call for all of them when the backend has a
+        batch path (`encode_batch`, the torch backend) and they share a shape, else one call per image."""
+        arrs = [as_hwc3(im) for im in images]
+        batch = getattr(self.backend, "encode_batch", None)
+        if batch is not None and len(arrs) > 1 and len({a.shape for a in arrs}) == 1 \
+                and len({a.dtype for a in arrs}) == 1:
+            return list(batch(arrs))
+        return [self.backend.encode(a) for a in arrs]
+
+    def set_embeddings(self, embeddings: torch.Tensor, orig_hw: tuple[int, int]) -> "Predictor":
+        """Use embeddings computed earlier (`encode_images`) for an image of size `orig_hw`; `predict` follows."""
+        self._embeddings = embeddings
+        self._orig_hw = (int(orig_hw[0]), int(orig_hw[1]))
+        return self
+
     def predict(self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False) -> Prediction:
         """Points (x, y) and box (x0, y0, x1, y1) are pixels of the original image."""
         self.require_task("interactive", "predict")

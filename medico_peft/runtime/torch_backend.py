@@ -54,6 +54,14 @@ class TorchBackend:
         return torch_encode(self.model, image_hwc3)
 
     @torch.no_grad()
+    def encode_batch(self, images_hwc3: list[np.ndarray]) -> list[torch.Tensor]:
+        """Several same-shape images through the encoder in one (B, 3, S, S) call; one (1, C, E, E) each."""
+        mode = intensity_mode(self.model.spec.family, images_hwc3[0].dtype)
+        x = torch.cat([preprocess_image(torch.from_numpy(a), self.model.img_size, mode) for a in images_hwc3])
+        emb = self.model.encode(x.to(self.model.pixel_mean.device))
+        return [emb[i:i + 1] for i in range(emb.shape[0])]
+
+    @torch.no_grad()
     def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):
         low, iou = torch_decode(self.model, embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
                                 multimask)
