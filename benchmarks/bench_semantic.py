@@ -64,6 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 2 test slices, LoRA only")
     p.add_argument("--work", default="benchmarks/work/semantic", help="shards, runs and adapters")
     p.add_argument("--out", default=str(HERE / "results" / "semantic.md"))
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse a variant's result.json from an earlier run with the same steps, batch and test slices")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     p.add_argument("--dataset", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -115,7 +117,9 @@ def run_variant(args) -> dict:
         "train": {"epochs": 1, "batch_size": args.batch_size, "device": "cpu", "seed": 0},
         "optim": {"lr": lr, "weight_decay": 0.01, "grad_clip": 1.0},
         "schedule": {"kind": "constant"},
-        "memory": {"feature_cache": "auto", "cache_dtype": "float32"},
+        # full finetune keeps every encoder activation for backward: checkpointing bounds its peak memory
+        # (a full run without it was killed for memory on the shared 24 GiB machine)
+        "memory": {"feature_cache": "auto", "cache_dtype": "float32", "checkpointing": args.variant == "full"},
         "output": {"dir": str(run_dir), "tensorboard": False, "progress": False},
     })
     t0 = time.perf_counter()
@@ -200,10 +204,19 @@ def report(rows: list[dict], args, record) -> None:
     record.write(Path(args.out), "\n".join(lines))
 
 
+def _settings(args) -> dict:
+    return {"steps": args.steps, "batch_size": args.batch_size, "max_test_slices": args.max_test_slices}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.variant:  # child process
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        row = run_variant(args)
+        row["settings"] = _settings(args)
+        from medico_peft.utils.atomic import atomic_write_text
+
+        atomic_write_text(Path(args.work) / f"run_{args.dataset}_{args.variant}" / "result.json", json.dumps(row))
+        print("RESULT " + json.dumps(row), flush=True)
         return 0
     try:
         from benchmarks._results import Results
@@ -221,6 +234,11 @@ def main(argv=None) -> int:
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--work", str(work)]
             if args.max_test_slices is not None:
                 cmd += ["--max-test-slices", str(args.max_test_slices)]
+            saved = work / f"run_{dataset}_{variant}" / "result.json"
+            if args.reuse and saved.exists() and json.loads(saved.read_text()).get("settings") == _settings(args):
+                rows.append(json.loads(saved.read_text()))
+                print(f"{dataset} {variant}: reused {saved}", flush=True)
+                continue
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -8,12 +8,13 @@ background and every label not selected. `ClassTable.apply` turns a label slice 
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from .labels import LabelSelection, _match
+from .labels import LabelSelection
 
 BACKGROUND = "background"
 
@@ -67,13 +68,12 @@ def class_table(label_names: dict[int, str], keep=None, merge=None, rename=None,
         if not keep:
             raise ConfigError("semantic.classes: an empty list selects no class; omit it to use every label")
         for item in keep:
-            hits = [i for i in _match(item, names, "semantic.classes") if i in names]
-            if not hits:
+            if not _hits(item, names):
                 raise ConfigError(f"semantic.classes: {item!r} matches no label of {source} "
                                   f"(labels: {_preview(names)})")
     for target, sources in merge.items():
         for item in sources if isinstance(sources, (list, tuple)) else [sources]:
-            if not [i for i in _match(item, names, f"semantic.merge[{target!r}]") if i in names]:
+            if not _hits(item, names):
                 raise ConfigError(f"semantic.merge[{target!r}]: {item!r} matches no label of {source} "
                                   f"(labels: {_preview(names)})")
     selection = LabelSelection(keep=list(keep) if keep is not None else None, merge=merge, rename={})
@@ -101,6 +101,13 @@ def class_table(label_names: dict[int, str], keep=None, merge=None, rename=None,
         raise ConfigError(f"semantic: class name {dup[0]!r} is used by several classes; rename one "
                           "(semantic.rename)")
     return ClassTable(names=tuple(cls_names), source_ids=((),) + tuple(tuple(sorted(groups[i])) for i in ordered))
+
+
+def _hits(item, names: dict[int, str]) -> list[int]:
+    """Label ids of the table an id or a name glob selects."""
+    if isinstance(item, (int, np.integer)) or (isinstance(item, str) and item.isdigit()):
+        return [int(item)] if int(item) in names else []
+    return [i for i, n in sorted(names.items()) if fnmatch.fnmatchcase(n, str(item))]
 
 
 def _preview(names: dict[int, str], n: int = 6) -> str:
