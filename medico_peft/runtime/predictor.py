@@ -162,13 +162,15 @@ class Predictor:
         return self
 
     def encode_images(self, images) -> list[torch.Tensor]:
-        """Embeddings of several images (no caching): one encoder call for all of them when the backend has a
-        batch path (`encode_batch`, the torch backend) and they share a shape, else one call per image."""
+        """Embeddings of several images (no caching): batched encoder calls when the backend has a batch path
+        (`encode_batch`: torch; onnxruntime/TensorRT exports made with `--max-batch`, else they loop) and the
+        images share a shape and dtype, else one call per image."""
         arrs = [as_hwc3(im) for im in images]
         batch = getattr(self.backend, "encode_batch", None)
         if batch is not None and len(arrs) > 1 and len({a.shape for a in arrs}) == 1 \
                 and len({a.dtype for a in arrs}) == 1:
-            return list(batch(arrs))
+            out = batch(arrs)
+            return [out[i:i + 1] for i in range(len(arrs))]  # (1, C, E, E) each, as `encode` returns
         return [self.backend.encode(a) for a in arrs]
 
     def set_embeddings(self, embeddings: torch.Tensor, orig_hw: tuple[int, int]) -> "Predictor":

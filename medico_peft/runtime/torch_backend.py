@@ -12,11 +12,15 @@ import torch
 from .preprocess import intensity_mode, preprocess_image, resized_hw
 
 
-def torch_encode(model, image_hwc3: np.ndarray) -> torch.Tensor:
+def torch_encoder_input(model, image_hwc3: np.ndarray) -> torch.Tensor:
+    """(1, 3, S, S) on the model's device: the one preprocessing (resize, intensity, pad with the pixel mean)."""
     mode = intensity_mode(model.spec.family, image_hwc3.dtype)
-    x = preprocess_image(torch.from_numpy(image_hwc3), model.img_size, mode,
-                         pad_value=model.pixel_mean.reshape(-1).cpu()).to(model.pixel_mean.device)
-    return model.encode(x)
+    return preprocess_image(torch.from_numpy(image_hwc3), model.img_size, mode,
+                            pad_value=model.pixel_mean.reshape(-1).cpu()).to(model.pixel_mean.device)
+
+
+def torch_encode(model, image_hwc3: np.ndarray) -> torch.Tensor:
+    return model.encode(torch_encoder_input(model, image_hwc3))
 
 
 def torch_decode(model, embeddings: torch.Tensor, coords, labels, mask_input=None, has_mask_input=0.0,
@@ -54,12 +58,10 @@ class TorchBackend:
         return torch_encode(self.model, image_hwc3)
 
     @torch.no_grad()
-    def encode_batch(self, images_hwc3: list[np.ndarray]) -> list[torch.Tensor]:
-        """Several same-shape images through the encoder in one (B, 3, S, S) call; one (1, C, E, E) each."""
-        mode = intensity_mode(self.model.spec.family, images_hwc3[0].dtype)
-        x = torch.cat([preprocess_image(torch.from_numpy(a), self.model.img_size, mode) for a in images_hwc3])
-        emb = self.model.encode(x.to(self.model.pixel_mean.device))
-        return [emb[i:i + 1] for i in range(emb.shape[0])]
+    def encode_batch(self, images_hwc3: list[np.ndarray]) -> torch.Tensor:
+        """Several images through the encoder in one (B, 3, S, S) call: (B, C, E, E), like the exported
+        backends' `encode_batch`; each row equals `encode` of that image."""
+        return self.model.encode(torch.cat([torch_encoder_input(self.model, a) for a in images_hwc3]))
 
     @torch.no_grad()
     def decode(self, embeddings, coords, labels, mask_input, has_mask_input, orig_hw, multimask: bool):

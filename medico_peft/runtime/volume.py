@@ -124,10 +124,16 @@ class VolumePredictor:
 
     @property
     def batch_slices(self) -> int:
-        """Slices per encoder call: as given, else 4 where the backend has a batch path, else 1 (≤ cache_slices)."""
+        """Slices per encoder call: as given, else the backend's batch (torch: 4; an onnxruntime/TensorRT export:
+        its `max_batch`, 1 unless exported with `--max-batch`), at most cache_slices."""
         n = self._batch_slices
         if n is None:
-            n = 4 if hasattr(getattr(self.predictor, "backend", None), "encode_batch") else 1
+            backend = getattr(self.predictor, "backend", None)
+            artifact = getattr(backend, "artifact", None)
+            if artifact is not None:
+                n = artifact.max_batch
+            else:
+                n = 4 if hasattr(backend, "encode_batch") else 1
         return min(n, self.cache_slices)
 
     @property
