@@ -212,6 +212,9 @@ def write_report(out: Path, rows: list[dict], args, record: Results, train_info:
             "other AAL labels kept), so these structures were never a training object; the adapter saw the same "
             "subject's image and trained on axial slices only. MNI152 (another image, tissue labels) is entirely "
             "held out.", ""]
+    planned = len(args.datasets) * len(args.axes) * 2
+    lines += [f"Runs finished: {len(rows)} of {planned} planned (data × axis × model); the file is rewritten after "
+              "each run, so fewer means the run was stopped early and the missing rows were not measured.", ""]
     lines += ["| data | axis | model | objects | " + " | ".join("box" if r == 0 else f"+{r}" for r in shown)
               + f" | NSD box | NSD +{args.rounds} | slices encoded | s |",
               "|---|---|---|---:|" + "---:|" * (len(shown) + 4)]
