@@ -587,7 +587,7 @@ def write_volume_outputs(result: VolumeEvalResult, out_dir, title: str | None = 
         if len(result.rows) <= 8:
             curves.update({r["object"]: [r[f"dice_{i}"] for i in range(result.rounds + 1)] for r in result.rows})
         files["dice_vs_round_png"] = plot_rounds(
-            curves, stage / "dice_vs_round.png",
+            curves, stage / "dice_vs_round.png", ylabel=f"3D Dice (NSD at {result.tolerance_mm:g} mm)",
             title=f"{result.volume_id}, axis {result.axis}: 3D Dice vs corrective round")
         for i, case in enumerate(result.cases):
             files[f"montage_{i}"] = save_montage(case, result.axis, stage / f"montage_{i:02d}.png")
