@@ -23,6 +23,7 @@ FULL = [
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
     ["benchmarks/bench_demo.py"],
     ["benchmarks/bench_semantic.py"],
+    ["benchmarks/bench_volumes.py"],
 ]
 CHECK = ["-m", "pytest", "-q", "tests/test_results_files.py"]
 QUICK = [
@@ -30,6 +31,7 @@ QUICK = [
     ["benchmarks/bench_data.py", "--quick", "--out", "/tmp/data.md"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "--repeats", "1", "--out", "/tmp/export.md"],
     ["benchmarks/bench_hash.py", "--models", "vit_tiny", "--repeats", "1", "--out", "/tmp/hash.md"],
+    ["benchmarks/bench_volumes.py", "--quick", "--out", "/tmp/volumes.md"],
 ]
 
 
