@@ -72,6 +72,11 @@ class TrainLoopConfig(_Section):
     val_clicks: int = 3
     early_stop_patience: int = 0  # epochs without a better val Dice before stopping; 0 = never
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    base_dtype: str = option("float32", choices=("float32", "bfloat16"),
+                             help="storage dtype of the image encoder's frozen Linear/Conv weights: bfloat16 "
+                                  "halves them (LoRA/adapter and any trained weights, LayerNorm and BatchNorm "
+                                  "stay fp32 and train in fp32); adapters and merged/exported models are fp32 "
+                                  "either way")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Fold LoRA/DoRA into the base weights (`merge`) or discard all PEFT modules (`unload`).
 
-Both restore fused `qkv` Linears, so a merged LoRA model has exactly official SAM keys and
+Both restore fused `qkv` Linears, so a merged LoRA model has exactly official SAM keys (in fp32, also after training on a bf16 frozen base) and
 `save_model` writes a `.pth` checkpoint `segment_anything` loads (at the official input size, 1024
 for vit_b/l/h; at any other size the resized positional tables do not fit the official builder and
 `save_model` writes `.safetensors` only). Bottleneck adapters are extra
@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import AdapterError, ConfigError, ExportError
 from ..utils.hashing import sha256_state_dict
 from .adapter.model import has_adapters, unwrap_adapters
+from .base_dtype import restore_base_dtype
 from .lora.layer import replace_lora_layers
 from .qkv_split import fuse_all
 from .state import clear_state
@@ -38,6 +39,7 @@ def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.M
             raise AdapterError(msg)
         warnings.warn(msg, stacklevel=2)
     out = model if inplace else copy.deepcopy(model)
+    restore_base_dtype(out)  # a bf16 frozen base (train.base_dtype) merges and exports in fp32
     replace_lora_layers(out, merge=True)
     fuse_all(out)
     clear_state(out)
@@ -51,8 +53,10 @@ def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.M
 def unload(model: nn.Module) -> nn.Module:
     """Remove every PEFT module without merging, in place: the encoder is the base encoder again.
 
-    Decoder/prompt-encoder weights trained in place are not reverted (AdapterBank keeps a copy).
+    Decoder/prompt-encoder weights trained in place are not reverted (AdapterBank keeps a copy). A bf16
+    frozen base (`base_dtype.cast_frozen_base`) is fp32 again, with its bf16-rounded values.
     """
+    restore_base_dtype(model)
     replace_lora_layers(model, merge=False)
     fuse_all(model)
     unwrap_adapters(model)
