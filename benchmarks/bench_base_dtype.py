@@ -1,0 +1,295 @@
+"""A cheaper frozen base (`train.base_dtype`): fp32 vs bf16 frozen encoder weights, LoRA trained in fp32.
+
+Two parts, each a table in benchmarks/results/base_dtype.md:
+
+1. *memory*: parameter + buffer bytes of the model by dtype, and the peak tensor memory of one LoRA
+   training step (5 objects, 8 click sub-iterations, AdamW) for LiteMedSAM 256² batch 4 and vit_b 1024²
+   batch 1, random weights. Peak = bytes of the tensors alive before the step (parameters, buffers, the
+   batch) + the peak of the bytes allocated inside the step and still alive, as torch's CPU allocator
+   reports them to the profiler (`profile_memory=True`: every allocation event carries the running total of
+   live bytes allocated since profiling began). This is what `torch.cuda.max_memory_allocated` counts on a
+   GPU, minus the CUDA caching allocator's rounding; oneDNN scratch buffers outside torch's allocator are
+   not counted. The tracker is checked on a hand-computed case before it is used.
+2. *realdata*: LoRA r=8 q,v (all blocks) + decoder on the Colin27 + AAL training slab (as
+   bench_realdata.py's `lora_qv`), fp32 base vs bf16 base, same seed, same number of optimiser steps; the
+   adapters are loaded onto the fp32 base (the deployment path) and scored on the held-out slab (box, then
+   corrective clicks). Step time is measured side by side: both trainers built in one process, the same
+   batch, steps interleaved (fp32, bf16, fp32, ...), median of the repeats.
+
+Budget: about 20 min wall clock on the 2-core CPU under load (memory part ~5 min: the vit_b 1024² steps;
+realdata ~15 min: 2 × 30 steps + 2 evaluations + the interleaved timing). Run with `nice -n 10`.
+
+    python benchmarks/bench_base_dtype.py                       # both parts
+    python benchmarks/bench_base_dtype.py --parts memory --models litemedsam --out /tmp/bd.md   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from medico_peft.training import TrainConfig
+from medico_peft.training.trainer import Trainer
+from medico_peft.tuners.base_dtype import bytes_by_dtype
+
+try:
+    from benchmarks._results import Results
+except ImportError:  # run as `python benchmarks/bench_base_dtype.py`
+    from _results import Results
+
+HERE = Path(__file__).resolve().parent
+TITLE = "A cheaper frozen base: bf16 frozen encoder weights, LoRA in fp32 (train.base_dtype)"
+LORA = {"method": "lora", "rank": 8, "alpha": 8.0, "targets": ["q", "v"], "blocks": "all"}
+MODELS = {"litemedsam": (256, 4), "vit_b": (1024, 1)}  # name -> (input size, batch)
+# (label, train.base_dtype, memory.precision)
+VARIANTS = [("fp32 base", "float32", "fp32"), ("bf16 base", "bfloat16", "fp32"),
+            ("bf16 base + bf16 autocast", "bfloat16", "bf16")]
+MIB = 2 ** 20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="memory,realdata", help="comma list of memory, realdata")
+    p.add_argument("--models", default=",".join(MODELS), help="models of the memory part")
+    p.add_argument("--objects", type=int, default=5)
+    p.add_argument("--sub-iterations", type=int, default=8, help="click sub-iterations of the memory step")
+    p.add_argument("--steps", type=int, default=12, help="optimiser steps of each real-data run")
+    p.add_argument("--batch-size", type=int, default=2, help="real-data batch")
+    p.add_argument("--rd-objects", type=int, default=3, help="real-data objects per training slice")
+    p.add_argument("--rd-sub-iterations", type=int, default=1, help="real-data click sub-iterations")
+    p.add_argument("--max-slices", type=int, default=6, help="held-out slices evaluated")
+    p.add_argument("--clicks", type=int, default=4)
+    p.add_argument("--timing-repeats", type=int, default=3, help="interleaved step-time repeats per base")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", default="benchmarks/work/base_dtype")
+    p.add_argument("--out", default=str(HERE / "results" / "base_dtype.md"))
+    return p.parse_args(argv)
+
+
+# --- tensor-true peak (torch profiler allocation events) ----------------------------------------------
+def peak_allocated(fn) -> tuple[int, int, object]:
+    """(peak bytes allocated inside `fn` and alive at once, bytes of them still alive at the end, fn's result)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    peak = end = 0
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    events = []
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            events.append((node.start_time_ns, fields.total_allocated))
+    for _, total in sorted(events):
+        peak = max(peak, total)
+        end = total
+    return peak, end, result
+
+
+def check_tracker() -> None:
+    """4 MiB + 2 MiB alive together, free 4, allocate 2: peak 6 MiB, 4 MiB left."""
+    def region():
+        a = torch.empty(MIB, dtype=torch.float32)
+        b = torch.empty(MIB // 2, dtype=torch.float32)
+        del a
+        return b, torch.empty(MIB, dtype=torch.bfloat16)
+
+    peak, end, _ = peak_allocated(region)
+    if (peak, end) != (6 * MIB, 4 * MIB):
+        raise SystemExit(f"tracker self-check failed: peak {peak}, end {end} (want {6 * MIB}, {4 * MIB})")
+
+
+def _cfg(model: dict, data: dict, train: dict, out: Path, base: str, precision: str, lr: float = 5e-4,
+         peft: dict = LORA) -> TrainConfig:
+    return TrainConfig.from_dict({
+        "model": model, "peft": dict(peft), "data": data,
+        "train": {"epochs": 1000, "device": "cpu", "base_dtype": base, **train},
+        "optim": {"lr": lr}, "schedule": {"kind": "constant", "warmup_steps": 5},
+        "memory": {"precision": precision},
+        "output": {"dir": str(out), "tensorboard": False, "progress": False}})
+
+
+def _first_batch(trainer: Trainer):
+    p = trainer.parts
+    p.sampler.set_position(0, 0)
+    p.train_ds.set_epoch(0)
+    loader = trainer.make_loader(p.train_ds, p.sampler, trainer.cfg.train.batch_size, 0)
+    return next(iter(loader))
+
+
+def _step(trainer: Trainer, batch) -> float:
+    trainer.train_step(batch)
+    trainer.optimizer_step()
+    return 0.0
+
+
+def _tensor_bytes(batch) -> int:
+    return sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
+
+
+def memory_part(args, work: Path) -> list[str]:
+    rows = []
+    for name in args.models.split(","):
+        size, batch_size = MODELS[name]
+        for label, base, precision in VARIANTS:
+            cfg = _cfg({"name": name, "pretrained": False, "img_size": size if name != "litemedsam" else None},
+                       {"synthetic": 2, "n_objects": args.objects},
+                       {"batch_size": batch_size, "sub_iterations": args.sub_iterations, "seed": args.seed},
+                       work / "memory" / f"{name}-{base}-{precision}", base, precision)
+            trainer = Trainer.from_config(cfg, overwrite=True)
+            weights = bytes_by_dtype(trainer.model)
+            batch = _first_batch(trainer)
+            t0 = time.perf_counter()
+            peak, end, _ = peak_allocated(lambda: _step(trainer, batch))
+            seconds = time.perf_counter() - t0
+            before = sum(weights.values()) + _tensor_bytes(batch)
+            trainable = sum(p.numel() for p in trainer.parts.params)
+            rows.append((name, size, batch_size, label, weights, trainable, before, peak, end, seconds))
+            print(f"[bench] {name} {label}: weights {weights}, step peak {(before + peak) / MIB:.1f} MiB "
+                  f"({seconds:.1f} s)", flush=True)
+            trainer.close()
+            del trainer, batch
+            gc.collect()
+    lines = [
+        "## Parameter + buffer bytes and peak tensor memory of one LoRA step", "",
+        f"LoRA r=8 q,v on every encoder block + mask decoder (trained), random weights, {args.objects} objects per "
+        f"image, {args.sub_iterations} click sub-iterations, AdamW (its state is created in this first step), "
+        "frozen prefix and feature cache at their defaults. *Weights* = parameters + buffers by dtype (each "
+        "storage once). *Step peak* = tensors alive before the step (weights + batch) + the peak of the bytes "
+        "allocated inside the step and alive at once (torch's CPU allocator totals, via the profiler; a GPU's "
+        "`max_memory_allocated` counts the same tensors). *Left* = allocated in the step and still alive after it "
+        "(gradients are freed by `zero_grad(set_to_none=True)`; AdamW state, feature cache). Step seconds are one "
+        "profiled step (profiler overhead included), for orientation only; the side-by-side ratio is in the "
+        "real-data part.", "",
+        "| model | input | batch | base | fp32 MiB | bf16 MiB | other MiB | trainable params | step peak MiB | "
+        "left after MiB | step s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    ref: dict[str, tuple] = {}
+    for name, size, bs, label, w, trainable, before, peak, end, secs in rows:
+        other = sum(v for k, v in w.items() if k not in ("float32", "bfloat16"))
+        lines.append(f"| {name} | {size}² | {bs} | {label} | {w.get('float32', 0) / MIB:.1f} | "
+                     f"{w.get('bfloat16', 0) / MIB:.1f} | {other / MIB:.1f} | {trainable:,} | "
+                     f"{(before + peak) / MIB:.1f} | {end / MIB:.1f} | {secs:.1f} |")
+        ref.setdefault(name, (sum(w.values()), before + peak))
+    lines += ["", "Change against the fp32 base of the same model:", "",
+              "| model | base | weights (params + buffers) | step peak |", "|---|---|---:|---:|"]
+    for name, size, bs, label, w, trainable, before, peak, end, secs in rows:
+        w0, p0 = ref[name]
+        lines.append(f"| {name} | {label} | {sum(w.values()) / w0:.3f}× ({(sum(w.values()) - w0) / MIB:+.1f} MiB) | "
+                     f"{(before + peak) / p0:.3f}× ({(before + peak - p0) / MIB:+.1f} MiB) |")
+    return lines
+
+
+# --- real data -------------------------------------------------------------------------------------
+def realdata_part(args, work: Path) -> list[str]:
+    from medico_peft.adapters import load_adapter
+    from medico_peft.data.real_data import build_colin27_aal_shards
+    from medico_peft.evaluation.interactive import evaluate_interactive
+    from medico_peft.models import load_model
+    from medico_peft.training import train
+
+    shards = work / "shards"
+    manifest = shards / "manifest.json"
+    if not manifest.exists():
+        print("[bench] building Colin27 + AAL shards (slab split)", flush=True)
+        build_colin27_aal_shards(shards, size=256)
+
+    def cfg_for(base: str, out: Path) -> TrainConfig:
+        return _cfg({"name": "litemedsam"}, {"manifest": str(manifest), "n_objects": args.rd_objects},
+                    {"batch_size": args.batch_size, "sub_iterations": args.rd_sub_iterations,
+                     "max_steps": args.steps, "seed": args.seed}, out, base, "fp32")
+
+    rows = []
+    for base in ("float32", "bfloat16"):
+        print(f"[bench] real data: LoRA with {base} base, {args.steps} steps", flush=True)
+        result = train(cfg_for(base, work / "runs" / base), overwrite=True)
+        model = load_adapter(load_model("litemedsam"), result.adapter_path)  # onto the fp32 base
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=args.clicks,
+                                   max_slices=args.max_slices, progress=False)
+        times = [s["step_time"] for s in result.steps]
+        rows.append({"base": base, "steps": len(result.steps), "box": res.mean_dice[0], "clicks": res.mean_dice[-1],
+                     "objects": len(res.rows), "slices": res.n_slices, "loss": result.steps[-1]["loss"],
+                     "median_step": statistics.median(times), "train_s": result.train_seconds})
+        print(f"[bench] {base}: box {res.mean_dice[0]:.4f}, +{args.clicks} clicks {res.mean_dice[-1]:.4f}", flush=True)
+
+    # Side by side: two trainers in one process, one fixed batch, interleaved steps.
+    trainers = {b: Trainer.from_config(cfg_for(b, work / "timing" / b), overwrite=True) for b in ("float32", "bfloat16")}
+    batch = _first_batch(trainers["float32"])
+    times: dict[str, list[float]] = {b: [] for b in trainers}
+    for rep in range(args.timing_repeats + 1):  # the first round warms up (and fills the feature cache)
+        for b, trainer in trainers.items():
+            t0 = time.perf_counter()
+            _step(trainer, batch)
+            if rep:
+                times[b].append(time.perf_counter() - t0)
+    for trainer in trainers.values():
+        trainer.close()
+    med = {b: statistics.median(v) for b, v in times.items()}
+
+    c = args.clicks
+    fp32 = rows[0]
+    lines = [
+        "## Held-out Dice at equal steps (Colin27 + AAL, real LiteMedSAM weights)", "",
+        f"LoRA r=8 q,v (all blocks) + decoder, lr 5e-4 constant after 5 warm-up steps, batch {args.batch_size} × "
+        f"{args.rd_objects} objects, {args.rd_sub_iterations} click sub-iterations, seed {args.seed}, "
+        f"{args.steps} optimiser steps each, memory.precision fp32 (only the frozen encoder matmuls/convs run in bf16 "
+        "in the bf16-base run). Each adapter is loaded onto the fp32 base and scored on the held-out upper slab: "
+        f"a tight box, then {c} corrective clicks (`evaluate --start box --clicks {c}`), mean Dice over "
+        f"{fp32['objects']} objects of {fp32['slices']} evenly spaced test slices. One seed per row: the Δ includes "
+        f"run-to-run noise of a {args.steps}-step training, not only the base's rounding.", "",
+        f"| base | steps | last loss | box Dice | +{c} clicks Dice | median step s (in its run) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['base']} | {r['steps']} | {r['loss']:.4f} | {r['box']:.4f} | {r['clicks']:.4f} | "
+                     f"{r['median_step']:.2f} |")
+    bf = rows[1]
+    lines += ["", f"Δ (bf16 − fp32 base): box {bf['box'] - fp32['box']:+.4f}, +{c} clicks "
+                  f"{bf['clicks'] - fp32['clicks']:+.4f}.", "",
+              f"Step time side by side (same process, same batch, {args.timing_repeats} interleaved repeats after one "
+              f"warm-up each, feature cache warm): fp32 base {med['float32']:.3f} s, bf16 base {med['bfloat16']:.3f} s "
+              f"(median) → bf16/fp32 = {med['bfloat16'] / med['float32']:.2f}×.",
+              "Repeats (s): fp32 " + ", ".join(f"{t:.2f}" for t in times["float32"]) + "; bf16 "
+              + ", ".join(f"{t:.2f}" for t in times["bfloat16"]) + "."]
+    return lines
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    record = Results(TITLE, argv=None if argv is None else [__file__, *argv])
+    torch.manual_seed(args.seed)
+    work = Path(args.work)
+    parts = args.parts.split(",")
+    bad = [p for p in parts if p not in ("memory", "realdata")]
+    if bad:
+        raise SystemExit(f"--parts: unknown {bad}; choose from memory, realdata")
+    check_tracker()
+    body = [
+        "`train.base_dtype: bfloat16` (or `medico-peft train --base-dtype bfloat16`) stores the image encoder's "
+        "frozen Linear/Conv weights in bf16; LoRA/adapter and every trained weight, LayerNorm/BatchNorm parameters, "
+        "embeddings and positional tables stay fp32, and the optimiser works on fp32. Adapters and merged/exported "
+        "models are fp32. 8-bit/4-bit frozen weights are not measured: neither bitsandbytes nor torchao is "
+        "installed, and bitsandbytes' 4-bit (QLoRA) kernels need a CUDA GPU.", "",
+        f"torch threads: {torch.get_num_threads()}.", ""]
+    if "memory" in parts:
+        body += memory_part(args, work) + [""]
+        record.write(args.out, "\n".join(body))
+    if "realdata" in parts:
+        body += realdata_part(args, work) + [""]
+    record.write(args.out, "\n".join(body))
+    print(f"[bench] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
