@@ -20,6 +20,9 @@ FULL = [
     ["benchmarks/bench_memory.py"],
     ["benchmarks/bench_hash.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
+    ["benchmarks/bench_base_dtype.py", "--parts", "realdata"],
+    ["benchmarks/bench_base_dtype.py", "--parts", "memory", "--sub-iterations", "2",
+     "--out", "benchmarks/results/base_dtype_memory.md"],
     ["benchmarks/bench_demo.py"],
 ]
 CHECK = ["-m", "pytest", "-q", "tests/test_results_files.py"]
