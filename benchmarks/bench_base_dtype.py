@@ -59,6 +59,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="memory,realdata", help="comma list of memory, realdata")
     p.add_argument("--models", default=",".join(MODELS), help="models of the memory part")
+    p.add_argument("--variants", default="0,1,2",
+                   help="memory part: indices into " + "; ".join(f"{i}={v[0]}" for i, v in enumerate(VARIANTS)))
     p.add_argument("--objects", type=int, default=5)
     p.add_argument("--sub-iterations", type=int, default=8, help="click sub-iterations of the memory step")
     p.add_argument("--steps", type=int, default=12, help="optimiser steps of each real-data run")
@@ -147,7 +149,7 @@ def memory_part(args, work: Path) -> list[str]:
     rows = []
     for name in args.models.split(","):
         size, batch_size = MODELS[name]
-        for label, base, precision in VARIANTS:
+        for label, base, precision in [VARIANTS[int(i)] for i in args.variants.split(",")]:
             cfg = _cfg({"name": name, "pretrained": False, "img_size": size if name != "litemedsam" else None},
                        {"synthetic": 2, "n_objects": args.objects},
                        {"batch_size": batch_size, "sub_iterations": args.sub_iterations, "seed": args.seed},

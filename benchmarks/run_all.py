@@ -21,7 +21,7 @@ FULL = [
     ["benchmarks/bench_hash.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
     ["benchmarks/bench_base_dtype.py", "--parts", "realdata"],
-    ["benchmarks/bench_base_dtype.py", "--parts", "memory", "--sub-iterations", "2",
+    ["benchmarks/bench_base_dtype.py", "--parts", "memory", "--sub-iterations", "1", "--variants", "0,1",
      "--out", "benchmarks/results/base_dtype_memory.md"],
     ["benchmarks/bench_demo.py"],
 ]
