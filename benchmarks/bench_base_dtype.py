@@ -145,8 +145,65 @@ def _tensor_bytes(batch) -> int:
     return sum(v.numel() * v.element_size() for v in batch.values() if torch.is_tensor(v))
 
 
-def memory_part(args, work: Path) -> list[str]:
+def weights_table(args) -> list[str]:
+    """Parameter + buffer bytes by dtype after injection and `train.base_dtype` (no step: quick, every model)."""
+    from medico_peft.models import build_model
+    from medico_peft.training.trainer import apply_base_dtype
+    from medico_peft.tuners import PeftConfig, inject
+
+    lines = ["## Parameter + buffer bytes by dtype", "",
+             "LoRA r=8 q,v on every encoder block + mask decoder injected, then `train.base_dtype` applied; each "
+             "storage counted once; random weights (same shapes as the real ones).", "",
+             "| model | input | base | fp32 MiB | bf16 MiB | other MiB | total MiB | vs fp32 base |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for name in args.models.split(","):
+        size = MODELS[name][0]
+        ref = None
+        for label, base in (("fp32 base", "float32"), ("bf16 base", "bfloat16")):
+            model = build_model(name, img_size=size if name != "litemedsam" else None, seed=args.seed)
+            inject(model, PeftConfig(**LORA))
+            apply_base_dtype(model, base)
+            w = bytes_by_dtype(model)
+            total = sum(w.values())
+            ref = ref or total
+            other = total - w.get("float32", 0) - w.get("bfloat16", 0)
+            lines.append(f"| {name} | {size}² | {label} | {w.get('float32', 0) / MIB:.1f} | "
+                         f"{w.get('bfloat16', 0) / MIB:.1f} | {other / MIB:.1f} | {total / MIB:.1f} | "
+                         f"{total / ref:.3f}× |")
+            del model
+            gc.collect()
+    return lines
+
+
+def memory_part(args, work: Path, emit) -> list[str]:
+    """Weights table, then one profiled LoRA step per model and variant; `emit(lines)` after each row."""
+    head = weights_table(args) + [""]
+    emit(head)
     rows = []
+
+    def table() -> list[str]:
+        lines = [
+            "## Peak tensor memory of one LoRA step", "",
+            f"LoRA r=8 q,v on every encoder block + mask decoder (trained), random weights, {args.objects} objects "
+            f"per image, {args.sub_iterations} click sub-iterations, AdamW (its state is created in this first step), "
+            "frozen prefix and feature cache at their defaults. *Step peak* = tensors alive before the step "
+            "(weights + batch) + the peak of the bytes allocated inside the step and alive at once (torch's CPU "
+            "allocator totals, via the profiler; a GPU's `max_memory_allocated` counts the same tensors). *Left* = "
+            "allocated in the step and still alive after it (AdamW state, feature cache; gradients are freed by "
+            "`zero_grad(set_to_none=True)`). Step seconds: one profiled step on a busy CPU (profiler overhead "
+            "included), for orientation only; the side-by-side ratio is in the real-data results.", "",
+            "| model | input | batch | base | weights MiB | trainable params | step peak MiB | left after MiB | "
+            "step s | step peak vs fp32 base |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        ref: dict[str, int] = {}
+        for name, size, bs, label, w, trainable, before, peak, end, secs in rows:
+            ref.setdefault(name, before + peak)
+            lines.append(f"| {name} | {size}² | {bs} | {label} | {sum(w.values()) / MIB:.1f} | {trainable:,} | "
+                         f"{(before + peak) / MIB:.1f} | {end / MIB:.1f} | {secs:.1f} | "
+                         f"{(before + peak) / ref[name]:.3f}× ({(before + peak - ref[name]) / MIB:+.1f} MiB) |")
+        return lines
+
     for name in args.models.split(","):
         size, batch_size = MODELS[name]
         for label, base, precision in [VARIANTS[int(i)] for i in args.variants.split(",")]:
@@ -168,35 +225,8 @@ def memory_part(args, work: Path) -> list[str]:
             trainer.close()
             del trainer, batch
             gc.collect()
-    lines = [
-        "## Parameter + buffer bytes and peak tensor memory of one LoRA step", "",
-        f"LoRA r=8 q,v on every encoder block + mask decoder (trained), random weights, {args.objects} objects per "
-        f"image, {args.sub_iterations} click sub-iterations, AdamW (its state is created in this first step), "
-        "frozen prefix and feature cache at their defaults. *Weights* = parameters + buffers by dtype (each "
-        "storage once). *Step peak* = tensors alive before the step (weights + batch) + the peak of the bytes "
-        "allocated inside the step and alive at once (torch's CPU allocator totals, via the profiler; a GPU's "
-        "`max_memory_allocated` counts the same tensors). *Left* = allocated in the step and still alive after it "
-        "(gradients are freed by `zero_grad(set_to_none=True)`; AdamW state, feature cache). Step seconds are one "
-        "profiled step (profiler overhead included), for orientation only; the side-by-side ratio is in the "
-        "real-data part.", "",
-        "| model | input | batch | base | fp32 MiB | bf16 MiB | other MiB | trainable params | step peak MiB | "
-        "left after MiB | step s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    ref: dict[str, tuple] = {}
-    for name, size, bs, label, w, trainable, before, peak, end, secs in rows:
-        other = sum(v for k, v in w.items() if k not in ("float32", "bfloat16"))
-        lines.append(f"| {name} | {size}² | {bs} | {label} | {w.get('float32', 0) / MIB:.1f} | "
-                     f"{w.get('bfloat16', 0) / MIB:.1f} | {other / MIB:.1f} | {trainable:,} | "
-                     f"{(before + peak) / MIB:.1f} | {end / MIB:.1f} | {secs:.1f} |")
-        ref.setdefault(name, (sum(w.values()), before + peak))
-    lines += ["", "Change against the fp32 base of the same model:", "",
-              "| model | base | weights (params + buffers) | step peak |", "|---|---|---:|---:|"]
-    for name, size, bs, label, w, trainable, before, peak, end, secs in rows:
-        w0, p0 = ref[name]
-        lines.append(f"| {name} | {label} | {sum(w.values()) / w0:.3f}× ({(sum(w.values()) - w0) / MIB:+.1f} MiB) | "
-                     f"{(before + peak) / p0:.3f}× ({(before + peak - p0) / MIB:+.1f} MiB) |")
-    return lines
+            emit(head + table())
+    return head + table()
 
 
 # --- real data -------------------------------------------------------------------------------------
@@ -292,7 +322,7 @@ def main(argv=None) -> int:
         "installed, and bitsandbytes' 4-bit (QLoRA) kernels need a CUDA GPU.", "",
         f"torch threads: {torch.get_num_threads()}.", ""]
     if "memory" in parts:
-        body += memory_part(args, work) + [""]
+        body += memory_part(args, work, lambda lines: record.write(args.out, "\n".join(body + lines))) + [""]
         record.write(args.out, "\n".join(body))
     if "realdata" in parts:
         body += realdata_part(args, work) + [""]
