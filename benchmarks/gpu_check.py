@@ -3,6 +3,9 @@
     bash benchmarks/gpu_check.sh                      # on a fresh H100/H200
     python -m benchmarks.gpu_check --cpu-dry-run      # logic check on CPU (tiny model, few repeats)
 
+Then the semantic path (`--semantic-models`, default litemedsam): a class-head model exported to one
+ONNX graph and built into TensorRT engines, `predict_semantic` latency and label agreement per backend.
+
 Prints one table: per model and backend, encoder and decoder latency (median) and the max
 abs logit error / mask mismatch vs torch fp32. Steps that cannot run (no CUDA EP, no TensorRT)
 are reported as skipped with the reason, never silently dropped.
@@ -100,6 +103,8 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
         ort_label += " + IO binding"
     rows.append(_predictor_row(name, ort_label, Predictor.from_onnx(onnx_dir, providers=providers), img, box,
                                coords, labels, repeats, ref, s, sync))
+    ref_volume = volume_reference(name)
+    rows.append(_volume_row(name, ort_label, Predictor.from_onnx(onnx_dir, providers=providers), ref_volume))
     for precision in precisions:
         try:
             import tensorrt  # noqa: F401
@@ -117,6 +122,7 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
             p = Predictor.from_tensorrt(work / f"{name}_{precision}")
             rows.append(_predictor_row(name, f"tensorrt {precision}", p, img, box, coords, labels, repeats, ref, s,
                                        sync))
+            rows.append(_volume_row(name, f"tensorrt {precision}", p, ref_volume))
             if precision == precisions[-1]:  # the decoder replayed from a CUDA graph, on the last precision
                 p = Predictor.from_tensorrt(work / f"{name}_{precision}", cuda_graph=True)
                 rows.append(_predictor_row(name, f"tensorrt {precision} + CUDA graph", p, img, box, coords, labels,
@@ -154,6 +160,43 @@ def _batch_row(name, work: Path, img, repeats, sync, batch: int = 8) -> dict:
         return {"model": name, "backend": label, "skipped": f"failed: {exc}"[:120]}
 
 
+VOLUME_SHAPE = (16, 96, 128)
+
+
+def _ball_volume():
+    z, y, x = np.mgrid[:VOLUME_SHAPE[0], :VOLUME_SHAPE[1], :VOLUME_SHAPE[2]]
+    ball = (z - 8) ** 2 + (y - 48) ** 2 + (x - 60) ** 2 <= 7 ** 2
+    return (ball * 200.0 + 20 + np.random.default_rng(0).normal(0, 5, VOLUME_SHAPE)).astype(np.float32)
+
+
+def _segment_volume(predictor):
+    """VolumePredictor over `predictor` (the same code for every backend): a box on the middle slice, then one
+    correction; (mask, seconds per decoded slice)."""
+    from medico_peft.runtime.volume import VolumePredictor
+
+    vp = VolumePredictor(predictor, stop_iou=0.0, min_area=1).set_volume(_ball_volume(), axis=0)
+    t0 = time.perf_counter()
+    vp.segment(8, box=[50, 38, 70, 58])
+    mask = vp.correct(10, points=[[60, 48]], labels=[1])
+    return mask, (time.perf_counter() - t0) / max(vp.decoded_slices, 1)
+
+
+def volume_reference(name: str):
+    from medico_peft.models import load_model
+    from medico_peft.runtime import Predictor
+
+    return _segment_volume(Predictor.from_torch(load_model(name).eval()))[0]  # CPU fp32
+
+
+def _volume_row(name, label, predictor, ref_mask):
+    """VolumePredictor on a synthetic 16-slice ball volume: ms per decoded slice (encoder column, encoding
+    included) and the share of voxels that differ from the CPU torch fp32 volume."""
+    mask, per_slice = _segment_volume(predictor)
+    return {"model": name, "backend": f"{label} volume (ms/slice)", "encoder_ms": 1e3 * per_slice,
+            "decoder_ms": float("nan"), "max_logit_err": float("nan"),
+            "mask_mismatch": float((mask != ref_mask).mean())}
+
+
 def _predictor_row(name, label, predictor, img, box, coords, labels, repeats, ref, s, sync=lambda: None):
     """Latency of the backend's encoder, decoder (on the embeddings where the backend keeps them: on the GPU for
     TensorRT and onnxruntime CUDA) and end to end (encode + decode + upscale + masks back on the host, no cache);
@@ -182,6 +225,73 @@ def _row(name, label, enc_t, dec_t, low, ref, s, logits=None, e2e_t=None):
             "mask_mismatch": float(((logits > 0) != ref.masks).mean())}
 
 
+def check_semantic(name: str, device: str, repeats: int, work: Path, precisions) -> list[dict]:
+    """Semantic path: a random UNETR head on `name` (weights as `load_model` gives them), exported to one ONNX graph
+    (image → class logits, with its parity gate), run by onnxruntime and built into TensorRT engines per precision
+    (their gate vs onnxruntime). Errors vs the torch fp32 CPU model: max abs logit error, share of pixels whose
+    label differs. Latency = `Predictor.predict_semantic` end to end (preprocessing, graph, upscaling, argmax)."""
+    from medico_peft.export.semantic_export import export_semantic_onnx
+    from medico_peft.models import load_model
+    from medico_peft.models.semantic import build_semantic
+    from medico_peft.runtime import Predictor
+
+    names = ["background", "class_1", "class_2", "class_3"]
+
+    def model():
+        torch.manual_seed(0)
+        return build_semantic(load_model(name), "unetr", len(names), names).eval()
+
+    cpu_model = model()
+    s = cpu_model.img_size
+    img = np.random.default_rng(1).integers(0, 255, (s * 3 // 4, s), dtype=np.uint8)
+    ref = Predictor.from_torch(cpu_model).predict_semantic(img)
+    rows = []
+
+    def row(label, predictor, sync):
+        t = median_time(lambda: predictor.predict_semantic(img), repeats, sync)
+        out = predictor.predict_semantic(img)
+        rows.append({"model": name, "backend": label, "ms": 1e3 * t,
+                     "max_logit_err": float(np.abs(out.logits - ref.logits).max()),
+                     "label_mismatch": float((out.labels != ref.labels).mean())})
+
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    row(f"torch fp32 ({device})", Predictor.from_torch(model().to(device)), sync)
+    onnx_dir = work / f"{name}_semantic_onnx"
+    export_semantic_onnx(cpu_model, onnx_dir, parity_random=1, parity_real=1)
+    row("onnxruntime CPU", Predictor.from_onnx(onnx_dir), lambda: None)
+    for precision in precisions:
+        label = f"tensorrt {precision}"
+        try:
+            import tensorrt  # noqa: F401
+        except ImportError:
+            rows.append({"model": name, "backend": label, "skipped": "tensorrt not installed (pip install tensorrt); engines also need a CUDA GPU"})
+            continue
+        if device != "cuda":
+            rows.append({"model": name, "backend": label, "skipped": "TensorRT engines need a CUDA GPU; none here"})
+            continue
+        try:
+            from medico_peft.export.tensorrt_build import build_engines
+
+            build_engines(onnx_dir, work / f"{name}_semantic_{precision}", precision=precision,
+                          timing_cache=str(work / "timing.cache"), parity_random=1, parity_real=1)
+            row(label, Predictor.from_tensorrt(work / f"{name}_semantic_{precision}"), lambda: None)
+        except Exception as exc:  # report and continue: one failing precision must not hide the rest
+            traceback.print_exc()
+            rows.append({"model": name, "backend": label, "skipped": f"failed: {exc}"[:160]})
+    return rows
+
+
+def semantic_table(rows: list[dict]) -> str:
+    out = ["| model | backend | predict_semantic ms | max logit err | label mismatch |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"| {r['model']} | {r['backend']} | skipped: {r['skipped']} | | |")
+        else:
+            out.append(f"| {r['model']} | {r['backend']} | {r['ms']:.2f} | {r['max_logit_err']:.2e} | "
+                       f"{r['label_mismatch']:.2e} |")
+    return "\n".join(out)
+
+
 def table(rows: list[dict]) -> str:
     out = ["| model | backend | encoder ms | decoder ms | end to end ms | max logit err | mask mismatch |",
            "|---|---|---|---|---|---|---|"]
@@ -202,6 +312,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int)
     ap.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "bf16"])
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--semantic-models", nargs="*",
+                    help="models for the semantic (class-head) export check; default litemedsam on GPU, vit_tiny in "
+                         "the dry run; give none to skip it")
     ap.add_argument("--out", help="also write the table (markdown) here")
     args = ap.parse_args(argv)
     record = Results("GPU check: parity and latency per backend", argv=None if argv is None else [__file__, *argv])
@@ -212,11 +325,18 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device visible; use --cpu-dry-run to check the logic on CPU")
         device, models, repeats = "cuda", args.models or ["litemedsam", "vit_b"], args.repeats or 20
-    rows = []
+    semantic_models = args.semantic_models if args.semantic_models is not None else (
+        ["vit_tiny"] if args.cpu_dry_run else ["litemedsam"])
+    rows, sem_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             rows += check_model(name, device, repeats, Path(tmp), not args.no_compile, args.precisions)
+        for name in semantic_models:
+            sem_rows += check_semantic(name, device, repeats, Path(tmp), args.precisions)
     text = table(rows)
+    if sem_rows:
+        text += ("\n\nSemantic export (random UNETR head, 4 classes; image 3:4; errors vs torch fp32 on CPU):\n\n"
+                 + semantic_table(sem_rows))
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU dry run"
     print(f"\n{gpu}, torch {torch.__version__}\n{text}")
     if args.out:
@@ -225,6 +345,7 @@ def main(argv=None) -> int:
                                "(max abs logit error, share of mask pixels that differ).\n\n"
                                f"{weights}\n\n{text}\n")
     bad = [r for r in rows if "skipped" not in r and r["mask_mismatch"] > 0.05]
+    bad += [r for r in sem_rows if "skipped" not in r and r["label_mismatch"] > 0.05]
     for r in rows:
         if r.get("note"):
             print(f"{r['model']} {r['backend']}: {r['note']}")

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_check.sh --cpu-dry-run
 # Installs the package and its export extra from wheels carried in $WHEELS (pip --no-index), or uses
 # what the machine already has; tensorrt is installed too when its wheel is in $WHEELS.
-# Budget: ~8 min on one GPU (litemedsam + vit_b, fp32/fp16/bf16 engines, 20 repeats).
+# Budget: ~9 min on one GPU (litemedsam + vit_b, fp32/fp16/bf16 engines, 20 repeats; then the semantic
+# export of litemedsam with a class head: ONNX + three engines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="${WHEELS:-wheels}"

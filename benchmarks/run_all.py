@@ -18,12 +18,14 @@ FULL = [
     ["benchmarks/bench_data.py"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "vit_b", "--threads", "2", "--repeats", "5"],
     ["benchmarks/bench_memory.py"],
+    ["benchmarks/bench_step_time.py"],
     ["benchmarks/bench_hash.py"],
     ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
     ["benchmarks/bench_base_dtype.py", "--parts", "realdata"],
     ["benchmarks/bench_base_dtype.py", "--parts", "memory", "--sub-iterations", "1", "--variants", "0,1",
      "--out", "benchmarks/results/base_dtype_memory.md"],
     ["benchmarks/bench_demo.py"],
+    ["benchmarks/bench_semantic.py"],
 ]
 CHECK = ["-m", "pytest", "-q", "tests/test_results_files.py"]
 QUICK = [

@@ -55,3 +55,54 @@ def fuse(model, adapter: str | os.PathLike | None = None, check: bool = True):
     if check:  # MergeMismatchError (an ExportError) above FUSE_ATOL
         info["fuse_max_abs_error"] = verify_merge(model, merged, tolerance=FUSE_ATOL)
     return merged, info
+
+
+def fuse_semantic(model, adapter_path: str | os.PathLike | None = None, check: bool = True):
+    """(a `SemanticSam` with its encoder LoRA/DoRA folded, info dict) for the semantic export.
+
+    PEFT state may sit on the SemanticSam or on its `sam`; either way the result is a plain SemanticSam
+    (bottleneck adapters stay as ops). `check`: the whole semantic forward (encoder taps + head) of
+    the merged model is compared with the unmerged one on fixed random images; MergeMismatchError above
+    FUSE_ATOL. `adapter_path` (already loaded into `model`) is recorded with its sha256.
+    """
+    import copy
+
+    import torch
+
+    from ..tuners.merge import MergeMismatchError
+
+    info: dict = {"adapter": None, "base_sha256": getattr(model.sam, "base_sha256", None), "task": "semantic"}
+    if adapter_path is not None:
+        info["adapter"] = {"path": str(Path(adapter_path)), "sha256": sha256_file(adapter_path)}
+    holder = model if is_injected(model) else model.sam if is_injected(model.sam) else None
+    model.eval()
+    if holder is None:
+        return model, info
+    method = peft_state(holder).config.method
+    info["method"] = method
+    if method == "adapter":
+        info["kept_as_ops"] = "bottleneck adapters (cannot fold into weights)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # merge warns that bottleneck adapters stay: expected here
+        if holder is model:
+            merged = merge(model).eval()
+        else:  # a copy whose encoder is merged in place; the unmerged model stays usable for the check
+            merged = copy.deepcopy(model)
+            merge(merged.sam, inplace=True)
+            merged.eval()
+    info["merged_sha256"] = sha256_state_dict(merged.state_dict())
+    if check:
+        gen = torch.Generator().manual_seed(0)
+        s = model.sam.img_size
+        images = torch.rand(2, 3, s, s, generator=gen)
+        images[1, :, :, s // 2:] = 0  # a padded (wide) image, as the runtime feeds them
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            want = model(images.to(device)).float()
+            got = merged(images.to(device)).float()
+        err = float((want - got).abs().max())
+        if not err <= FUSE_ATOL:
+            raise MergeMismatchError(f"semantic merge: merged model's class logits differ from the unmerged model's by "
+                                     f"{err:.3g} > {FUSE_ATOL:g}; nothing was exported")
+        info["fuse_max_abs_error"] = err
+    return merged.eval(), info

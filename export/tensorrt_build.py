@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import ExportError
 from ..runtime.artifacts import ENGINE_SIDECAR, ONNX_SIDECAR, PARTS, current_device_info, import_tensorrt, \
-    multimask_modes, read_sidecar, trt_major, write_sidecar
+    multimask_modes, read_sidecar, sidecar_task, trt_major, write_sidecar
 from .parity import Tolerance, batch_parity, gate, run_parity
 
 LOW_RES_OUTPUTS = ("iou_predictions", "low_res_masks")
@@ -159,6 +159,12 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
     device = current_device_info()
     onnx_dir = Path(onnx_dir)
     onnx_meta = read_sidecar(onnx_dir / ONNX_SIDECAR)
+    if sidecar_task(onnx_meta, onnx_dir / ONNX_SIDECAR) == "semantic":  # one graph, image → class logits
+        from .semantic_export import build_semantic_engine
+
+        return build_semantic_engine(onnx_dir, out_dir, precision, workspace_gb=workspace_gb,
+                                     timing_cache=timing_cache, atol=atol, parity_random=parity_random,
+                                     parity_real=parity_real)
     strong = uses_strong_typing(trt.__version__, precision)
     spec = onnx_meta["model"]["spec"]
     profiles = {"encoder": encoder_profile(int(spec["img_size"]), bool(onnx_meta["with_preprocess"]),

@@ -18,7 +18,9 @@ from ..runtime.preprocess import preprocess_image, resized_hw, upscale_masks
 
 class EncoderWrapper(nn.Module):
     """image → embeddings. Without preprocessing the input is (1, 3, S, S) in [0, 1] (padded);
-    with it, an (H, W, 3) uint8 or float image of any size (resize, intensity, pad in-graph)."""
+    with it, an (H, W, 3) uint8 or float image of any size (resize, intensity, pad in-graph): the one
+    shared `preprocess_image` (SAM on uint8: Pillow's fixed-point bilinear resize; padding with the
+    pixel mean, so it is 0 after normalising, as official SAM pads)."""
 
     def __init__(self, model, with_preprocess: bool = False, intensity: str = "minmax"):
         super().__init__()
@@ -28,7 +30,7 @@ class EncoderWrapper(nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.with_preprocess:
-            image = preprocess_image(image, self.model.img_size, self.intensity)
+            image = preprocess_image(image, self.model.img_size, self.intensity, pad_value=self.model.pixel_mean)
         return self.model.image_encoder(self.model.normalize(image))
 
 

@@ -172,6 +172,8 @@ def test_bad_base_dtype_is_a_config_error_naming_the_field(tmp_path, capsys):
         TrainConfig.from_yaml(TINY, overrides=["train.base_dtype=float16"])
     assert TrainConfig.from_yaml(TINY, overrides=["train.base_dtype=bfloat16"]).train.base_dtype == "bfloat16"
     assert TrainConfig.from_yaml(TINY).train.base_dtype == "float32"
+    with pytest.raises(ConfigError, match=r"train\.base_dtype.*pissa"):
+        TrainConfig.from_yaml(TINY, overrides=["train.base_dtype=bfloat16", "peft.init=pissa"])
     rc = main(["train", "--config", str(TINY), f"output.dir={tmp_path / 'run'}", "--base-dtype", "int4"])
     assert rc == 2 and "train.base_dtype" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -263,7 +263,7 @@ def test_stock_peft_samodel_adapter_imports_onto_medsam(case, base_path, tmp_pat
 def test_adapter_import_cli_detects_samodel_naming(base_path, tmp_path, capsys):
     stock = stock_adapter(base_path, tmp_path / "stock", "qkv_proj_mlp_decoder_saved")
     out = tmp_path / "ours.safetensors"
-    assert main(["adapter", "import", str(tmp_path / "stock"), "--checkpoint", str(base_path),
+    assert main(["adapter", "import", "--peft", str(tmp_path / "stock"), "--checkpoint", str(base_path),
                  "--out", str(out)]) == 0
     assert "transformers.SamModel naming" in capsys.readouterr().out
     model = load_adapter(load_model(checkpoint=base_path), out).eval()
@@ -314,7 +314,7 @@ def test_bad_peft_dirs_are_refused_and_leave_the_base_alone(bad, match, base_pat
     assert not hasattr(model, "medico_peft") and model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     out = tmp_path / "x.safetensors"
-    assert main(["adapter", "import", str(tmp_path / "bad"), "--format", "peft-hf", "--checkpoint", str(base_path),
+    assert main(["adapter", "import", "--peft", str(tmp_path / "bad"), "--format", "peft-hf", "--checkpoint", str(base_path),
                  "--out", str(out)]) == 2
     assert match in capsys.readouterr().err and not out.exists()
 

@@ -21,6 +21,9 @@ import re
 
 FORMAT_NAME = "medico_peft.adapter"
 FORMAT_VERSION = 1
+# Version 2 = version 1 plus `task` / `semantic` metadata and `head.*` tensors (semantic adapters,
+# adapters/semantic.py); interactive files are still written as version 1.
+READ_VERSION = 2
 
 _ADAPTER_NAME = re.compile(r"\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B)\.[^.]+\.")
 _MAGNITUDE = re.compile(r"\.lora_magnitude_vector\.[^.]+\.weight$")

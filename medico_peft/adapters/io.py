@@ -17,10 +17,11 @@ from torch import nn
 
 from ..errors import AdapterError, ConfigError, MedicoPeftError
 from ..tuners import PeftConfig, inject, is_injected, peft_state, trainable_state_dict, unload
+from ..tuners.lora.init import converted_state, needs_conversion
 from ..utils.atomic import atomic_path
 from ..utils.hashing import sha256_state_dict
 from ..utils.state import describe_mismatch
-from .format import FORMAT_NAME, FORMAT_VERSION, build_metadata, file_key
+from .format import FORMAT_NAME, READ_VERSION, build_metadata, file_key
 
 _ARCH_FIELDS = ("name", "family", "encoder", "prompt_dim", "decoder_mlp_dim", "decoder_heads")
 
@@ -32,7 +33,11 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict | None = None) -> Path:
-    """Write only what was trained (PEFT tensors + trained SAM parts) and the metadata needed to reload it."""
+    """Write only what was trained (PEFT tensors + trained SAM parts) and the metadata needed to reload it.
+
+    A PiSSA/OLoRA model is written as its plain-LoRA equivalent on the original base (`tuners.lora.init`):
+    the file's config has rank 2r and init default; `extra.lora_init` records the original init, rank, alpha.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -42,9 +47,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra_metadata: dict
         raise AdapterError("save_adapter: the model has no PEFT config; call medico_peft.tuners.inject(model, cfg) first")
     if model.base_sha256 is None:
         raise AdapterError("save_adapter: the model has no base_sha256; load it with medico_peft.models.load_model")
-    tensors = adapter_tensors(model)
+    cfg = peft_state(model).config
+    if needs_conversion(model):
+        # PiSSA/OLoRA: the model's base holds residuals; the file is the equivalent plain rank-2r LoRA on the
+        # original base (whose sha256 it records), so it loads, merges and exports like any LoRA file.
+        cfg, named = converted_state(model)
+        tensors = {file_key(n): t.contiguous() for n, t in named.items()}
+        extra_metadata = dict(extra_metadata or {})
+        extra_metadata["lora_init"] = {"init": peft_state(model).config.init, "rank": peft_state(model).config.rank,
+                                       "alpha": peft_state(model).config.alpha,
+                                       "saved_as": "plain LoRA on the original base: rank 2r, [A ; A0], [B | -B0]"}
+    else:
+        tensors = adapter_tensors(model)
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    metadata = build_metadata(model, peft_state(model).config, extra_metadata, created)
+    metadata = build_metadata(model, cfg, extra_metadata, created)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
@@ -84,9 +100,9 @@ def parse_metadata(raw: dict, path) -> dict:
     except ValueError:
         raise AdapterError(f"{path}: metadata 'format_version' must be an integer, "
                            f"got {raw.get('format_version')!r}") from None
-    if version > FORMAT_VERSION:
+    if version > READ_VERSION:
         raise AdapterError(f"{path}: adapter format version {version} is newer than this medico_peft "
-                           f"(reads up to version {FORMAT_VERSION}); upgrade medico_peft to load it")
+                           f"(reads up to version {READ_VERSION}); upgrade medico_peft to load it")
     meta = dict(raw)
     meta["format_version"] = version
     for key in ("config", "base_spec", "extra"):
@@ -115,6 +131,15 @@ def base_state_sha256(model: nn.Module) -> str:
         raise AdapterError("base_state_sha256: the model has an adapter; its base weights are hashed on the "
                            "plain model (unload it, or use AdapterBank, which does)")
     return sha256_state_dict(model.state_dict())
+
+
+def require_interactive(meta: dict, path) -> None:
+    """Refuse a semantic adapter (`task` semantic: a class head, adapters/semantic.py) where an
+    interactive one is needed."""
+    if meta.get("task", "interactive") != "interactive":
+        raise AdapterError(f"{path}: a {meta.get('task')} adapter (a class head for automatic segmentation); it "
+                           "cannot be used for interactive (prompted) prediction: load it with "
+                           "medico_peft.adapters.load_semantic_adapter or use the --semantic commands")
 
 
 def check_base(meta: dict, model: nn.Module, path, force: bool = False) -> None:
@@ -158,6 +183,7 @@ def load_adapter(base_model: nn.Module, path: str | os.PathLike, force: bool = F
                  name: str = "default") -> nn.Module:
     """Inject the file's config into `base_model` (in place) and load its tensors; returns the model."""
     meta, tensors = read_adapter(path)
+    require_interactive(meta, path)
     if is_injected(base_model):
         raise AdapterError(f"{path}: the model already has an adapter; load onto a plain base model "
                            "(or use AdapterBank to switch between several)")
@@ -208,11 +234,19 @@ def inspect_adapter(path: str | os.PathLike) -> dict:
         part = key.split(".", 1)[0]
         groups[part] = groups.get(part, 0) + t.numel()
     spec = meta["base_spec"]
+    task = {"task": meta.get("task", "interactive")}
+    if task["task"] == "semantic":
+        from .semantic import semantic_metadata
+
+        info = semantic_metadata(meta, path)
+        task.update({"head": info["kind"], "num_classes": info["num_classes"], "classes": info["class_names"],
+                     "joint": bool(info.get("joint", False))})
     return {
         "path": str(path),
         "size_bytes": Path(path).stat().st_size,
         "format_version": meta["format_version"],
         "method": meta["config"].method,
+        **task,
         "config": meta["config"].to_dict(),
         "base_model": spec.get("name"),
         "base_img_size": spec.get("img_size"),

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AdapterError, MedicoPeftError
 from ..tuners import inject, is_injected, peft_state, unload
-from .io import apply_tensors, check_base, read_adapter, restore_base_parts, snapshot_base_parts
+from .io import apply_tensors, check_base, read_adapter, require_interactive, restore_base_parts, snapshot_base_parts
 
 
 class AdapterBank:
@@ -39,6 +39,7 @@ class AdapterBank:
         if name in self._adapters:
             raise AdapterError(f"adapter name {name!r} is already in the bank; choose another name")
         meta, tensors = read_adapter(path)
+        require_interactive(meta, path)
         active = self.active
         if is_injected(self.model):  # hash the base an activation runs on: plain encoder + the bank's base parts
             self.deactivate()

@@ -42,6 +42,8 @@ PEFT_OPTIONS: dict[str, tuple[str, dict]] = {
     "--alpha": ("alpha", {"type": float}),
     "--dropout": ("dropout", {"type": float}),
     "--rslora": ("use_rslora", {"action": "store_const", "const": True}),
+    "--init": ("init", {}),
+    "--eva-batches": ("eva_batches", {"type": int}),
     "--targets": ("targets", {}),
     "--blocks": ("blocks", {}),
     "--freeze-decoder": ("train_decoder", {"action": "store_const", "const": False,

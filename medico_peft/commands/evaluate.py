@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     p.add_argument("--click-radius", type=float, default=None,
                    help="disk radius (mask-grid pixels) each click paints into the fed-back logits; "
                         "default: the library's (models/click_prompt.py), as in training; 0 = points only")
+    p.add_argument("--semantic", action="store_true",
+                   help="automatic multi-class evaluation of a semantic adapter (--adapter): per-class Dice per slice "
+                        "(2D) and per volume (3D), confusion summary, overlays with a legend; writes summary.md, "
+                        "per_class.csv, per_slice.csv, confusion.csv/png (--start/--clicks do not apply)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run)
 
@@ -41,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_output_dir(args.out, args.overwrite)
     model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
+    if args.semantic:
+        return run_semantic(args, model)
     if args.adapter:
         from ..adapters import load_adapter
 
@@ -54,4 +60,22 @@ def run(args: argparse.Namespace) -> int:
     steps = result.mean_dice
     print(f"{result.n_objects} objects on {result.n_slices} slices: mean Dice {steps[0]:.3f} at the {args.start} "
           f"start, {steps[-1]:.3f} after {result.n_clicks} clicks -> {result.files['summary_md']}")
+    return 0
+
+
+def run_semantic(args: argparse.Namespace, model) -> int:
+    from ..adapters import load_semantic_adapter
+    from ..errors import ConfigError
+    from ..evaluation.semantic import evaluate_semantic
+
+    if not args.adapter:
+        raise ConfigError("--adapter: evaluate --semantic needs a semantic adapter file (PEFT + class head)")
+    if args.labels:
+        raise ConfigError("--labels: evaluate --semantic scores the classes of the adapter's head; drop --labels")
+    model = load_semantic_adapter(model, args.adapter)
+    result = evaluate_semantic(model, args.manifest, split=args.split, out_dir=args.out, overwrite=args.overwrite,
+                               max_slices=args.max_slices, n_overlays=args.overlays, progress=not args.no_progress)
+    three_d = f", 3D {result.mean_dice_3d:.3f}" if result.volumetric else ""
+    print(f"{result.n_slices} slices, {len(result.class_names) - 1} classes: mean Dice 2D {result.mean_dice_2d:.3f}"
+          f"{three_d} -> {result.files['summary_md']}")
     return 0

@@ -14,6 +14,10 @@ def register(subparsers) -> None:
     onnx = sub.add_parser("onnx", help="image encoder + prompt decoder ONNX graphs with a parity gate")
     add_model_arguments(onnx, default=None)
     onnx.add_argument("--adapter", help="adapter .safetensors to fuse (LoRA/DoRA folded, bottleneck kept)")
+    onnx.add_argument("--semantic", action="store_true",
+                      help="--adapter is a semantic adapter (class head): export one graph image -> class logits "
+                           "(semantic.onnx); with --with-preprocess it takes an H×W×3 image of any size and returns "
+                           "logits at that size")
     onnx.add_argument("--out", required=True, help="output folder")
     onnx.add_argument("--overwrite", action="store_true",
                       help="replace the export in a non-empty --out folder (the old one stays usable until the new one passes its gate)")
@@ -62,6 +66,8 @@ def run_onnx(args: argparse.Namespace) -> int:
     if not args.model and not args.checkpoint:
         raise ConfigError("--model or --checkpoint: give a model name or a checkpoint path")
     model = load_model(args.model, checkpoint=args.checkpoint, img_size=args.img_size)
+    if args.semantic:
+        return run_semantic_onnx(args, model)
     model, info = fuse(model, args.adapter)
     tol = Tolerance(embeddings_atol=args.atol, logits_atol=args.atol, iou_atol=args.atol,
                     end_to_end_atol=args.end_to_end_atol)
@@ -76,6 +82,25 @@ def run_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_semantic_onnx(args: argparse.Namespace, model) -> int:
+    from medico_peft.errors import ConfigError
+    from medico_peft.export.semantic_export import SemanticTolerance, export_semantic_adapter
+
+    if not args.adapter:
+        raise ConfigError("--adapter: export onnx --semantic needs a semantic adapter file (PEFT + class head)")
+    meta = export_semantic_adapter(model, args.adapter, args.out, opset=args.opset,
+                                   with_preprocess=args.with_preprocess, input_dtype=args.input_dtype,
+                                   simplify=args.simplify, external_data=True if args.external_data else None,
+                                   tolerance=SemanticTolerance(logits_atol=args.end_to_end_atol),
+                                   parity_random=args.parity_images, parity_real=args.real_images,
+                                   threads=args.threads)
+    worst = meta["parity"]["max"]
+    print(f"wrote {args.out}/semantic.onnx, export.json ({meta['semantic']['num_classes']} classes, logits at the "
+          f"{meta['semantic']['logits_at']} size, {meta['export_seconds']:.1f} s); parity max: "
+          + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()))
+    return 0
+
+
 def run_tensorrt(args: argparse.Namespace) -> int:
     from medico_peft.export.tensorrt_build import build_engines
     from medico_peft.utils.paths import prepare_output_dir
@@ -83,6 +108,7 @@ def run_tensorrt(args: argparse.Namespace) -> int:
     prepare_output_dir(args.out, args.overwrite)
     meta = build_engines(args.onnx, args.out, precision=args.precision, max_points=args.max_points,
                          workspace_gb=args.workspace_gb, timing_cache=args.timing_cache, atol=args.atol)
-    print(f"wrote {args.out}/encoder.engine, decoder.engine, engine.json (TensorRT {meta['tensorrt_version']}, "
+    engines = ", ".join(f"{part}.engine" for part in meta["engines"])
+    print(f"wrote {args.out}/{engines}, engine.json (TensorRT {meta['tensorrt_version']}, "
           f"{meta['gpu_name']}, {args.precision}); parity vs onnxruntime: {meta['parity']['max']}")
     return 0

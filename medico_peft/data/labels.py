@@ -45,8 +45,10 @@ class LabelSelection:
     rename: dict = field(default_factory=dict)  # id -> new name
     names_file: str | None = None
 
-    def resolve(self) -> "LabelMap":
-        names = read_label_names(self.names_file) if self.names_file else {}
+    def resolve(self, names: dict[int, str] | None = None) -> "LabelMap":
+        """The lookup table; `names` ({id: name}, e.g. a manifest's label table) replaces `names_file`."""
+        if names is None:
+            names = read_label_names(self.names_file) if self.names_file else {}
         lut: dict[int, int] = {}
         out_names: dict[int, str] = {}
         if self.keep is not None:

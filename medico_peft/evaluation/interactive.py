@@ -78,7 +78,10 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
         raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
     k = gt.shape[0]
     gt_t = torch.from_numpy(gt)
-    emb = segmenter.embed(image)
+    if getattr(segmenter, "embed_takes_input_size", False):
+        emb = segmenter.embed(image, input_size=input_size)
+    else:
+        emb = segmenter.embed(image)
     size = segmenter.img_size
 
     points = torch.zeros((k, 0, 2), dtype=torch.float32)

@@ -39,9 +39,15 @@ class TorchSegmenter:
         self.img_size = int(model.img_size)
         self._device = next(model.parameters()).device
 
+    # `run_protocol` passes the slice's content size: the padding is set to 0 after normalising (official SAM's
+    # padding, what the Predictor and training feed); segmenters without this attribute get the image only.
+    embed_takes_input_size = True
+
     @torch.inference_mode()
-    def embed(self, image: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(image.unsqueeze(0).to(self._device, torch.float32))
+    def embed(self, image: torch.Tensor, input_size=None) -> torch.Tensor:
+        size = None if input_size is None else torch.as_tensor(input_size).reshape(1, 2)
+        return self.model.encode(image.unsqueeze(0).to(self._device, torch.float32),
+                                 None if size is None else size.to(self._device))
 
     @torch.inference_mode()
     def predict(self, embeddings, points, point_labels, boxes, mask_input, multimask):

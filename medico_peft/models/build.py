@@ -14,13 +14,17 @@ from .specs import ModelSpec, get_spec
 def _vit_encoder(spec: ModelSpec) -> nn.Module:
     from segment_anything.modeling import ImageEncoderViT
 
+    from .vit_attention import use_sdpa_attention
+
     e = spec.encoder
-    return ImageEncoderViT(
+    encoder = ImageEncoderViT(
         img_size=spec.img_size, patch_size=e["patch_size"], embed_dim=e["embed_dim"], depth=e["depth"],
         num_heads=e["num_heads"], mlp_ratio=e["mlp_ratio"], out_chans=spec.prompt_dim, qkv_bias=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, rel_pos_zero_init=True,
         window_size=e["window_size"], global_attn_indexes=tuple(e["global_attn_indexes"]),
     )
+    use_sdpa_attention(encoder)  # same parameters and outputs, no N×N attention map (models/vit_attention.py)
+    return encoder
 
 
 def _tinyvit_encoder(spec: ModelSpec) -> nn.Module:

@@ -5,7 +5,8 @@ Attribute names match official SAM, so `state_dict()` keys are `image_encoder.*`
 
 Conventions used across the library:
 - images enter as float tensors (B, 3, S, S) in [0, 1], already resized (longest side → S) and
-  zero-padded; `normalize` applies the model's own pixel statistics;
+  padded bottom/right; `normalize` applies the model's own pixel statistics and, given each item's
+  `input_size`, sets the padding to 0 after normalising (official SAM's padding);
 - point coordinates are (x, y) pixels of that S×S input; boxes are xyxy pixels;
 - the decoder runs on any number of prompts per image: `image_index` maps each prompt row to its
   image. Official SAM's `repeat_interleave` only supports one image with many prompts and breaks
@@ -16,6 +17,33 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+_FLOAT32_TINY = torch.finfo(torch.float32).tiny  # smallest normal float32; below it: subnormal
+# On by default; benchmarks/bench_step_time.py turns it off to measure what it saves.
+FLUSH_SUBNORMAL_GRADS = True
+
+
+def _flush_subnormal(grad: torch.Tensor) -> torch.Tensor:
+    """The gradient with subnormal values (|g| < 1.18e-38) set to 0: what a CPU with flush-to-zero does.
+
+    The Dice/focal losses take sigmoid' of the logits, which underflows into the subnormal range for
+    logits below about -87 (common for SAM's background). On x86 every arithmetic op on a subnormal
+    takes a microcode assist (~100× slower), so 20 % subnormal logit gradients made the decoder's
+    upscaling backward (ConvTranspose2d, GELU) ~4× slower. `torch.set_flush_denormal` only sets the
+    calling thread's MXCSR, not the OpenMP workers'; flushing at the source works on every thread.
+    Values this small change no parameter update measurably (they are below float32's normal range).
+    """
+    tiny = _FLOAT32_TINY if grad.dtype == torch.float32 else torch.finfo(grad.dtype).tiny
+    return grad.masked_fill(grad.abs() < tiny, 0.0)
+
+
+def flush_subnormal_grads(x: torch.Tensor) -> torch.Tensor:
+    """Identity in the forward pass; in backward, subnormal gradient values become 0 (see `_flush_subnormal`).
+    A no-op without autograd and while tracing/exporting (the graph stays plain)."""
+    if FLUSH_SUBNORMAL_GRADS and x.requires_grad and not torch.jit.is_tracing() and not torch.jit.is_scripting() \
+            and not torch.onnx.is_in_onnx_export():
+        x.register_hook(_flush_subnormal)
+    return x
 
 from .postprocess import upscale_logits
 from .specs import ModelSpec
@@ -52,15 +80,32 @@ class MedSam(nn.Module):
         return self
 
     # --- image side ---------------------------------------------------------------------------
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.pixel_mean) / self.pixel_std
+    def normalize(self, images: torch.Tensor, input_size: torch.Tensor | None = None) -> torch.Tensor:
+        """`(x - mean) / std`; with `input_size` ((B, 2) or (2,): each item's content height and width), the
+        padding outside it is set to 0 after normalising, as official SAM pads (and as the Predictor feeds:
+        it pads with the pixel mean). Shards and the loader pad with 0 *before* normalising, which would
+        give the ViT a padding of -mean/std instead. Models whose normalisation is the identity (LiteMedSAM:
+        mean 0, std 1) already get 0 padding and are returned untouched, bit for bit.
+        """
+        x = (images - self.pixel_mean) / self.pixel_std
+        if input_size is None or self._identity_normalisation():
+            return x
+        size = torch.as_tensor(input_size, device=images.device).reshape(-1, 2)
+        idx = torch.arange(images.shape[-1], device=images.device)
+        rows = idx[None, :] < size[:, :1]  # (B, S)
+        cols = idx[None, :] < size[:, 1:]
+        content = (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)  # (B, 1, S, S)
+        return torch.where(content, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) images in [0, 1] → (B, C, E, E) embeddings."""
+    def _identity_normalisation(self) -> bool:
+        return bool((self.pixel_mean == 0).all() and (self.pixel_std == 1).all())
+
+    def encode(self, images: torch.Tensor, input_size: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) images in [0, 1] → (B, C, E, E) embeddings; `input_size`: see `normalize`."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != self.img_size \
                 or images.shape[-2] != self.img_size:
             raise ValueError(f"images must be (B, 3, {self.img_size}, {self.img_size}), got {tuple(images.shape)}")
-        return self.image_encoder(self.normalize(images))
+        return self.image_encoder(self.normalize(images, input_size))
 
     # --- prompt side --------------------------------------------------------------------------
     def embed_prompts(self, points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
@@ -105,7 +150,7 @@ class MedSam(nn.Module):
         hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
         b, c, h, w = up.shape
         masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
-        return masks, md.iou_prediction_head(iou_out)
+        return flush_subnormal_grads(masks), md.iou_prediction_head(iou_out)
 
     def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
                image_index: torch.Tensor | None = None, multimask: bool = False):

@@ -25,6 +25,12 @@ ONNX_SIDECAR = "export.json"
 ENGINE_SIDECAR = "engine.json"
 FORMAT_VERSION = 1
 PARTS = ("encoder", "decoder")
+# What an export computes, recorded in its sidecar as "task" (absent: "interactive", the original format).
+# An interactive export is an image encoder + prompt decoder pair; a semantic export is one graph,
+# image → per-class logits (`SEMANTIC_PART`). Each backend refuses the other task's folder.
+TASKS = ("interactive", "semantic")
+SEMANTIC_PART = "semantic"
+LOGITS_AT = ("original", "model")  # semantic graph output: at the image's own size, or at the model's S×S input
 
 # Which of SAM's four mask tokens the exported decoder returns (index 0 = the single-mask answer,
 # 1..3 = the multimask answers), by the `mask_outputs` recorded in the sidecar ...
@@ -61,21 +67,29 @@ class ExportedModel:
     mask_outputs: str
     meta: dict = field(repr=False)
     max_batch: int = 1        # images per encoder call (>1 only for exports without in-graph preprocessing)
+    pixel_mean: tuple = (0.0, 0.0, 0.0)  # [0, 1] units; the padding colour that normalises to 0
     profiles: dict = field(default_factory=dict, repr=False)
+    task: str = "interactive"
+    semantic: dict = field(default_factory=dict, repr=False)  # semantic exports: kind, num_classes, class_names, ...
 
     @property
     def sidecar(self) -> Path:
         return self.folder / (ENGINE_SIDECAR if self.kind == "tensorrt" else ONNX_SIDECAR)
 
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The graphs (ONNX) or engines (TensorRT) this export consists of."""
+        return (SEMANTIC_PART,) if self.task == "semantic" else PARTS
+
     def part_path(self, part: str) -> Path:
-        """Path of the encoder/decoder graph (ONNX) or engine (TensorRT) in the folder."""
+        """Path of the encoder/decoder/semantic graph (ONNX) or engine (TensorRT) in the folder."""
         if self.kind == "tensorrt":
             return self.folder / f"{part}.engine"
         return self.folder / self.meta["files"][part]["name"]
 
     def mask_slice(self, multimask: bool) -> slice | None:
         """Which decoder outputs answer `multimask`; None when this export cannot answer it."""
-        return MASK_SLICES[self.mask_outputs].get(bool(multimask))
+        return MASK_SLICES.get(self.mask_outputs, {}).get(bool(multimask))
 
 
 def _model_fields(onnx_meta: dict) -> dict:
@@ -84,7 +98,8 @@ def _model_fields(onnx_meta: dict) -> dict:
             "embedding_size": int(onnx_meta["model"]["embedding_size"]),
             "with_preprocess": bool(onnx_meta["with_preprocess"]),
             "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": onnx_meta["mask_outputs"],
-            "max_batch": int(onnx_meta.get("max_batch", 1))}
+            "max_batch": int(onnx_meta.get("max_batch", 1)),
+            "pixel_mean": tuple(float(v) for v in spec.get("pixel_mean", (0.0, 0.0, 0.0)))}
 
 
 def write_sidecar(path: str | os.PathLike, data: dict) -> Path:
@@ -141,11 +156,70 @@ def _checked_fields(onnx_meta, path: Path, where: str = "") -> dict:
     return fields
 
 
+def sidecar_task(onnx_meta: dict, path) -> str:
+    """The task an export's sidecar records ("interactive" when absent), refused when unknown."""
+    task = onnx_meta.get("task", "interactive") if isinstance(onnx_meta, dict) else "interactive"
+    if task not in TASKS:
+        raise ExportError(f"{path}: sidecar key 'task' is {task!r}, expected one of {list(TASKS)}")
+    return task
+
+
+def _checked_semantic_fields(onnx_meta: dict, path: Path, where: str = "") -> dict:
+    """The typed fields of a semantic sidecar (one graph, image → class logits), or one ExportError naming the key."""
+    try:
+        spec = onnx_meta["model"]["spec"]
+        sem = onnx_meta["semantic"]
+        fields = {"family": spec["family"], "img_size": int(spec["img_size"]),
+                  "embedding_size": int(onnx_meta["model"]["embedding_size"]),
+                  "with_preprocess": bool(onnx_meta["with_preprocess"]),
+                  "input_dtype": onnx_meta.get("input_dtype", "uint8"), "mask_outputs": "none",
+                  "task": "semantic", "semantic": dict(sem)}
+        if not isinstance(onnx_meta["files"][SEMANTIC_PART]["name"], str):
+            raise TypeError(f"files.{SEMANTIC_PART}.name is not a string")
+        io = onnx_meta["io"][SEMANTIC_PART]
+        for kind in ("inputs", "outputs"):
+            if not all(isinstance(e, dict) and {"name", "dtype", "shape"} <= set(e) for e in io[kind]):
+                raise TypeError(f"io.{SEMANTIC_PART}.{kind} entries need name, shape and dtype")
+        names, n = sem["class_names"], int(sem["num_classes"])
+        if not isinstance(names, list) or len(names) != n or n < 2:
+            raise ValueError(f"semantic.class_names has {len(names) if isinstance(names, list) else names!r} "
+                             f"entries for num_classes {n} (expected one name per class, at least 2)")
+        if sem["logits_at"] not in LOGITS_AT:
+            raise ValueError(f"semantic.logits_at is {sem['logits_at']!r}, expected one of {list(LOGITS_AT)}")
+    except KeyError as exc:
+        raise ExportError(f"{path}: sidecar key {where}{exc.args[0]!r} is missing; expected the sidecar written by "
+                          "`medico-peft export onnx` for a semantic model") from None
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ExportError(f"{path}: sidecar {where or 'content'} is malformed ({type(exc).__name__}: {exc}); "
+                          "expected the sidecar written by `medico-peft export onnx` for a semantic model") from None
+    return fields
+
+
+def _typed_fields(onnx_meta: dict, path: Path, where: str = "") -> dict:
+    if sidecar_task(onnx_meta, path) == "semantic":
+        return _checked_semantic_fields(onnx_meta, path, where)
+    return _checked_fields(onnx_meta, path, where)
+
+
+def require_task(artifact: ExportedModel, task: str) -> ExportedModel:
+    """Refuse an export made for the other task, saying what it is and what to call instead."""
+    if artifact.task == task:
+        return artifact
+    if artifact.task == "semantic":
+        names = artifact.semantic.get("class_names", [])
+        raise ExportError(f"{artifact.sidecar}: this is a semantic export ({len(names)} classes: "
+                          f"{', '.join(map(str, names[:6]))}{', ...' if len(names) > 6 else ''}), not an interactive "
+                          "one; use Predictor.predict_semantic(image) (CLI: `medico-peft predict --semantic`)")
+    raise ExportError(f"{artifact.sidecar}: this is an interactive export (image encoder + prompt decoder), not a "
+                      "semantic one; use Predictor.set_image + predict(box/points) (CLI: `medico-peft predict` "
+                      "without --semantic), or export a semantic adapter")
+
+
 def read_onnx_export(folder: str | os.PathLike) -> ExportedModel:
-    """The `export.json` of an ONNX export folder, typed."""
+    """The `export.json` of an ONNX export folder (interactive or semantic, by its `task`), typed."""
     folder = Path(folder)
     meta = read_sidecar(folder / ONNX_SIDECAR)
-    return ExportedModel(folder=folder, kind="onnx", meta=meta, **_checked_fields(meta, folder / ONNX_SIDECAR))
+    return ExportedModel(folder=folder, kind="onnx", meta=meta, **_typed_fields(meta, folder / ONNX_SIDECAR))
 
 
 def read_engine_export(folder: str | os.PathLike) -> ExportedModel:
@@ -158,7 +232,7 @@ def read_engine_export(folder: str | os.PathLike) -> ExportedModel:
             raise ExportError(f"{path}: sidecar key {key!r} should be an object, got {type(meta.get(key)).__name__}; "
                               "expected the engine.json written by `medico-peft export tensorrt`")
     return ExportedModel(folder=folder, kind="tensorrt", meta=meta, profiles=meta["profiles"],
-                         **_checked_fields(meta["onnx"], path, "onnx."))
+                         **_typed_fields(meta["onnx"], path, "onnx."))
 
 
 def ort_io(session) -> dict:

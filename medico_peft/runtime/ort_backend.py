@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from .artifacts import PARTS, check_io, ort_io, read_onnx_export
+from .artifacts import PARTS, SEMANTIC_PART, check_io, ort_io, read_onnx_export
 from .exported_backend import ExportedBackend
 
 
@@ -157,3 +157,40 @@ def decoder_feed(embeddings, coords, labels, mask_input, has_mask_input, orig_hw
         "has_mask_input": np.asarray([has_mask_input], np.float32).reshape(1),
         "orig_im_size": np.asarray(orig_hw, np.float32),
     }
+
+
+class OrtSemanticBackend(ExportedBackend):
+    """A semantic export (one graph, image → class logits) on onnxruntime.
+
+    The graph's input is checked against the sidecar on load; each feed is checked against the graph's
+    fixed dimensions before it runs (`check_feed`), so a wrongly sized input is refused by name.
+    """
+
+    name = "onnxruntime"
+    what = "semantic ONNX export"
+    task = "semantic"
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None, providers=None):
+        self._adopt(read_onnx_export(folder))
+        self.class_names = [str(n) for n in self.artifact.semantic["class_names"]]
+        self.logits_at = self.artifact.semantic["logits_at"]
+        path = self.artifact.part_path(SEMANTIC_PART)
+        if not path.is_file():
+            raise ExportError(f"{path}: missing; expected the semantic graph listed in {self.artifact.sidecar}")
+        self.session = make_session(path, threads, providers)
+        check_io(self.meta["io"][SEMANTIC_PART], ort_io(self.session), str(path))
+
+    def run_graph(self, feed: np.ndarray) -> torch.Tensor:
+        """The graph on an already prepared `image` input (see `encoder_feed`), checked first."""
+        self.check_feed(SEMANTIC_PART, "image", feed)
+        (logits,) = self.session.run(["logits"], {"image": feed})
+        return torch.from_numpy(logits)
+
+    def semantic_logits(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        """(1, C, H, W) logits at the image's own size."""
+        from .semantic import logits_to_original
+
+        logits = self.run_graph(self.encoder_feed(image_hwc3))
+        if self.logits_at == "model":
+            logits = logits_to_original(logits, image_hwc3.shape[:2], self.img_size)
+        return logits

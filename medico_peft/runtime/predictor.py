@@ -19,6 +19,7 @@ import torch
 from ..errors import DataError
 from ..models.click_prompt import CLICK_RADIUS, paint_clicks
 from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
+from .semantic import SemanticPrediction
 
 
 def decode_at_original_size(backend, embeddings, coords, labels, mask_input, has_mask_input, orig_hw,
@@ -67,24 +68,79 @@ class Predictor:
 
     @classmethod
     def from_torch(cls, model, **kw) -> "Predictor":
-        from .torch_backend import TorchBackend
+        """An interactive `MedSam`, or a `SemanticSam` (then use `predict_semantic`)."""
+        from .torch_backend import TorchBackend, TorchSemanticBackend, is_semantic_model
 
-        return cls(TorchBackend(model), **kw)
+        return cls(TorchSemanticBackend(model) if is_semantic_model(model) else TorchBackend(model), **kw)
 
     @classmethod
     def from_onnx(cls, folder, threads: int | None = None, providers=None, io_binding: bool | None = None,
                   **kw) -> "Predictor":
-        """`io_binding` (default: on with the CUDA provider) keeps embeddings on the provider's device."""
-        from .ort_backend import OrtBackend
+        """An interactive or a semantic ONNX export folder (the sidecar's `task` decides). `io_binding` (default:
+        on with the CUDA provider) keeps interactive embeddings on the provider's device."""
+        from .artifacts import read_onnx_export
+        from .ort_backend import OrtBackend, OrtSemanticBackend
 
+        if read_onnx_export(folder).task == "semantic":
+            return cls(OrtSemanticBackend(folder, threads=threads, providers=providers), **kw)
         return cls(OrtBackend(folder, threads=threads, providers=providers, io_binding=io_binding), **kw)
 
     @classmethod
     def from_tensorrt(cls, folder, cuda_graph: bool = False, **kw) -> "Predictor":
-        """Embeddings stay on the GPU; `cuda_graph` replays the decoder from a captured CUDA graph."""
-        from .trt_backend import TrtBackend
+        """An interactive or a semantic TensorRT folder (the sidecar's `task` decides). Interactive embeddings stay
+        on the GPU; `cuda_graph` replays the decoder from a captured CUDA graph."""
+        from .artifacts import read_engine_export
+        from .trt_backend import TrtBackend, TrtSemanticBackend
 
+        if read_engine_export(folder).task == "semantic":
+            return cls(TrtSemanticBackend(folder), **kw)
         return cls(TrtBackend(folder, cuda_graph=cuda_graph), **kw)
+
+    @property
+    def task(self) -> str:
+        """"interactive" (set_image + predict) or "semantic" (predict_semantic)."""
+        return getattr(self.backend, "task", "interactive")
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Semantic predictors: the name of each class index (0 = background); None for interactive ones."""
+        return list(self.backend.class_names) if self.task == "semantic" else None
+
+    def require_task(self, task: str, call: str) -> None:
+        """Refuse a call made for the other task ("interactive" / "semantic"), saying what to call instead."""
+        if self.task == task:
+            return
+        from ..errors import ConfigError
+
+        if self.task == "semantic":
+            names = self.backend.class_names
+            raise ConfigError(f"{call}: this {self.backend.name} predictor runs a semantic model ({len(names)} "
+                              f"classes: {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}), which takes no "
+                              "prompts; call predict_semantic(image) (CLI: `medico-peft predict --semantic`)")
+        raise ConfigError(f"{call}: this {self.backend.name} predictor runs an interactive model (image encoder + "
+                          "prompt decoder), which has no class head; use set_image + predict(box/points), or load a "
+                          "semantic adapter / semantic export for predict_semantic")
+
+    def predict_semantic(self, image) -> "SemanticPrediction":
+        """Every class at once, no prompts: an H×W[×1|×3] image (uint8 or float) → labels (H, W) and logits
+        (C, H, W) at the image's own size. Any size and aspect ratio; 3D volumes: `predict_semantic_volume`."""
+        from .semantic import prediction_from_logits
+
+        self.require_task("semantic", "predict_semantic")
+        arr = np.asarray(image)
+        if arr.ndim == 3 and arr.shape[2] not in (1, 3):
+            raise DataError(f"image: shape {arr.shape} has {arr.shape[2]} channels; expected H×W, H×W×1 or H×W×3 "
+                            "(for a 3D volume use predict_semantic_volume(volume, axis))")
+        arr = as_hwc3(arr)
+        return prediction_from_logits(self.backend.semantic_logits(arr), self.backend.class_names)
+
+    def predict_semantic_volume(self, volume, axis: int = 2, progress=None) -> np.ndarray:
+        """Labels of a 3D volume, slice by slice along `axis`; same shape (grid) as `volume`."""
+        from .semantic import check_volume, segment_volume
+
+        self.require_task("semantic", "predict_semantic_volume")
+        vol = check_volume(volume, axis)
+        return segment_volume(self.predict_semantic, vol, axis, len(self.backend.class_names), progress)
 
     @property
     def backend_name(self) -> str:
@@ -92,6 +148,7 @@ class Predictor:
 
     def set_image(self, image) -> "Predictor":
         """Encode an image (H×W, H×W×1 or H×W×3; uint8 or float); embeddings are cached by content."""
+        self.require_task("interactive", "set_image")
         arr = as_hwc3(image)
         key = hashlib.sha256(arr.tobytes() + str((arr.shape, arr.dtype.str)).encode()).hexdigest()
         if key in self._cache:
@@ -104,8 +161,27 @@ class Predictor:
         self._orig_hw = (arr.shape[0], arr.shape[1])
         return self
 
+    def encode_images(self, images) -> list[torch.Tensor]:
+        """Embeddings of several images (no caching): batched encoder calls when the backend has a batch path
+        (`encode_batch`: torch; onnxruntime/TensorRT exports made with `--max-batch`, else they loop) and the
+        images share a shape and dtype, else one call per image."""
+        arrs = [as_hwc3(im) for im in images]
+        batch = getattr(self.backend, "encode_batch", None)
+        if batch is not None and len(arrs) > 1 and len({a.shape for a in arrs}) == 1 \
+                and len({a.dtype for a in arrs}) == 1:
+            out = batch(arrs)
+            return [out[i:i + 1] for i in range(len(arrs))]  # (1, C, E, E) each, as `encode` returns
+        return [self.backend.encode(a) for a in arrs]
+
+    def set_embeddings(self, embeddings: torch.Tensor, orig_hw: tuple[int, int]) -> "Predictor":
+        """Use embeddings computed earlier (`encode_images`) for an image of size `orig_hw`; `predict` follows."""
+        self._embeddings = embeddings
+        self._orig_hw = (int(orig_hw[0]), int(orig_hw[1]))
+        return self
+
     def predict(self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False) -> Prediction:
         """Points (x, y) and box (x0, y0, x1, y1) are pixels of the original image."""
+        self.require_task("interactive", "predict")
         if self._embeddings is None:
             raise DataError("predict: no image set; call set_image(image) first")
         coords, labs = build_prompt_arrays(self._orig_hw, points, labels, box)

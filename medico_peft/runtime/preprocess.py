@@ -41,22 +41,105 @@ def resized_hw(h, w, size: int):
     return int(np.floor(h * scale + 0.5)), int(np.floor(w * scale + 0.5))
 
 
-def preprocess_image(image: torch.Tensor, img_size: int, mode: str) -> torch.Tensor:
-    """(H, W, 3) uint8/float image → (1, 3, S, S) float in [0, 1], longest side S, zero-padded bottom/right.
+# Pillow's fixed-point precision for 8-bit images (Resample.c: PRECISION_BITS = 32 - 8 - 2).
+_PIL_PRECISION = 22
 
+
+def _pil_bilinear_weights(in_size, out_size) -> torch.Tensor:
+    """Pillow's bilinear (antialiased) resampling coefficients as an (out, in) float32 matrix of integers < 2**22.
+
+    Pillow (`precompute_coeffs` + `normalize_coeffs_8bpc`) evaluates the triangle filter at
+    (j + 0.5 - center) / filterscale, center = (i + 0.5)·in/out, filterscale = max(in/out, 1) (the support
+    widens when shrinking: antialias), normalises each row by its sum and rounds w·2**22 half up.
+    Every one of these values is a ratio of integers: with D = 2·max(in, out) and
+    n = (2j + 1)·out − (2i + 1)·in, the filter value is (D − |n|) / D, so the coefficient is
+    floor((2**23·(D − |n|) + S) / (2·S)) with S the row sum of (D − |n|) — computed here in int64, exactly,
+    with the same result on torch, onnxruntime and any engine with int64 arithmetic.
+    Sizes may be 0-dim tensors (traced into the ONNX graph).
+    """
+    n_in = torch.as_tensor(in_size).to(torch.int64)
+    n_out = torch.as_tensor(out_size).to(torch.int64)
+    d = 2 * torch.maximum(n_in, n_out)
+    i = torch.arange(out_size, dtype=torch.int64)
+    j = torch.arange(in_size, dtype=torch.int64)
+    n = (2 * j[None, :] + 1) * n_out - (2 * i[:, None] + 1) * n_in
+    a = torch.clamp(d - torch.abs(n), min=0)                   # triangle filter, scaled by D
+    s = torch.clamp(torch.sum(a, dim=1, keepdim=True), min=1)
+    q = torch.div((a * (1 << (_PIL_PRECISION + 1)) + s), 2 * s, rounding_mode="floor")
+    return q.to(torch.float32)
+
+
+def _pil_pass(x: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """One Pillow resampling pass along the last axis of uint8-valued float32 `x`, rounded as Pillow does.
+
+    Pillow sums pixel × coefficient in 32-bit integers (sums up to 2**30) and keeps
+    clip8((sum + 2**21) >> 22). float32 holds integers exactly only below 2**24, so each coefficient
+    is split into 6 + 8 + 8 bits; the three partial sums are exact in float32 (and under TF32: every
+    factor has at most 8 significant bits) whatever the summation order, and carrying between them
+    yields Pillow's result exactly.
+    """
+    hi = torch.floor(coeffs / 65536.0)
+    mid = torch.floor((coeffs - hi * 65536.0) / 256.0)
+    lo = coeffs - hi * 65536.0 - mid * 256.0
+    n_out = coeffs.shape[0]
+    parts = torch.cat([hi, mid, lo], dim=0).to(torch.float32)  # (3·out, in)
+    sums = torch.matmul(x, parts.transpose(0, 1))
+    a, b, c = sums[..., :n_out], sums[..., n_out:2 * n_out], sums[..., 2 * n_out:]
+    t1 = b + torch.floor(c / 256.0)                    # sum = a·2^16 + t1·2^8 + (c mod 2^8)
+    t2 = a + torch.floor(t1 / 256.0)                   # sum = t2·2^16 + r, 0 <= r < 2^16
+    return torch.clamp(torch.floor((t2 + 32.0) / 64.0), 0.0, 255.0)  # (sum + 2^21) >> 22, clipped
+
+
+def pil_resize_uint8_graph(image: torch.Tensor, out_h, out_w) -> torch.Tensor:
+    """(H, W, C) uint8 → (C, out_h, out_w) float32 uint8 values: Pillow's bilinear resize in tensor ops
+    (traceable into ONNX), a horizontal pass rounded to uint8, then a vertical pass, as Pillow's
+    `ImagingResampleInner` source does.
+
+    The installed Pillow (13) runs the vertical pass first for some size pairs (an order chosen
+    inside its C code); for those the two orders differ by 1 grey level on part of the pixels.
+    Whenever it runs the horizontal pass first — e.g. every upscale of both sides, such as
+    480×640 → 768×1024 — the result equals Pillow's exactly (tests/test_official_predictor.py).
+    A pass whose size does not change is the identity, as Pillow's skipped pass is.
+    """
+    shape = torch._shape_as_tensor(image)
+    x = image.to(torch.float32).permute(2, 0, 1)                    # (C, H, W)
+    x = _pil_pass(x, _pil_bilinear_weights(shape[1], out_w))        # (C, H, out_w)
+    x = _pil_pass(x.transpose(1, 2), _pil_bilinear_weights(shape[0], out_h))  # (C, out_w, out_h)
+    return x.transpose(1, 2)
+
+
+def preprocess_image(image: torch.Tensor, img_size: int, mode: str, pad_value=None) -> torch.Tensor:
+    """(H, W, 3) uint8/float image → (1, 3, S, S) float in [0, 1], longest side S, padded bottom/right.
+
+    `mode` "div255" (SAM on uint8 input) reproduces official `SamPredictor.set_image`: Pillow's antialiased
+    bilinear resize rounded to uint8 (`pil_resize_uint8_graph`: Pillow's fixed-point arithmetic in tensor
+    ops, the same in eager torch and in the ONNX graph), then /255. "minmax" (LiteMedSAM, and every float
+    image) interpolates in float and min-max normalises, as LiteMedSAM was trained.
+    `pad_value`: per-channel fill of the padding, in the same [0, 1] units — pass the model's `pixel_mean`
+    so that after `(x - mean) / std` the padding is exactly 0, as official SAM pads after normalising;
+    None pads with 0.
     Traceable: H and W are read from the tensor shape, so the ONNX graph accepts any size.
     """
-    x = image.to(torch.float32).permute(2, 0, 1).unsqueeze(0)
     shape = torch._shape_as_tensor(image)
     h, w = resized_hw(shape[0], shape[1], img_size)
     hi, wi = h.to(torch.int64), w.to(torch.int64)
-    x = F.interpolate(x, size=(hi, wi), mode="bilinear", align_corners=False)
+    if mode == "div255" and image.dtype == torch.uint8:
+        x = pil_resize_uint8_graph(image, hi, wi).unsqueeze(0) / 255.0
+    else:
+        x = image.to(torch.float32).permute(2, 0, 1).unsqueeze(0)
+        x = F.interpolate(x, size=(hi, wi), mode="bilinear", align_corners=False)
     if mode == "minmax":
         lo, hi_v = x.min(), x.max()
         x = (x - lo) / torch.clamp(hi_v - lo, min=1e-8)
     else:
-        x = torch.clamp(x / 255.0, 0.0, 1.0)
-    return F.pad(x, (0, img_size - wi, 0, img_size - hi))
+        x = torch.clamp(x / 255.0, 0.0, 1.0) if image.dtype != torch.uint8 else x
+    pad = (0, img_size - wi, 0, img_size - hi)
+    if pad_value is None:
+        return F.pad(x, pad)
+    fill = torch.as_tensor(pad_value, dtype=torch.float32).reshape(1, -1, 1, 1)
+    idx = torch.arange(img_size)
+    content = (idx[:, None] < hi) & (idx[None, :] < wi)  # (S, S): the resized image, not the padding
+    return torch.where(content, F.pad(x, pad), fill)
 
 
 def as_hwc3(image, name: str = "image") -> np.ndarray:

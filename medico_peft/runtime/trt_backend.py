@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from ..errors import ExportError
-from .artifacts import PARTS, check_engine_compat, check_shapes_fit, current_device_info, import_tensorrt, \
-    read_engine_export
+from .artifacts import PARTS, SEMANTIC_PART, check_engine_compat, check_shapes_fit, current_device_info, \
+    import_tensorrt, read_engine_export
 from .exported_backend import ExportedBackend
 
 _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
@@ -215,3 +215,40 @@ class TrtBackend(ExportedBackend):
         engine = self.engines["decoder"]
         out = engine.run_graph(feed) if self.cuda_graph else engine.run(feed)
         return out["low_res_masks"][:, sl].float(), out["iou_predictions"][:, sl].float()
+
+
+class TrtSemanticBackend(ExportedBackend):
+    """A semantic engine (`semantic.engine` from a semantic ONNX export) on TensorRT.
+
+    Inputs are checked against the ONNX graph's fixed dimensions and, for in-graph preprocessing, the
+    engine's optimisation profile (image sides it was built for) before they run.
+    """
+
+    name = "tensorrt"
+    what = "semantic engine"
+    task = "semantic"
+
+    def __init__(self, folder: str | os.PathLike):
+        self._adopt(read_engine_export(folder))
+        self.class_names = [str(n) for n in self.artifact.semantic["class_names"]]
+        self.logits_at = self.artifact.semantic["logits_at"]
+        trt = import_tensorrt()
+        check_engine_compat(self.meta, current_device_info(), str(self.artifact.sidecar))
+        self.profiles = self.artifact.profiles
+        self.meta = {**self.meta, "io": self.meta["onnx"]["io"]}  # check_feed reads the graph's I/O
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = TrtEngine.load(self.artifact.part_path(SEMANTIC_PART), trt.Runtime(self._logger))
+
+    def run_graph(self, feed: np.ndarray) -> torch.Tensor:
+        self.check_feed(SEMANTIC_PART, "image", feed)
+        if self.profiles.get(SEMANTIC_PART):
+            check_shapes_fit(self.profiles[SEMANTIC_PART], {"image": feed.shape}, "semantic.engine")
+        return self.engine.run({"image": feed})["logits"].float().cpu()  # the final output comes back
+
+    def semantic_logits(self, image_hwc3: np.ndarray) -> torch.Tensor:
+        from .semantic import logits_to_original
+
+        logits = self.run_graph(self.encoder_feed(image_hwc3))
+        if self.logits_at == "model":
+            logits = logits_to_original(logits, image_hwc3.shape[:2], self.img_size)
+        return logits

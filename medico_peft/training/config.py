@@ -77,6 +77,10 @@ class TrainLoopConfig(_Section):
                                   "halves them (LoRA/adapter and any trained weights, LayerNorm and BatchNorm "
                                   "stay fp32 and train in fp32); adapters and merged/exported models are fp32 "
                                   "either way")
+    loraplus_lr_ratio: float | None = option(None, gt=0,
+                                             help="LoRA+: the LoRA B matrices train with optim.lr times this "
+                                                  "ratio (the paper suggests 2-16; every other parameter keeps "
+                                                  "optim.lr); needs LoRA layers. Default: off (one learning rate)")
 
 
 @dataclass
@@ -127,9 +131,77 @@ class OutputConfig(_Section):
     progress: bool = True
 
 
+TASKS = ("interactive", "semantic")
+HEADS = ("unetr", "samed")
+
+
+def _parse_classes(value):
+    """None (every label of the manifest), or a list / comma string of label ids and name globs."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [t.strip() for t in value.split(",") if t.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or \
+            not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+        raise config_error("classes", f"expected a non-empty list of label ids and name patterns (e.g. "
+                                      f"[Thalamus_L, 'Caudate*', 5]), or leave it out for every label; got {value!r}")
+    return [int(v) if isinstance(v, str) and v.isdigit() else v for v in value]
+
+
+def _parse_merge(value):
+    """{new name or id: [ids / name globs]}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise config_error("merge", f"expected a mapping new_name: [label ids / name patterns], got {value!r}")
+    out = {}
+    for key, sources in value.items():
+        items = sources if isinstance(sources, (list, tuple)) else [sources]
+        if not items or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in items):
+            raise config_error(f"merge.{key}", f"expected a non-empty list of label ids / name patterns, got {sources!r}")
+        out[key] = list(items)
+    return out
+
+
+def _parse_rename(value):
+    """{label id: new name}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise config_error("rename", f"expected a mapping label_id: new_name, got {value!r}")
+    out = {}
+    for key, name in value.items():
+        if not str(key).isdigit() or not isinstance(name, str) or not name:
+            raise config_error("rename", f"expected label_id: name pairs, got {key!r}: {name!r}")
+        out[int(key)] = name
+    return out
+
+
+@dataclass
+class SemanticConfig(_Section):
+    """`task: semantic`: automatic multi-class segmentation with a head on the (PEFT-adapted) encoder."""
+
+    head: str = option("unetr", choices=HEADS, help="unetr (conv decoder on encoder features) | samed "
+                                                   "(SAM's mask decoder, one output per class, no prompts)")
+    classes: list | None = option(None, parse=_parse_classes,
+                                  help="label ids / name patterns of the manifest's label table to segment "
+                                       "(default: every label)")
+    merge: dict = option(default_factory=dict, parse=_parse_merge,
+                         help="new_name: [ids / patterns] merged into one class (as in convert)")
+    rename: dict = option(default_factory=dict, parse=_parse_rename, help="label_id: new class name")
+    class_weights: list[float] | None = option(None, help="cross-entropy weight per class, background first")
+    dice: float = option(1.0, min=0.0, help="weight of the soft Dice loss (foreground classes)")
+    ce: float = option(1.0, min=0.0, help="weight of the cross-entropy loss")
+    channels: list[int] | None = option(None, help="UNETR decoder widths per level, coarsest first")
+    include_empty: bool = option(False, help="also train on slices holding none of the classes")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "train": TrainLoopConfig, "optim": OptimConfig,
     "schedule": ScheduleConfig, "loss": LossConfig, "memory": MemoryConfig, "output": OutputConfig,
+    "semantic": SemanticConfig,
 }
 
 
@@ -177,6 +249,8 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    semantic: SemanticConfig = field(default_factory=SemanticConfig)
+    task: str = "interactive"  # "semantic": train a class head (the `semantic` section) instead
     source: str | None = None  # file it was read from (for messages); not serialised
 
     # --- construction ------------------------------------------------------------------------
@@ -187,15 +261,20 @@ class TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source or 'config'}: expected a mapping of sections, got {type(data).__name__}")
         data = apply_overrides(data, overrides)
-        valid = list(SECTIONS) + ["peft"]
+        valid = list(SECTIONS) + ["peft", "task"]
         for key in data:
             if key not in valid:
                 raise ConfigError(f"{key}: unknown section; valid sections: {', '.join(valid)}")
+        task = data.get("task", "interactive")
+        if task not in TASKS:
+            raise ConfigError(f"task: expected one of {', '.join(TASKS)}, got {task!r}")
+        if "semantic" in data and task != "semantic":
+            raise ConfigError("semantic: this section needs 'task: semantic'")
         kwargs = {name: from_mapping(section, data.get(name), prefix=name) for name, section in SECTIONS.items()}
         peft = data.get("peft") or {"method": "lora"}
         if not isinstance(peft, dict):
             raise ConfigError(f"peft: expected a mapping of keys, got {peft!r}")
-        cfg = cls(peft=dict(peft), source=source, **kwargs)
+        cfg = cls(peft=dict(peft), source=source, task=task, **kwargs)
         cfg.validate()
         return cfg
 
@@ -224,7 +303,23 @@ class TrainConfig:
                                                 "for generated data")
         if "method" not in self.peft:
             raise config_error("peft.method", "required (lora, dora, adapter, decoder_only or full)")
-        self.peft_config()
+        peft = self.peft_config()
+        if self.train.loraplus_lr_ratio is not None and not peft.uses_lora:
+            raise config_error("train.loraplus_lr_ratio", f"LoRA+ gives the LoRA B matrices their own learning "
+                                                          f"rate; peft.method {peft.method!r} without decoder_lora "
+                                                          "has no LoRA layers (leave it unset)")
+        if self.train.base_dtype != "float32" and self.task == "semantic":
+            raise config_error("train.base_dtype", f"{self.train.base_dtype} is implemented for the interactive "
+                                                   "trainer only, not task semantic; use float32")
+        if self.train.base_dtype != "float32" and getattr(peft, "init", "default") in ("pissa", "olora"):
+            raise config_error("train.base_dtype", f"{self.train.base_dtype} with peft.init {peft.init!r}: that init "
+                                                   "leaves a residual in the frozen base, which a bf16 base would round "
+                                                   "(the saved adapter would no longer be exact); use float32")
+        if self.task == "semantic":
+            if self.semantic.dice + self.semantic.ce <= 0:
+                raise config_error("semantic.dice", "semantic.dice and semantic.ce are both 0: no loss to train")
+            if self.semantic.class_weights is not None and any(w < 0 for w in self.semantic.class_weights):
+                raise config_error("semantic.class_weights", f"weights must be >= 0, got {self.semantic.class_weights}")
 
     def peft_config(self) -> PeftConfig:
         """The tuners' `PeftConfig` for the `peft` section (a ConfigError names `peft.<key>`)."""
@@ -234,7 +329,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["peft"] = dict(self.peft)
-        return {k: out[k] for k in ("model", "peft", "data", "train", "optim", "schedule", "loss", "memory", "output")}
+        keys = ["model", "peft", "data", "train", "optim", "schedule", "loss", "memory", "output"]
+        if self.task != "interactive":  # interactive recipes and run folders stay as they were
+            out["task"] = self.task
+            keys = ["task"] + keys + ["semantic"]
+        return {k: out[k] for k in keys}
 
     def to_yaml(self) -> str:
         import yaml

@@ -95,7 +95,7 @@ class InteractiveStep(nn.Module):
         """(mean loss over sub-iterations, stats). `scale`: maps a loss to what is back-propagated
         (e.g. `lambda l: scaler.scale(l / grad_accum)`); used by the per-iteration backward only."""
         model = self.model
-        emb = self.encoder(images)
+        emb = self.encoder(images, input_size=_input_size(batch, images.device))
         split = self.per_iteration_backward and torch.is_grad_enabled()
         objs = valid_objects(batch, images.device)
         if objs["image_index"].numel() == 0:  # nothing to learn from; keep every rank's graph alive
@@ -176,13 +176,19 @@ def fed_back_mask(model: nn.Module, low: torch.Tensor, prompt: dict, click_radiu
                         radius=click_radius)
 
 
+def _input_size(batch: dict, device: torch.device) -> torch.Tensor | None:
+    """Each item's content size (padding beyond it is set to 0 after normalising, as at inference)."""
+    size = batch.get("input_size")
+    return None if size is None else size.to(device)
+
+
 @torch.no_grad()
 def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, device: torch.device, clicks: int,
                    click_radius: float = CLICK_RADIUS) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice per object after the box prompt and after `clicks` corrective clicks placed as the evaluation
     protocol places them (centre of the deeper error), logits fed back with the clicks painted in."""
     images = batch["image"].to(device)
-    emb = encoder(images)
+    emb = encoder(images, input_size=_input_size(batch, device))
     objs = valid_objects(batch, device)
     if objs["image_index"].numel() == 0:
         empty = torch.zeros(0)

@@ -121,8 +121,9 @@ def plot_curves(path: Path, history: list[dict]) -> None:
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
+    interactive = any("val_dice_box" in row for row in history)  # semantic runs: mean class Dice instead
     for key, label in (("train_dice", "train Dice"), ("val_dice_box", "val Dice (box)"),
-                       ("val_dice", "val Dice (box + clicks)")):
+                       ("val_dice", "val Dice (box + clicks)" if interactive else "val Dice (mean over classes)")):
         values = [row.get(key, math.nan) for row in history]
         if any(isinstance(v, float) and math.isfinite(v) for v in values):
             ax_dice.plot(epochs, values, marker="o", label=label)

@@ -57,3 +57,31 @@ def mask_losses(logits: torch.Tensor, target: torch.Tensor, weights) -> torch.Te
     if weights.focal:
         total = total + weights.focal * focal_loss(logits, target, weights.focal_gamma)
     return total
+
+
+def semantic_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, ce_weight: float = 1.0,
+                  class_weights: torch.Tensor | None = None, smooth: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy (optionally class-weighted) + soft multi-class Dice on (B, C, H, W) logits, (B, H, W) targets.
+
+    Dice is pooled over the batch per foreground class (1..C-1), 1 - (2Σpg + s) / (Σp + Σg + s), and
+    averaged over those classes; background is left to the cross-entropy. Returns (loss, parts).
+    """
+    x = logits.float()
+    target = target.long()
+    total = x.new_zeros(())
+    parts = {}
+    if ce_weight:
+        w = None if class_weights is None else class_weights.to(x.device, torch.float32)
+        ce = F.cross_entropy(x, target, weight=w)
+        total = total + ce_weight * ce
+        parts["ce"] = float(ce.detach())
+    if dice_weight:
+        probs = x.softmax(dim=1)[:, 1:]
+        onehot = F.one_hot(target.clamp_min(0), x.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
+        inter = (probs * onehot).sum(dim=(0, 2, 3))
+        denom = probs.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+        dice = 1.0 - (2 * inter + smooth) / (denom + smooth)
+        dl = dice.mean()
+        total = total + dice_weight * dl
+        parts["dice_loss"] = float(dl.detach())
+    return total, parts

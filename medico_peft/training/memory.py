@@ -101,20 +101,28 @@ class FeatureCache:
         return [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).hexdigest() for row in flat]
 
     def get(self, keys: list[str]):
+        """The batch stacked from stored entries (a tensor, or a tuple when tuples were put), or None."""
         if all(k in self.store for k in keys):
             self.hits += len(keys)
+            first = self.store[keys[0]]
+            if isinstance(first, tuple):
+                return tuple(torch.stack([self.store[k][i] for k in keys]) for i in range(len(first)))
             return torch.stack([self.store[k] for k in keys])
         self.misses += len(keys)
         return None
 
-    def put(self, keys: list[str], features: torch.Tensor) -> None:
-        for k, f in zip(keys, features):
+    def put(self, keys: list[str], features) -> None:
+        """Store per-image features: a (B, ...) tensor, or a tuple of them (prefix output plus encoder taps)."""
+        parts = features if isinstance(features, tuple) else (features,)
+        item = torch.empty((), dtype=self.dtype).element_size()
+        for j, k in enumerate(keys):
             if k in self.store:
                 continue
-            size = f.numel() * torch.empty((), dtype=self.dtype).element_size()
+            size = sum(p[j].numel() for p in parts) * item
             if self.bytes + size > self.max_bytes:
                 return
-            self.store[k] = f.detach().to(self.dtype).contiguous().clone()
+            entry = tuple(p[j].detach().to(self.dtype).contiguous().clone() for p in parts)
+            self.store[k] = entry if isinstance(features, tuple) else entry[0]
             self.bytes += size
 
 
@@ -137,30 +145,55 @@ class SegmentedEncoder(nn.Module):
                 f"checkpointing: {self.checkpointing}; feature cache: {self.cache is not None}")
 
     def _prefix(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            for _, _, fn in self.segments[: self.n_prefix]:
-                x = fn(x)
-        return x
+        return self._prefix_with_taps(x)[0]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = None
+    def _prefix_with_taps(self, x: torch.Tensor, taps=()) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tapped = {}
+        with torch.no_grad():
+            for name, _, fn in self.segments[: self.n_prefix]:
+                x = fn(x)
+                if name in taps:
+                    tapped[name] = x
+        return x, [tapped[t] for t in taps]
+
+    def forward(self, images: torch.Tensor, taps=(), input_size: torch.Tensor | None = None):
+        """The image embeddings; with `taps` (segment names, e.g. 'blocks.2') also those segments' raw
+        outputs, as `(embeddings, [outputs in taps order])` (semantic heads read them as skip features).
+        Taps inside the frozen prefix are cached with the prefix output. `input_size` (B, 2): each item's
+        content size; the padding is set to 0 after normalising (`MedSam.normalize`), as the Predictor
+        and official SAM feed the ViT."""
+        names = [s[0] for s in self.segments]
+        unknown = [t for t in taps if t not in names]
+        if unknown:
+            raise ValueError(f"encoder taps {unknown} are not segments of this encoder ({', '.join(names)})")
+        prefix_taps = [t for t in taps if names.index(t) < self.n_prefix]
+        x, pt = None, []
         keys = FeatureCache.keys(images) if self.cache is not None else None
+        if keys is not None and input_size is not None:  # the content size decides which pixels count as padding
+            keys = [f"{k}:{int(h)}x{int(w)}" for k, (h, w) in zip(keys, input_size.reshape(-1, 2).tolist())]
         if keys is not None:
-            x = self.cache.get(keys)
-            if x is not None:
-                x = x.to(images.device, torch.float32)
+            cached = self.cache.get(keys)
+            if cached is not None:
+                x, *pt = cached if isinstance(cached, tuple) else (cached,)
+                x, pt = x.to(images.device, torch.float32), [t.to(images.device, torch.float32) for t in pt]
         if x is None:
-            x = self._prefix(self.model.normalize(images))
+            x, pt = self._prefix_with_taps(self.model.normalize(images, input_size), prefix_taps)
             if keys is not None:
-                self.cache.put(keys, x)
+                self.cache.put(keys, (x, *pt) if prefix_taps else x)
                 # Hits and misses must give bit-identical results (exact resume): same rounding, same layout.
                 x = x.to(self.cache.dtype).to(torch.float32).contiguous()
-        for _, module, fn in self.segments[self.n_prefix:]:
+                pt = [t.to(self.cache.dtype).to(torch.float32).contiguous() for t in pt]
+        tapped = dict(zip(prefix_taps, pt))
+        for name, module, fn in self.segments[self.n_prefix:]:
             if self.checkpointing and self.training and _trainable(module) and torch.is_grad_enabled():
                 x = torch_checkpoint.checkpoint(fn, x, use_reentrant=False)
             else:
                 x = fn(x)
-        return x
+            if name in taps:
+                tapped[name] = x
+        if not taps:
+            return x
+        return x, [tapped[t] for t in taps]
 
 
 # --- precision -----------------------------------------------------------------------------------

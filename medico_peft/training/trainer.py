@@ -165,12 +165,61 @@ def wrap_distributed(module: torch.nn.Module, info: D.DistInfo, device: torch.de
     return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
 
 
+def is_lora_b(name: str) -> bool:
+    """A LoRA B matrix (`....lora_B.<adapter>.weight`): what LoRA+ trains with the larger learning rate."""
+    return "lora_B" in name.split(".")
+
+
 def build_optimizer(cfg: TrainConfig, model) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer]:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW over the trainable parameters: one group, or with `train.loraplus_lr_ratio` (LoRA+) two —
+    group 0 everything at optim.lr (the logged lr), group 1 the LoRA B matrices at lr × ratio.
+
+    Unlike peft's `create_loraplus_optimizer`, 1-D parameters (biases, norms of a decoder trained fully)
+    keep optim.lr and every group keeps optim.weight_decay: LoRA+ is about B alone.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     if not params:
         raise MedicoPeftError("peft: this configuration leaves no trainable parameter")
     o = cfg.optim
-    return params, torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    kwargs = dict(lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    ratio = cfg.train.loraplus_lr_ratio
+    if ratio is None:
+        return params, torch.optim.AdamW(params, **kwargs)
+    group_b = [p for n, p in named if is_lora_b(n)]
+    if not group_b:
+        raise ConfigError("train.loraplus_lr_ratio: the model has no trainable LoRA B matrix (leave it unset)")
+    others = [p for n, p in named if not is_lora_b(n)]
+    groups = [{"params": others, "lr": o.lr}, {"params": group_b, "lr": o.lr * ratio}]
+    return params, torch.optim.AdamW(groups, **kwargs)
+
+
+def eva_batches(cfg: TrainConfig, model, train_ds, device: torch.device):
+    """The batches EVA computes layer inputs from: `peft.eva_batches` batches of `train.batch_size` training
+    items, in an order seeded by train.seed (no global RNG; the same on every process under DDP)."""
+    from ..tuners import peft_state
+
+    n_batches = peft_state(model).config.eva_batches
+    bs = cfg.train.batch_size
+    order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    for b in range(n_batches):
+        idx = order[b * bs:(b + 1) * bs]
+        if not idx:
+            return
+        batch = _collate([train_ds[i] for i in idx])
+        yield batch["image"].to(device), batch["input_size"].to(device)
+
+
+def initialise_eva(cfg: TrainConfig, model, train_ds, device: torch.device, info: D.DistInfo) -> None:
+    """EVA init (peft.init=eva): LoRA A from the principal directions of each layer's inputs on a few
+    training batches (tuners/lora/init.py). Runs once, before DDP wraps the model; a resumed run then
+    overwrites A with its checkpoint."""
+    from ..tuners.lora.init import eva_initialise
+
+    record = eva_initialise(model, eva_batches(cfg, model, train_ds, device))
+    if info.is_main:
+        print(f"[medico-peft] eva: LoRA A from {record.batches} batches ({record.tokens:,} tokens per layer)",
+              flush=True)
 
 
 @dataclass
@@ -203,6 +252,7 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
     The order is fixed (it consumes the seeded global RNG: random base weights, then adapter init).
     """
     from ..tuners import inject, is_injected
+    from ..tuners.lora.init import needs_eva
 
     info = D.setup(cfg.train.device)
     device = resolve_device(cfg.train.device, info)
@@ -213,6 +263,8 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
     apply_base_dtype(model, cfg.train.base_dtype)
     model.to(device).train()
     train_ds, val_ds = build_datasets(cfg, model.img_size)
+    if needs_eva(model):
+        initialise_eva(cfg, model, train_ds, device, info)
     encoder = build_encoder(cfg, model)
     step = InteractiveStep(model, encoder, cfg.loss, cfg.train.sub_iterations, cfg.train.mask_feed_prob,
                            per_iteration_backward=cfg.memory.per_iteration_backward, touch_all_params=info.enabled,
@@ -543,7 +595,7 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Mean Dice over val objects (box, then box + clicks), summed across ranks; NaN without val data."""
         p, cfg = self.parts, self.cfg
-        nan = {"val_dice_box": math.nan, "val_dice": math.nan}
+        nan = self.empty_validation()
         if p.val_ds is None:
             return nan
         self.model.eval()
@@ -567,6 +619,10 @@ class Trainer:
         if count == 0:
             return nan
         return {"val_dice_box": box / count, "val_dice": final / count}
+
+    def empty_validation(self) -> dict[str, float]:
+        """The validation columns with NaN values (epochs that do not validate, runs without val data)."""
+        return {"val_dice_box": math.nan, "val_dice": math.nan}
 
     def epoch_row(self, val: dict[str, float], seconds: float) -> dict:
         """The epoch's line in history / metrics.csv."""
@@ -600,7 +656,7 @@ class Trainer:
         cfg = self.cfg
         complete = self.batch_in_epoch >= self.parts.batches_per_epoch
         last = self.epoch + 1 == cfg.train.epochs
-        val = {"val_dice_box": math.nan, "val_dice": math.nan}
+        val = self.empty_validation()
         if final or last or (self.epoch + 1) % cfg.train.val_every == 0:
             val = self.validate()
         row = self.epoch_row(val, seconds)
@@ -695,8 +751,6 @@ class Trainer:
 
     def finish(self) -> Path:
         """Adapter from the best validated weights (else the last), plus config.yaml, metrics.csv, curves.png."""
-        from ..adapters import save_adapter
-
         best = self.out_dir / ckpt.BEST
         if best.exists():
             ckpt.load_trainable(self.model, ckpt.load_checkpoint(best)["trainable"], str(best))
@@ -704,10 +758,16 @@ class Trainer:
                               "epochs": self.epoch, "steps": self.global_step}}
         if self.stop_reason is not None:
             extra["training"]["stop_reason"] = self.stop_reason
-        path = save_adapter(self.model, self.out_dir / ADAPTER_NAME, extra_metadata=extra)
+        path = self.write_adapter(self.out_dir / ADAPTER_NAME, extra)
         self.parts.logger.epoch(self.history)
         self.parts.logger.close(self.history)
         return path
+
+    def write_adapter(self, path: Path, extra: dict) -> Path:
+        """The run's adapter file (the model holds the weights to save)."""
+        from ..adapters import save_adapter
+
+        return save_adapter(self.model, path, extra_metadata=extra)
 
     def close(self) -> None:
         """Flush TensorBoard (on errors too; curves are drawn by a finished run) and leave the process group."""
@@ -729,5 +789,8 @@ def train(cfg: TrainConfig, model=None, resume: bool | str = False, callbacks=No
     `callbacks`: functions `(event, state)` with a `TrainerState`, called at "epoch_start", "batch",
     "step" and "epoch_end" (tests, custom hooks; `state.request_stop(reason)` ends the run).
     """
-    with Trainer.from_config(cfg, model=model, resume=resume, callbacks=callbacks, overwrite=overwrite) as trainer:
+    trainer_cls = Trainer
+    if cfg.task == "semantic":
+        from .semantic import SemanticTrainer as trainer_cls
+    with trainer_cls.from_config(cfg, model=model, resume=resume, callbacks=callbacks, overwrite=overwrite) as trainer:
         return trainer.fit()

@@ -22,6 +22,11 @@ LORA_METHODS = ("lora", "dora")
 TARGETS = ("q", "k", "v", "qkv", "proj", "mlp")
 ADAPTER_KINDS = ("parallel", "sequential")
 ACTIVATIONS = ("relu", "gelu")
+# LoRA initialisations (peft's `init_lora_weights`): default = A random, B = 0 (the model starts at the base);
+# pissa / olora = A, B from an SVD / QR of the base weight, which keeps W - s·BA as a residual base (saved
+# adapters are converted to a plain LoRA on the original base, tuners/lora/init.py); eva = A from an SVD of
+# the layer inputs on training batches, B = 0.
+LORA_INITS = ("default", "pissa", "olora", "eva")
 
 _POSITIVE_INT = "must be a positive integer, got {value!r}"
 _BOOL = "must be true or false, got {value!r}"
@@ -84,6 +89,13 @@ class PeftConfig:
     dropout: float = option(0.0, min=0.0, lt=1.0, help="dropout on the LoRA input",
                             error="must be a number in [0, 1), got {value!r}")
     use_rslora: bool = option(False, help="scale LoRA by alpha/sqrt(rank) instead of alpha/rank", error=_BOOL)
+    init: str = option("default", choices=LORA_INITS,
+                       help="LoRA initialisation: default (B = 0) | pissa (A, B from the base weight's top singular "
+                            "vectors; the base keeps the residual) | olora (the same from a QR decomposition) | eva "
+                            "(A from an SVD of the layer inputs on the first training batches, B = 0)",
+                       error="unknown LoRA init {value!r}; valid: {choices}")
+    eva_batches: int = option(4, min=1, help="EVA: number of training batches whose encoder-layer inputs the SVD "
+                                             "uses (init eva only)", error=_POSITIVE_INT)
     targets: tuple = option(("q", "v"), parse=parse_targets,
                             help="comma list of q, k, v, qkv, proj, mlp (default q,v)")
     blocks: object = option("all", parse=parse_blocks,
@@ -106,6 +118,14 @@ class PeftConfig:
         if self.method == "decoder_only" and not (self.train_decoder or self.decoder_lora or self.train_prompt_encoder):
             raise config_error("train_decoder", "method 'decoder_only' with train_decoder=false and "
                                                 "decoder_lora=false trains nothing")
+        if self.init != "default" and not self.uses_lora:
+            raise config_error("init", f"LoRA initialisation {self.init!r} needs LoRA layers; method "
+                                       f"{self.method!r} without decoder_lora has none (use init default)")
+        if self.init == "eva" and self.decoder_lora:
+            raise config_error("init", "eva initialises LoRA from the image encoder's layer inputs on training "
+                                       "images; the mask decoder's LoRA layers (decoder_lora) see prompt-dependent "
+                                       "tokens no image batch defines, so eva cannot initialise them: use "
+                                       "decoder_lora=false, or init default/pissa/olora")
 
     # --- properties used by the injectors ------------------------------------------------------
     @property

@@ -15,7 +15,9 @@ def inject(model: nn.Module, cfg: PeftConfig | dict, adapter_name: str = "defaul
     (a `PeftState`, read through `is_injected` / `peft_state`).
 
     The base weights are hashed here (`model.base_sha256`), so an adapter file names the weights it was
-    trained on even if they were changed in place after loading. Every method leaves the model's outputs unchanged at initialisation (LoRA B = 0, adapter up = 0).
+    trained on even if they were changed in place after loading. Every method leaves the model's outputs unchanged at initialisation (LoRA B = 0, adapter up = 0;
+    PiSSA/OLoRA move the top of each adapted weight into A, B and keep the residual in the base, so the outputs
+    equal the base up to float rounding; EVA's data-driven A is set later by `lora.init.eva_initialise`).
     """
     if isinstance(cfg, dict):
         cfg = PeftConfig.from_dict(cfg)
@@ -34,7 +36,8 @@ def inject(model: nn.Module, cfg: PeftConfig | dict, adapter_name: str = "defaul
     if cfg.uses_lora:
         from .lora import inject_lora
 
-        state.modules += inject_lora(model, cfg, adapter_name=adapter_name)
+        modules, state.lora_init = inject_lora(model, cfg, adapter_name=adapter_name)
+        state.modules += modules
         state.lora_config = model.peft_config[adapter_name]  # peft's own attribute: its LoraConfig per adapter
     set_state(model, state)
     apply_freeze_policy(model, cfg)

@@ -21,9 +21,10 @@ from ..errors import AdapterError, ConfigError, ExportError
 from ..utils.hashing import sha256_state_dict
 from .adapter.model import has_adapters, unwrap_adapters
 from .base_dtype import restore_base_dtype
+from .lora.init import InitRecord, restore_original_weights
 from .lora.layer import replace_lora_layers
 from .qkv_split import fuse_all
-from .state import clear_state
+from .state import STATE_ATTR, PeftState, clear_state
 
 
 def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.Module:
@@ -53,11 +54,16 @@ def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.M
 def unload(model: nn.Module) -> nn.Module:
     """Remove every PEFT module without merging, in place: the encoder is the base encoder again.
 
-    Decoder/prompt-encoder weights trained in place are not reverted (AdapterBank keeps a copy). A bf16
-    frozen base (`base_dtype.cast_frozen_base`) is fp32 again, with its bf16-rounded values.
+    Decoder/prompt-encoder weights trained in place are not reverted (AdapterBank keeps a copy). Base weights
+    that a PiSSA/OLoRA init replaced by residuals are restored bit for bit. A bf16 frozen base
+    (`base_dtype.cast_frozen_base`) is fp32 again, with its bf16-rounded values.
     """
+    state = getattr(model, STATE_ATTR, None)
+    record = state.lora_init if isinstance(state, PeftState) else None
     restore_base_dtype(model)
     replace_lora_layers(model, merge=False)
+    if isinstance(record, InitRecord):  # pissa/olora left the residual in the base: put the original back
+        restore_original_weights(model, record)
     fuse_all(model)
     unwrap_adapters(model)
     clear_state(model)

@@ -110,3 +110,8 @@ def fuse_all(model: nn.Module) -> int:
             setattr(model.get_submodule(parent_name), child, module.fuse())
             count += 1
     return count
+
+
+def row_indices(layout: dict) -> dict[str, torch.Tensor]:
+    """{'q', 'k', 'v'}: the rows of the fused qkv weight (and output) that belong to each part."""
+    return dict(zip("qkv", _row_indices(layout)))

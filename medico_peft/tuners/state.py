@@ -24,6 +24,9 @@ class PeftState:
     adapter_name: str = "default"  # peft's adapter name for the LoRA layers
     modules: list[str] = field(default_factory=list)  # names of the adapted (or wrapped) submodules
     lora_config: Any = None  # peft's `LoraConfig` when the config uses LoRA (HF peft directory export)
+    # pissa/olora: the original base weights and the initial A, B (tuners/lora/init.py `InitRecord`); eva: whether
+    # the data-driven A was computed yet. None for the default init.
+    lora_init: Any = None
 
 
 def is_injected(model: nn.Module) -> bool:

@@ -13,6 +13,8 @@ def to_lora_config(cfg: PeftConfig, target_regex: str):
     """
     from peft import LoraConfig
 
+    from .init import PEFT_INIT
+
     return LoraConfig(
         r=cfg.rank,
         lora_alpha=cfg.alpha,
@@ -21,5 +23,7 @@ def to_lora_config(cfg: PeftConfig, target_regex: str):
         use_dora=cfg.method == "dora",
         target_modules=target_regex,
         bias="none",
-        init_lora_weights=True,  # B = 0: the model starts exactly at the base model
+        # default/eva: B = 0, the model starts exactly at the base; pissa/olora: A, B from the base weight,
+        # which keeps the residual (tuners/lora/init.py)
+        init_lora_weights=PEFT_INIT[cfg.init],
     )

@@ -41,11 +41,16 @@ def _matched(model: nn.Module, regex: str) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.fullmatch(n)]
 
 
-def inject_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default") -> list[str]:
-    """Split fused qkv where q/k/v are targeted, then let peft inject LoRA/DoRA. Returns adapted module names."""
+def inject_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default") -> tuple[list[str], object]:
+    """Split fused qkv where q/k/v are targeted, then let peft inject LoRA/DoRA.
+
+    Returns (adapted module names, init record): an `init.InitRecord` for pissa/olora (original weights and
+    initial A, B), an unfinished `init.EvaRecord` for eva, None for the default init.
+    """
     from peft import inject_adapter_in_model
 
     from .config import to_lora_config
+    from .init import MUTATING, EvaRecord, check_rank_fits, record_initial, snapshot_weights
 
     if cfg.method in ("lora", "dora") and any(t in cfg.targets for t in ("q", "k", "v")):
         for block_name in select_block_names(model, cfg.blocks):
@@ -54,7 +59,13 @@ def inject_lora(model: nn.Module, cfg: PeftConfig, adapter_name: str = "default"
     matched = _matched(model, regex)
     if not matched:
         raise ConfigError(f"targets: the pattern {regex} matches no Linear module of {model.spec.name}")
+    original = None
+    if cfg.init in MUTATING:
+        check_rank_fits(model, matched, cfg.rank, cfg.init)
+        original = snapshot_weights(model, matched)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft warns about custom models without a HF config
         inject_adapter_in_model(to_lora_config(cfg, regex), model, adapter_name=adapter_name)
-    return matched
+    if original is not None:
+        return matched, record_initial(model, matched, adapter_name, cfg.init, original)
+    return matched, (EvaRecord() if cfg.init == "eva" else None)
