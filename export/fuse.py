@@ -7,12 +7,16 @@ The fused model is checked against the unfused one (`verify_merge`) before it is
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
 
+import torch
+
 from ..adapters import load_adapter
 from ..tuners import is_injected, merge, peft_state, verify_merge
+from ..tuners.base_dtype import frozen_base_dtype, restore_base_dtype
 from ..utils.hashing import sha256_file, sha256_state_dict
 
 FUSE_ATOL = 1e-4
@@ -34,6 +38,11 @@ def fuse(model, adapter: str | os.PathLike | None = None, check: bool = True):
         info["adapter"] = {"path": str(Path(adapter)), "sha256": sha256_file(adapter)}
     if not is_injected(model):
         return model.eval(), info
+    if frozen_base_dtype(model) != torch.float32:
+        # Trained on a bf16 frozen base (train.base_dtype): fold and check in fp32 on a copy, so the check
+        # compares two fp32 computations of the same (bf16-rounded) base and the caller's model is untouched.
+        model = copy.deepcopy(model)
+        restore_base_dtype(model)
     model.eval()
     method = peft_state(model).config.method
     info["method"] = method

@@ -1,4 +1,5 @@
-"""`medico-peft train --config RECIPE.yaml [key.sub=value ...] [--resume | --resume-if-possible | --overwrite]`."""
+"""`medico-peft train --config RECIPE.yaml [key.sub=value ...] [--base-dtype bfloat16]
+[--resume | --resume-if-possible | --overwrite]`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ def register(subparsers) -> None:
                     "torchrun --nproc_per_node=N -m medico_peft.cli train ...")
     p.add_argument("--config", required=True, help="recipe YAML (see configs/)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    base = p.add_argument("--base-dtype", metavar="{float32,bfloat16}",
+                          help="= the override train.base_dtype=VALUE (given last, so it wins)")
+    base.deferred_help = _base_dtype_help
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
                        help="continue from output.dir/latest.pt (an error if there is none)")
@@ -22,10 +26,20 @@ def register(subparsers) -> None:
     p.set_defaults(handler=run)
 
 
+def _base_dtype_help() -> str:
+    from ..training.config import TrainLoopConfig
+    from ..utils.config import field_help
+
+    return f"train.base_dtype: {field_help(TrainLoopConfig, 'base_dtype')} (default: the recipe's, else float32)"
+
+
 def run(args) -> int:
     from ..training import TrainConfig, train
 
-    cfg = TrainConfig.from_yaml(args.config, overrides=args.overrides)
+    overrides = list(args.overrides)
+    if args.base_dtype is not None:
+        overrides.append(f"train.base_dtype={args.base_dtype}")
+    cfg = TrainConfig.from_yaml(args.config, overrides=overrides)
     resume = "auto" if args.resume_if_possible else args.resume
     result = train(cfg, resume=resume, overwrite=args.overwrite)
     best = "n/a" if result.best_val_dice is None else f"{result.best_val_dice:.4f}"

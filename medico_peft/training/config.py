@@ -72,6 +72,11 @@ class TrainLoopConfig(_Section):
     val_clicks: int = 3
     early_stop_patience: int = 0  # epochs without a better val Dice before stopping; 0 = never
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
+    base_dtype: str = option("float32", choices=("float32", "bfloat16"),
+                             help="storage dtype of the image encoder's frozen Linear/Conv weights: bfloat16 "
+                                  "halves them (LoRA/adapter and any trained weights, LayerNorm and BatchNorm "
+                                  "stay fp32 and train in fp32); adapters and merged/exported models are fp32 "
+                                  "either way")
     loraplus_lr_ratio: float | None = option(None, gt=0,
                                              help="LoRA+: the LoRA B matrices train with optim.lr times this "
                                                   "ratio (the paper suggests 2-16; every other parameter keeps "
@@ -303,6 +308,13 @@ class TrainConfig:
             raise config_error("train.loraplus_lr_ratio", f"LoRA+ gives the LoRA B matrices their own learning "
                                                           f"rate; peft.method {peft.method!r} without decoder_lora "
                                                           "has no LoRA layers (leave it unset)")
+        if self.train.base_dtype != "float32" and self.task == "semantic":
+            raise config_error("train.base_dtype", f"{self.train.base_dtype} is implemented for the interactive "
+                                                   "trainer only, not task semantic; use float32")
+        if self.train.base_dtype != "float32" and getattr(peft, "init", "default") in ("pissa", "olora"):
+            raise config_error("train.base_dtype", f"{self.train.base_dtype} with peft.init {peft.init!r}: that init "
+                                                   "leaves a residual in the frozen base, which a bf16 base would round "
+                                                   "(the saved adapter would no longer be exact); use float32")
         if self.task == "semantic":
             if self.semantic.dice + self.semantic.ce <= 0:
                 raise config_error("semantic.dice", "semantic.dice and semantic.ce are both 0: no loss to train")

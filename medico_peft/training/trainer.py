@@ -139,6 +139,17 @@ def build_encoder(cfg: TrainConfig, model) -> SegmentedEncoder:
     return SegmentedEncoder(model, mem.frozen_prefix, mem.checkpointing, cache)
 
 
+def apply_base_dtype(model, name: str) -> list[str]:
+    """`train.base_dtype`: store the encoder's frozen Linear/Conv weights in that dtype (after injection)."""
+    from ..tuners.base_dtype import base_dtype, cast_frozen_base
+
+    cast = cast_frozen_base(model, base_dtype(name))
+    if name != "float32" and not cast:
+        warnings.warn(f"train.base_dtype={name}: the image encoder has no frozen Linear/Conv layer (everything "
+                      "in it trains), so nothing was cast", stacklevel=3)
+    return cast
+
+
 def wrap_distributed(module: torch.nn.Module, info: D.DistInfo, device: torch.device) -> torch.nn.Module:
     """DDP around the step module when several processes train, else the module itself.
 
@@ -249,6 +260,7 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
     model = model if model is not None else build_model_for(cfg)
     if not is_injected(model):
         inject(model, cfg.peft_config())
+    apply_base_dtype(model, cfg.train.base_dtype)
     model.to(device).train()
     train_ds, val_ds = build_datasets(cfg, model.img_size)
     if needs_eva(model):

@@ -1,6 +1,6 @@
 """Fold LoRA/DoRA into the base weights (`merge`) or discard all PEFT modules (`unload`).
 
-Both restore fused `qkv` Linears, so a merged LoRA model has exactly official SAM keys and
+Both restore fused `qkv` Linears, so a merged LoRA model has exactly official SAM keys (in fp32, also after training on a bf16 frozen base) and
 `save_model` writes a `.pth` checkpoint `segment_anything` loads (at the official input size, 1024
 for vit_b/l/h; at any other size the resized positional tables do not fit the official builder and
 `save_model` writes `.safetensors` only). Bottleneck adapters are extra
@@ -20,6 +20,7 @@ from torch import nn
 from ..errors import AdapterError, ConfigError, ExportError
 from ..utils.hashing import sha256_state_dict
 from .adapter.model import has_adapters, unwrap_adapters
+from .base_dtype import restore_base_dtype
 from .lora.init import InitRecord, restore_original_weights
 from .lora.layer import replace_lora_layers
 from .qkv_split import fuse_all
@@ -39,6 +40,7 @@ def merge(model: nn.Module, strict: bool = False, inplace: bool = False) -> nn.M
             raise AdapterError(msg)
         warnings.warn(msg, stacklevel=2)
     out = model if inplace else copy.deepcopy(model)
+    restore_base_dtype(out)  # a bf16 frozen base (train.base_dtype) merges and exports in fp32
     replace_lora_layers(out, merge=True)
     fuse_all(out)
     clear_state(out)
@@ -53,10 +55,12 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every PEFT module without merging, in place: the encoder is the base encoder again.
 
     Decoder/prompt-encoder weights trained in place are not reverted (AdapterBank keeps a copy). Base weights
-    that a PiSSA/OLoRA init replaced by residuals are restored bit for bit.
+    that a PiSSA/OLoRA init replaced by residuals are restored bit for bit. A bf16 frozen base
+    (`base_dtype.cast_frozen_base`) is fp32 again, with its bf16-rounded values.
     """
     state = getattr(model, STATE_ATTR, None)
     record = state.lora_init if isinstance(state, PeftState) else None
+    restore_base_dtype(model)
     replace_lora_layers(model, merge=False)
     if isinstance(record, InitRecord):  # pissa/olora left the residual in the base: put the original back
         restore_original_weights(model, record)
