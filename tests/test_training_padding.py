@@ -74,7 +74,7 @@ def test_training_encoder_input_equals_predictor_input(vit):
     cap = _Capture(vit.image_encoder.patch_embed)
     try:
         with torch.no_grad():
-            encoder(images, size)
+            encoder(images, input_size=size)
             encoder(images)  # the old path: no content size, padding normalised from 0
     finally:
         cap.close()
@@ -120,7 +120,7 @@ def test_litemedsam_encoder_input_unchanged_bit_for_bit():
     cap = _Capture(first)
     try:
         with torch.no_grad():
-            a = SegmentedEncoder(model)(images, size)
+            a = SegmentedEncoder(model)(images, input_size=size)
             b = SegmentedEncoder(model)(images)
     finally:
         cap.close()
