@@ -118,6 +118,18 @@ def export_peft_dir(model: nn.Module, directory: str | os.PathLike, tolerance: f
 
 def read_peft_dir(directory: Path) -> tuple[dict, dict, dict]:
     """(adapter config dict, safetensors metadata, tensors with `base_model.model.` removed)."""
+    config, raw, tensors = read_peft_folder(directory)
+    weights = Path(directory) / WEIGHTS_NAME
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise AdapterError(f"{weights}: key {bad[0]!r} does not start with {PREFIX!r}")
+    return config, raw, {k[len(PREFIX):]: v for k, v in tensors.items()}
+
+
+def read_peft_folder(directory) -> tuple[dict, dict, dict]:
+    """(adapter config dict, safetensors metadata, tensors as stored) of a peft directory; one AdapterError
+    naming the file when a part is missing or malformed."""
+    directory = Path(directory)
     weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
     for f in (weights, config_path):
         if not f.is_file():
@@ -130,10 +142,7 @@ def read_peft_dir(directory: Path) -> tuple[dict, dict, dict]:
     if not isinstance(config, dict):
         raise AdapterError(f"{config_path}: expected a JSON object (peft's adapter config), got {type(config).__name__}")
     raw, tensors = read_safetensors(weights, "peft adapter weights")
-    bad = [k for k in tensors if not k.startswith(PREFIX)]
-    if bad:
-        raise AdapterError(f"{weights}: key {bad[0]!r} does not start with {PREFIX!r}")
-    return config, raw, {k[len(PREFIX):]: v for k, v in tensors.items()}
+    return config, raw, tensors
 
 
 def _our_metadata(raw: dict, weights) -> tuple[PeftConfig, dict]:

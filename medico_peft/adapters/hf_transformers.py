@@ -40,11 +40,9 @@ from ..models.hf_sam import NO_TINYVIT, hf_key_map, official_module_names
 from ..tuners import PeftConfig, inject, is_injected, peft_state, trainable_state_dict, unload
 from ..tuners.lora.model import DECODER_LORA_REGEX
 from .format import file_key
-from .io import adapter_tensors, apply_tensors, read_safetensors, restore_base_parts, snapshot_base_parts
+from .hf_format import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_peft_folder
+from .io import adapter_tensors, apply_tensors, restore_base_parts, snapshot_base_parts
 
-PREFIX = "base_model.model."
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
 SOURCE_FORMAT = "peft-hf"
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(?:\.weight)?)$")
@@ -236,20 +234,8 @@ def looks_like_hf_sam_peft(keys) -> bool:
 
 
 def read_peft_dir(directory: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """(adapter_config, safetensors metadata, tensors) of a peft directory; AdapterError naming the file."""
-    directory = Path(directory)
-    weights, config_path = directory / WEIGHTS_NAME, directory / CONFIG_NAME
-    for f in (config_path, weights):
-        if not f.is_file():
-            raise AdapterError(f"{f}: missing; a peft adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        config = json.loads(config_path.read_text())
-    except Exception as exc:
-        raise AdapterError(f"{config_path}: not valid JSON, expected peft's adapter config ({type(exc).__name__})") from None
-    if not isinstance(config, dict):
-        raise AdapterError(f"{config_path}: expected a JSON object (peft's adapter config), got {type(config).__name__}")
-    raw, tensors = read_safetensors(weights, "peft adapter weights")
-    return config, raw, tensors
+    """(adapter_config, safetensors metadata, tensors as stored) of a peft directory; AdapterError naming the file."""
+    return read_peft_folder(directory)
 
 
 def _pattern_value(patterns: dict, module: str, default):
