@@ -190,8 +190,8 @@ def write_report(out: Path, rows: list[dict], args, record: Results, train_info:
     shown = [r for r in REPORT_ROUNDS if r <= args.rounds]
     lines = [
         "Protocol: `medico-peft evaluate --3d` (medico_peft/evaluation/volume.py): one tight box on each object's "
-        "middle slice along the axis, propagated through the volume (VolumePredictor defaults: box+mask prompts "
-        "from the previous slice, stop below predicted IoU 0.5 or 4 voxels), then "
+        "middle slice along the axis, propagated through the volume (VolumePredictor defaults: "
+        f"{_vp_defaults()}), then "
         f"{args.rounds} corrective rounds, each one click on the slice with the most wrong voxels, in its larger "
         f"error region, at that region's deepest pixel. 3D Dice; NSD at {args.tolerance_mm:g} mm using the voxel "
         f"spacing. Backend: {args.backend}, 1 thread.", "",
@@ -239,6 +239,18 @@ def write_report(out: Path, rows: list[dict], args, record: Results, train_info:
                   + "; ".join(f"{m}: " + ", ".join(f"{'box' if i == 0 else '+' + str(i)} {v:.3f}"
                                                   for i, v in zip(shown, means[m])) for m in models) + "."]
     record.write(out, "\n".join(lines))
+
+
+def _vp_defaults() -> str:
+    """The VolumePredictor defaults this run used, read from its signature (not restated by hand)."""
+    import inspect
+
+    from medico_peft.runtime.volume import VolumePredictor
+
+    d = {k: v.default for k, v in inspect.signature(VolumePredictor.__init__).parameters.items()
+         if v.default is not inspect.Parameter.empty}
+    return (f"prompt_mode {d['prompt_mode']!r} from the previous slice, box margin {d['box_margin']:g} voxels, "
+            f"stop below predicted IoU {d['stop_iou']:g} or {d['min_area']} voxels")
 
 
 def main(argv=None) -> int:

@@ -29,12 +29,12 @@ Each next slice is prompted from the previous slice's result: `box` = the previo
 (`mask_box`), `points` = one positive point at its deepest pixel (`deepest_pixel`), `mask` = the previous
 answer's low-res logits as SAM's mask input; `box_margin` grows the carried box by that many voxels per side.
 It stops when the mask has fewer than `min_area` voxels or the model's predicted IoU falls below `stop_iou`.
-Measured so far (benchmarks/bench_volume_modes.py, zero-shot LiteMedSAM via onnxruntime, Colin27 + AAL, axial,
-tight box on the middle slice; the run was cut short on a saturated shared CPU, so no results file yet; figures
-from its log): Thalamus_L 3D Dice box 0.180 (the mask shrinks slice after slice inside a tight box),
-box+mask 0.621, box with margin 3 0.749 (0.761 with stop_iou 0.7), box+mask margin 3 0.421,
-box+points+mask margin 3 0.456; Putamen_R box 0.371. The default `box+mask`, margin 0, is the best margin-free
-mode measured; whether margin 3 with `box` should replace it needs the full run over more structures.
+Defaults chosen by measurement (benchmarks/results/volume_modes.md: zero-shot LiteMedSAM via onnxruntime,
+Colin27 + AAL, axial, tight box on the middle slice of Thalamus_L, Putamen_R and Caudate_L): mean 3D Dice
+`box` 0.288 (a tight carried box shrinks the mask slice after slice), `box` + margin 3 0.552, `box+mask` 0.417,
+`box+mask` + margin 3 0.340, `box+points+mask` + margin 3 0.391; with `box` + margin 3, stop_iou 0.5 / 0.7 /
+0.85 give 0.552 / 0.586 / 0.230. So the defaults are `prompt_mode="box"`, `box_margin=3`, `stop_iou=0.7`
+(three structures, one subject: revisit with more).
 
 Corrections
 `correct(k, points=..., labels=..., box=...)` re-segments slice k with every click placed on it so far, the box
@@ -91,9 +91,9 @@ class VolumePredictor:
     """See the module docstring. `predictor` may be None until the first segment() (set `.predictor`), so a
     volume and its prompts can be checked before a model is loaded."""
 
-    def __init__(self, predictor, *, cache_slices: int = 64, stop_iou: float = 0.5, min_area: int = 4,
-                 prompt_mode: str = "box+mask", max_rounds: int = 8, settle_dice: float = 0.99,
-                 batch_slices: int | None = None, box_margin: float = 0.0):
+    def __init__(self, predictor, *, cache_slices: int = 64, stop_iou: float = 0.7, min_area: int = 4,
+                 prompt_mode: str = "box", max_rounds: int = 8, settle_dice: float = 0.99,
+                 batch_slices: int | None = None, box_margin: float = 3.0):
         if int(cache_slices) < 1:
             raise ConfigError(f"cache_slices: expected >= 1, got {cache_slices}")
         if not 0.0 <= float(stop_iou) <= 1.0:
