@@ -160,3 +160,16 @@ def test_object_groups_split_aal_into_visible_and_cortical():
         names = read_label_names(colin27_paths()[2]).values()
         groups = [object_group(n) for n in names]
         assert len(groups) == 116 and groups.count(VISIBLE) == 34 and groups.count(CORTICAL) == 82
+
+
+def test_convert_builtin_uses_the_real_data_slabs_unless_told_otherwise(tmp_path, capsys):
+    pytest.importorskip("nilearn")
+    from medico_peft.cli import main
+
+    args = ["convert", "--builtin", "mni152", "--size", "64", "--no-progress"]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 0
+    assert main(args + ["--out", str(tmp_path / "b"), "--slab-fractions", "0.6,0,0.3"]) == 0
+    a, b = (load_manifest(tmp_path / n / "manifest.json") for n in "ab")
+    assert a.splits["val"]["n_samples"] > 0 and b.splits["val"]["n_samples"] == 0
+    assert a.splits["test"]["n_samples"] == b.splits["test"]["n_samples"]
+    assert a.config["slab_fractions"] == {"train": 0.5, "val": 0.15, "test": 0.3} and a.config["slab_gap"] == 5

@@ -125,7 +125,9 @@ def build_mni152_shards(out_dir, size: int = 256, split: str = "slab", axis: int
 
     `tissues`: which of grey_matter (1), white_matter (2), csf (3), brain (4) to keep (default all).
     GM/WM/CSF share the volume `mni152_tissue`; brain is the volume `mni152_brain` (same image and
-    brain extent, hence the same slabs). Slab split as for Colin27 (`REAL_SLAB_FRACTIONS`).
+    brain extent, hence the same slabs). Slab split as for Colin27 (`REAL_SLAB_FRACTIONS`). For
+    semantic (one class per pixel) training leave `brain` out: its slices repeat the tissue slices'
+    images with another label map.
     """
     import nibabel as nib
 
