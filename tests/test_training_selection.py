@@ -172,6 +172,12 @@ def test_plateau_drops_the_lr_after_patience_validations_and_keeps_the_floor():
     again = PlateauSchedule(opt, 2, 0.5, 1, 0.2)
     cfg = TrainConfig.from_dict({"data": {"synthetic": 4}, "schedule": {"kind": "plateau"}})
     assert isinstance(make_scheduler(cfg, opt, 10), PlateauSchedule) and again.get_last_lr() == [0.5]
+    from medico_peft.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="schedule.kind=plateau: the checkpoint's scheduler state"):
+        again.load_state_dict({"factor": 0.5, "best": 0.1, "num_bad_epochs": 0})  # torch's ReduceLROnPlateau keys
+    again.load_state_dict({"steps": 5, "scale": 0.25, "best": 0.7, "bad": 1, "base_lrs": [2.0]})
+    assert again.get_last_lr() == [0.5] and again.state_dict()["best"] == 0.7
 
 
 @pytest.mark.parametrize("override,message", [

@@ -162,6 +162,9 @@ class PlateauSchedule:
                 "base_lrs": list(self.base_lrs)}
 
     def load_state_dict(self, state: dict) -> None:
+        if not all(k in state for k in ("steps", "scale", "best", "bad", "base_lrs")):
+            raise CheckpointError("schedule.kind=plateau: the checkpoint's scheduler state was written by another "
+                                  "schedule (or torch's ReduceLROnPlateau of older versions); start the run again")
         self.steps, self.scale, self.best, self.bad = state["steps"], state["scale"], state["best"], state["bad"]
         self.base_lrs = list(state["base_lrs"])
         self._apply()
