@@ -117,6 +117,14 @@ def test_mni152_four_class_shards_slabs_and_brain_volume(tmp_path):
         assert max(idx["train"]) + 5 < min(idx["val"]) and max(idx["val"]) + 5 < min(idx["test"])  # gaps of 5
         seen = set().union(*(set(np.unique(lab)) for s in per_split for _, lab in per_split[s][volume]))
         assert seen - {0} == ids
+    from medico_peft.data.real_data import describe_slabs, slab_ranges
+
+    ranges = slab_ranges(report.manifest_path)  # metadata only, as read through the loader above
+    for volume in ("mni152_tissue", "mni152_brain"):
+        for split, items in per_split.items():
+            ks = [k for k, _ in items[volume]]
+            assert ranges[volume][split] == (min(ks), max(ks), len(ks))
+    assert describe_slabs(report.manifest_path).splitlines()[0].startswith("mni152_brain: train ")
     for split in per_split:  # same slabs; the brain label is the union of the tissue labels on every slice
         tissue, brain = dict(per_split[split]["mni152_tissue"]), dict(per_split[split]["mni152_brain"])
         assert sorted(tissue) == sorted(brain)

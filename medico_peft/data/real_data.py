@@ -151,3 +151,32 @@ def build_mni152_shards(out_dir, size: int = 256, split: str = "slab", axis: int
             pairs.append((image_path, label_path))
         selection = LabelSelection(keep=keep, rename={i: MNI152_LABEL_NAMES[i] for i in keep})
         return convert(pairs, out_dir, labels=selection, modality="mr", size=size, axis=axis, **options)
+
+
+def slab_ranges(manifest_path) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """{volume id: {split: (first slice index, last slice index, slices)}} of a slab-split shard set,
+    read from the shards' per-sample metadata only (no image is decoded)."""
+    import h5py
+
+    from . import shard_format as F
+    from .manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    F.register_filters()
+    found: dict[str, dict[str, list[int]]] = {}
+    for entry in manifest.shards:
+        with h5py.File(Path(manifest.path).parent / entry.file, "r") as fh:
+            volumes = [v.decode() if isinstance(v, bytes) else str(v) for v in fh[F.VOLUME_ID][()]]
+            for volume, k in zip(volumes, fh[F.SLICE_INDEX][()].tolist()):
+                found.setdefault(volume, {}).setdefault(entry.split, []).append(int(k))
+    return {v: {s: (min(ks), max(ks), len(ks)) for s, ks in splits.items()} for v, splits in sorted(found.items())}
+
+
+def describe_slabs(manifest_path) -> str:
+    """One line per volume: `volume: train 10–81 (n slices), val …, test …` (for reports and results files)."""
+    lines = []
+    for volume, splits in slab_ranges(manifest_path).items():
+        parts = [f"{s} {a}–{b} ({n} slices)" for s in ("train", "val", "test") if s in splits
+                 for a, b, n in [splits[s]]]
+        lines.append(f"{volume}: " + ", ".join(parts))
+    return "\n".join(lines)

@@ -158,7 +158,8 @@ def write_demo_report(out: Path, before, after: dict, runs: dict, times: dict) -
         "# medico-peft demo: LiteMedSAM zero-shot, decoder-only and LoRA on MNI152 grey/white matter (CPU)", "",
         f"Held-out test slab: {before.n_slices} axial slices ({before.n_objects} objects), never seen in training "
         "or validation. Split of the labelled axial extent: train = lowest 50 %, val = next 15 %, test = highest "
-        "30 %, 5-slice gaps. Protocol: one tight box, then "
+        f"30 %, 5-slice gaps (axial slice indices: {_slabs(out / 'shards' / 'manifest.json')}). "
+        "Protocol: one tight box, then "
         f"{before.n_clicks} corrective clicks, each at the centre of the deeper error region, previous logits "
         "fed back with every click painted in; Dice at 256². Each finetuned model is the adapter its run "
         "selected on the val slab (mean of box and 3-click Dice), reloaded from disk.", "",
@@ -200,6 +201,13 @@ def write_demo_report(out: Path, before, after: dict, runs: dict, times: dict) -
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _slabs(manifest) -> str:
+    from ..data.real_data import slab_ranges
+
+    ranges = next(iter(slab_ranges(manifest).values()))
+    return ", ".join(f"{split} {a}–{b}" for split, (a, b, _) in ranges.items())
 
 
 def stop_reason(result, cfg) -> str:
