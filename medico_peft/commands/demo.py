@@ -13,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "demo", help="MNI152 GM/WM: zero-shot LiteMedSAM vs decoder-only and LoRA finetunes on CPU, report",
         description="End-to-end CPU demo with shipped data and weights; --minutes bounds the whole run "
-                    "(training gets what the evaluations leave: 30 %% decoder-only, the rest LoRA; each run "
+                    "(training gets what the evaluations leave, half decoder-only, half LoRA; each run "
                     "keeps the adapter of its best validation on the val slab).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
