@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--results", default=str(HERE / "results" / "demo.md"), help="results file to write")
     ap.add_argument("--work", default="benchmarks/work/demo", help="the demo's output folder (made fresh)")
     args, demo_args = ap.parse_known_args(argv)
-    record = Results("Demo: LiteMedSAM + LoRA on MNI152 grey/white matter (CPU)",
+    record = Results("Demo: LiteMedSAM zero-shot, decoder-only and LoRA on MNI152 grey/white matter (CPU)",
                      argv=None if argv is None else [__file__, *argv])
     work = Path(args.work)
     if work.exists():

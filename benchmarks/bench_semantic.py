@@ -89,7 +89,7 @@ def build_shards(dataset: str, work: Path) -> Path:
     if dataset == "colin27_aal":
         build_colin27_aal_shards(out, size=256, labels=DEEP + ["Cerebelum_*"])
     else:
-        build_mni152_shards(out, size=256)
+        build_mni152_shards(out, size=256, tissues=("grey_matter", "white_matter"))  # one label map per slice
     return out / "manifest.json"
 
 

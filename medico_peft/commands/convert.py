@@ -33,8 +33,9 @@ def register(subparsers) -> None:
     p.add_argument("--min-area", type=int, default=10, help="drop objects smaller than this (pixels at --size)")
     p.add_argument("--split", help="volume | slab | train | val | test (default: volume; slab for --builtin)")
     p.add_argument("--split-fractions", default="0.7,0.15,0.15", help="train,val,test for --split volume")
-    p.add_argument("--slab-fractions", default="0.6,0,0.3", help="train,val,test for --split slab")
-    p.add_argument("--slab-gap", type=int, default=5)
+    p.add_argument("--slab-fractions", help="train,val,test for --split slab (default 0.6,0,0.3; "
+                                             "--builtin: 0.5,0.15,0.3)")
+    p.add_argument("--slab-gap", type=int, help="slices between slabs (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compression", default=DEFAULT_COMPRESSION, choices=COMPRESSIONS,
                    help=f"HDF5 filter of the shards (default {DEFAULT_COMPRESSION}: fast to decode; see docs/shard_format.md)")
@@ -65,6 +66,9 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, compression=args.compression, max_samples_per_shard=args.max_samples_per_shard,
         max_shard_mb=args.max_shard_mb, workers=args.workers, progress=not args.no_progress,
     )
+    for key in ("slab_fractions", "slab_gap"):  # unset: the builtin's or convert's own default
+        if options[key] is None:
+            del options[key]
     if args.builtin:
         prepare_output_dir(args.out, args.overwrite)
         options.pop("modality")

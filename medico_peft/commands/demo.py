@@ -11,16 +11,17 @@ from ._options import add_peft_arguments, peft_options
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="MNI152 GM/WM: zero-shot LiteMedSAM, LoRA finetune on CPU, evaluate again, report",
+        "demo", help="MNI152 GM/WM: zero-shot LiteMedSAM vs decoder-only and LoRA finetunes on CPU, report",
         description="End-to-end CPU demo with shipped data and weights; --minutes bounds the whole run "
-                    "(training gets what the evaluations leave).",
+                    "(training gets what the evaluations leave, half decoder-only, half LoRA; each run "
+                    "keeps the adapter of its best validation on the val slab).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     p.add_argument("--overwrite", action="store_true",
                    help="run again into a non-empty --out folder (its shards are reused, the rest replaced)")
     p.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                    help=f"wall-clock budget of the whole demo (default {DEFAULT_MINUTES:g})")
-    p.add_argument("--train-minutes", type=float, help="training budget (default: what --minutes leaves)")
+    p.add_argument("--train-minutes", type=float, help="both training runs' budget together (default: what --minutes leaves)")
     p.add_argument("--max-slices", type=int, default=10, help="held-out slices evaluated (evenly spaced)")
     p.add_argument("--clicks", type=int, default=4, help="corrective clicks after the box")
     p.add_argument("--lr", type=float, default=5e-4)

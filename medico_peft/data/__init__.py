@@ -5,8 +5,9 @@ Public API (see docs/shard_format.md):
     pair_by_stem(images_dir, labels_dir) -> [(image, label)]
     SliceDataset(manifests, split="train", n_objects=5, prompts=PromptConfig(), augment=AugmentConfig(), ...)
     iter_eval_slices(manifest_path, split="test", label_ids=None)
-    build_colin27_aal_shards(out_dir, size=256, labels=None, split="slab")
-    build_mni152_shards(out_dir, size=256, split="slab")
+    build_colin27_aal_shards(out_dir, size=256, labels=None, split="slab")   # train / val / test slabs
+    build_mni152_shards(out_dir, size=256, split="slab", tissues=MNI152_TISSUES)
+    object_group(label_name) -> "visible" | "cortical" | None
 Torch and h5py load only when the dataset/converter modules are first used.
 """
 
@@ -22,7 +23,7 @@ _EXPORTS = {
     "PromptConfig": "prompts", "prompts_for_mask": "prompts", "AugmentConfig": "augment",
     "Manifest": "manifest", "load_manifest": "manifest",
     "build_colin27_aal_shards": "real_data", "build_mni152_shards": "real_data",
-    "colin27_paths": "real_data", "mni152_volumes": "real_data",
+    "colin27_paths": "real_data", "mni152_volumes": "real_data", "object_group": "real_data",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -39,6 +39,27 @@ def write_csv(rows: Sequence[dict], path) -> Path:
     return path
 
 
+def group_means(result, group_of=None) -> dict[str, dict]:
+    """Mean Dice per step over the objects of each group: {group: {"n": objects, "mean_dice": [...]}}.
+
+    `group_of(label_name)` names an object's group or None (left out); the default is the built-in
+    real-data grouping (`data.real_data.object_group`: `visible` vs `cortical`). Groups come out in
+    order of first appearance in `OBJECT_GROUPS`, then alphabetically; empty when no object has one.
+    """
+    from ..data.real_data import OBJECT_GROUPS, object_group
+
+    group_of = group_of or object_group
+    steps = [f"dice_{i}" for i in range(result.n_clicks + 1)]
+    members: dict[str, list[dict]] = {}
+    for row in result.rows:
+        group = group_of(row["label_name"])
+        if group is not None:
+            members.setdefault(group, []).append(row)
+    order = sorted(members, key=lambda g: (OBJECT_GROUPS.index(g) if g in OBJECT_GROUPS else len(OBJECT_GROUPS), g))
+    return {g: {"n": len(members[g]), "mean_dice": [sum(r[s] for r in members[g]) / len(members[g]) for s in steps]}
+            for g in order}
+
+
 def summary_markdown(result, title: str | None = None) -> str:
     """Table: per label mean Dice at the start prompt and after each click, then the overall mean."""
     steps = step_names(result.n_clicks)
@@ -51,6 +72,9 @@ def summary_markdown(result, title: str | None = None) -> str:
              "|---|---:|" + "---:|" * len(steps)]
     for name, values in result.per_label.items():
         lines.append(f"| {name} | {result.label_counts[name]} | " + " | ".join(_fmt(v) for v in values) + " |")
+    for group, stats in group_means(result).items():
+        lines.append(f"| *{group} objects (mean)* | {stats['n']} | "
+                     + " | ".join(f"*{_fmt(v)}*" for v in stats["mean_dice"]) + " |")
     lines.append(f"| **overall (mean over objects)** | {result.n_objects} | "
                  + " | ".join(f"**{_fmt(v)}**" for v in result.mean_dice) + " |")
     return "\n".join(lines) + "\n"
@@ -126,7 +150,8 @@ def write_eval_outputs(result, out_dir, title: str | None = None) -> dict[str, P
         result.files = files
         result.out_dir = out
         atomic_write_text(stage / "summary.json",
-                          json.dumps(result.to_dict() | {"files": {k: str(v) for k, v in files.items()}},
+                          json.dumps(result.to_dict() | {"per_group": group_means(result),
+                                                      "files": {k: str(v) for k, v in files.items()}},
                                      indent=2) + "\n")
         files["summary_json"] = out / "summary.json"
     return files

@@ -20,6 +20,9 @@ from ..tuners import PeftConfig
 from ..utils.config import check_fields, config_error, from_mapping, option
 
 
+SELECT_BY = ("clicks", "box", "mean")
+
+
 class _Section:
     """Every section validates its fields on construction (types, choices, bounds; see utils/config)."""
 
@@ -35,9 +38,22 @@ class ModelConfig(_Section):
     pretrained: bool = True  # False: random weights even where real ones exist (tests, benchmarks)
 
 
+def _parse_manifest(value):
+    """None, one manifest path, or a list of them (several subjects / shard sets trained together)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return value[0] if len(value) == 1 else list(value)
+    raise config_error("manifest", f"expected a manifest.json path or a non-empty list of them, got {value!r}")
+
+
 @dataclass
 class DataConfig(_Section):
-    manifest: str | None = None  # path of a shard set's manifest.json
+    manifest: str | list | None = option(None, parse=_parse_manifest,
+                                         help="a shard set's manifest.json, or a list of them (e.g. the Colin27 "
+                                              "and MNI152 subjects): trained together, validated together")
+    weights: list[float] | None = option(None, help="with several manifests: sampling weight of each (default: "
+                                                    "every slice equally likely)")
     train_split: str = "train"
     val_split: str = "val"
     synthetic: int = 0  # > 0: use this many generated slices instead of a manifest (smoke tests)
@@ -68,9 +84,18 @@ class TrainLoopConfig(_Section):
                                       "mask prompt (models/click_prompt.py); 0 = clicks as point tokens only. "
                                       "Evaluate and predict with the same radius")
     prompt: str = option("alternate", choices=("alternate", "point", "box"))
-    val_every: int = option(1, min=1)
-    val_clicks: int = 3
-    early_stop_patience: int = 0  # epochs without a better val Dice before stopping; 0 = never
+    val_every: int = option(1, min=1, help="validate every N epochs (when train.val_every_steps is 0)")
+    val_every_steps: int = option(0, min=0, help="validate every N optimiser steps (and at the run's end); "
+                                                 "0 = once per train.val_every epochs")
+    val_clicks: int = option(3, min=0, help="corrective clicks after the box in validation")
+    select_by: str = option("clicks", choices=SELECT_BY,
+                            help="validation score that picks the best adapter and drives early stopping and the "
+                                 "plateau schedule: clicks (Dice after val_clicks), box (Dice of the box prompt) "
+                                 "or mean (the mean of the two)")
+    early_stop_patience: int = option(0, min=0, help="stop after this many validations in a row without a score "
+                                                     "above the best by more than early_stop_min_delta; 0 = never")
+    early_stop_min_delta: float = option(0.0, min=0.0, help="smallest gain over the best validation score that "
+                                                            "resets the early-stopping patience")
     device: str = option("auto", choices=("auto", "cpu", "cuda"))
     base_dtype: str = option("float32", choices=("float32", "bfloat16"),
                              help="storage dtype of the image encoder's frozen Linear/Conv weights: bfloat16 "
@@ -93,11 +118,19 @@ class OptimConfig(_Section):
 
 @dataclass
 class ScheduleConfig(_Section):
-    kind: str = option("cosine", choices=("cosine", "plateau", "constant"))
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    plateau_factor: float = 0.5
-    plateau_patience: int = 2
+    """LR factor per optimiser step (training/trainer.py `make_scheduler`): linear warmup from lr/warmup_steps
+    to lr over `warmup_steps`, then cosine (down to lr·min_lr_ratio at `total_steps`), constant, or plateau
+    (lr·plateau_factor after plateau_patience validations without a better score, not below lr·min_lr_ratio)."""
+
+    kind: str = option("cosine", choices=("cosine", "plateau", "constant"), help="cosine | plateau | constant")
+    warmup_steps: int = option(0, min=0, help="steps of linear warmup (every kind)")
+    min_lr_ratio: float = option(0.0, min=0.0, max=1.0, help="floor of the LR as a share of optim.lr "
+                                                            "(cosine end, plateau floor)")
+    total_steps: int | None = option(None, min=1, help="steps the cosine spans (warmup included); default "
+                                                       "train.epochs × steps per epoch; set it for runs ended by "
+                                                       "train.max_steps or train.max_minutes")
+    plateau_factor: float = option(0.5, gt=0.0, lt=1.0, help="LR multiplier at each plateau")
+    plateau_patience: int = option(2, min=0, help="validations without a better score before the LR drops")
 
 
 @dataclass
@@ -315,7 +348,14 @@ class TrainConfig:
             raise config_error("train.base_dtype", f"{self.train.base_dtype} with peft.init {peft.init!r}: that init "
                                                    "leaves a residual in the frozen base, which a bf16 base would round "
                                                    "(the saved adapter would no longer be exact); use float32")
+        if self.data.weights is not None:
+            n = len(self.data.manifest) if isinstance(self.data.manifest, list) else 1
+            if len(self.data.weights) != n or any(w < 0 for w in self.data.weights) or sum(self.data.weights) <= 0:
+                raise config_error("data.weights", f"expected {n} non-negative numbers (one per data.manifest), "
+                                                   f"not all 0, got {self.data.weights}")
         if self.task == "semantic":
+            if isinstance(self.data.manifest, list):
+                raise config_error("data.manifest", "task: semantic trains one label table: give one manifest")
             if self.semantic.dice + self.semantic.ce <= 0:
                 raise config_error("semantic.dice", "semantic.dice and semantic.ce are both 0: no loss to train")
             if self.semantic.class_weights is not None and any(w < 0 for w in self.semantic.class_weights):

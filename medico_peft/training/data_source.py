@@ -91,25 +91,36 @@ def build_datasets(cfg, img_size: int):
         train = SyntheticSlices(d.synthetic, img_size, d.n_objects, seed=cfg.train.seed)
         val = SyntheticSlices(n_val, img_size, d.n_objects, seed=cfg.train.seed + 10_000)
         return CountSkipped(train), CountSkipped(val)
-    manifest = Path(d.manifest)
+    manifests = [_manifest_file(m) for m in (d.manifest if isinstance(d.manifest, list) else [d.manifest])]
+    from ..data import AugmentConfig, SliceDataset, load_manifest
+
+    infos = [load_manifest(m) for m in manifests]
+    for manifest, info in zip(manifests, infos):
+        if info.image_size != img_size:
+            raise DataError(f"{manifest}: shards are {info.image_size}² but the model takes {img_size}² input; "
+                            f"convert with size={img_size} or choose a matching model")
+        if not info.shards_for(d.train_split):
+            raise DataError(f"{manifest}: split '{d.train_split}' has no shards (data.train_split)")
+    common = dict(n_objects=d.n_objects, seed=cfg.train.seed, label_ids=d.label_ids, skip_corrupt=d.skip_corrupt,
+                  verify=d.verify)
+    one = len(manifests) == 1
+    train = SliceDataset(manifests[0] if one else manifests, split=d.train_split,
+                         augment=AugmentConfig() if d.augment else None, weights=d.weights,
+                         samples_per_epoch=d.samples_per_epoch, **common)
+    # Validation: every val slice of every manifest that has a val split (no weights: each slice once).
+    with_val = [m for m, info in zip(manifests, infos) if info.shards_for(d.val_split)]
+    val = None
+    if with_val:
+        val = SliceDataset(with_val[0] if len(with_val) == 1 else with_val, split=d.val_split, augment=None,
+                           samples_per_epoch=d.max_val_samples, **common)
+    return CountSkipped(train), (CountSkipped(val) if val is not None else None)
+
+
+def _manifest_file(path) -> Path:
+    manifest = Path(path)
     if manifest.is_dir():
         manifest = manifest / "manifest.json"
     if not manifest.is_file():
         raise DataError(f"data.manifest: {manifest} not found; convert data first (medico-peft convert) "
                         f"or point data.manifest at a shard set's manifest.json")
-    from ..data import AugmentConfig, SliceDataset, load_manifest
-
-    info = load_manifest(manifest)
-    if info.image_size != img_size:
-        raise DataError(f"{manifest}: shards are {info.image_size}² but the model takes {img_size}² input; "
-                        f"convert with size={img_size} or choose a matching model")
-    if not info.shards_for(d.train_split):
-        raise DataError(f"{manifest}: split '{d.train_split}' has no shards (data.train_split)")
-    common = dict(n_objects=d.n_objects, seed=cfg.train.seed, label_ids=d.label_ids, skip_corrupt=d.skip_corrupt,
-                  verify=d.verify)
-    train = SliceDataset(manifest, split=d.train_split, augment=AugmentConfig() if d.augment else None,
-                         samples_per_epoch=d.samples_per_epoch, **common)
-    val = None
-    if info.shards_for(d.val_split):
-        val = SliceDataset(manifest, split=d.val_split, augment=None, samples_per_epoch=d.max_val_samples, **common)
-    return CountSkipped(train), (CountSkipped(val) if val is not None else None)
+    return manifest

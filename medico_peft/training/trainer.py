@@ -10,7 +10,18 @@ them. The loop's phases are methods a subclass overrides (a semantic-segmentatio
 
 Callbacks `(event, state)` get a `TrainerState` (step, epoch, metrics, elapsed seconds, the model,
 `request_stop(reason)`) at "epoch_start", "batch" (before each micro-batch), "step" (after each
-optimiser step) and "epoch_end".
+optimiser step), "validation" (after each validation; `metrics` holds its columns) and "epoch_end".
+
+Validation and selection: every `train.val_every_steps` optimiser steps (else every `train.val_every`
+epochs) and at the run's end, `validate()` scores the val split (Dice of the box prompt and after
+`train.val_clicks` corrective clicks); `train.select_by` (clicks | box | mean) makes one score of it.
+A new best score writes `best.pt` (atomically, beside `latest.pt`); `validations.csv` lists every
+validation. `train.early_stop_patience` counts validations in a row whose score does not beat the
+best by more than `train.early_stop_min_delta`; a plateau schedule observes the same score. The
+run's adapter (`adapter.safetensors`, the file the CLI and the demo load) holds the weights of
+`best.pt`, i.e. of the best validation (`TrainResult.best_step`), or the last weights when the run
+never validated. Best score, its step, the patience count and the schedule state are in every
+checkpoint, so a resumed run selects and stops exactly as an uninterrupted one.
 
 Order of one optimiser step: `grad_accum` micro-batches (each: encode once, interactive loss,
 backward: by default one decoder backward per sub-iteration inside the step, then one encoder
@@ -42,10 +53,11 @@ from . import distributed as D
 from .config import TrainConfig
 from .data_source import build_datasets
 from .interactive_step import InteractiveStep, finish_backward, prompt_kind_for, validate_batch
-from .logging import RunLogger, TrainProgress
+from .logging import RunLogger, TrainProgress, write_metrics_csv
 from .memory import DTYPES, FeatureCache, SegmentedEncoder, autocast, grad_scaler, peak_memory_bytes
 
 ADAPTER_NAME = "adapter.safetensors"
+VALIDATIONS_CSV = "validations.csv"
 
 
 class NonFiniteLossError(MedicoPeftError):
@@ -65,6 +77,8 @@ class TrainResult:
     stopped_early: bool = False  # ended before train.epochs by early stopping, time budget or a callback
     resumed_from_step: int = 0
     stop_reason: str | None = None  # why it stopped early, as logged
+    best_step: int | None = None  # optimiser step whose weights the adapter holds (None: never validated)
+    validations: list[dict] = field(default_factory=list)  # every validation: step, epoch, val columns, score
 
 
 @dataclass
@@ -110,22 +124,73 @@ def build_model_for(cfg: TrainConfig):
     return model
 
 
+class PlateauSchedule:
+    """Linear warmup, then the LR times `factor` each time more than `patience` validations in a row bring
+    no better score (higher is better), never below lr·min_lr_ratio. `step()` per optimiser step,
+    `observe(score)` per validation; `state_dict` holds plain numbers (checkpoints load with weights_only=True)."""
+
+    def __init__(self, optimizer, warmup: int, factor: float, patience: int, min_ratio: float):
+        self.optimizer, self.warmup, self.factor, self.patience, self.min_ratio = \
+            optimizer, warmup, factor, patience, min_ratio
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.steps, self.scale, self.best, self.bad = 0, 1.0, -math.inf, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        warm = (self.steps + 1) / self.warmup if self.warmup and self.steps < self.warmup else 1.0
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * warm * self.scale
+
+    def step(self) -> None:
+        self.steps += 1
+        self._apply()
+
+    def observe(self, score: float) -> None:
+        if score > self.best:
+            self.best, self.bad = score, 0
+            return
+        self.bad += 1
+        if self.bad > self.patience:
+            self.scale, self.bad = max(self.scale * self.factor, self.min_ratio), 0
+            self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "scale": self.scale, "best": self.best, "bad": self.bad,
+                "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not all(k in state for k in ("steps", "scale", "best", "bad", "base_lrs")):
+            raise CheckpointError("schedule.kind=plateau: the checkpoint's scheduler state was written by another "
+                                  "schedule (or torch's ReduceLROnPlateau of older versions); start the run again")
+        self.steps, self.scale, self.best, self.bad = state["steps"], state["scale"], state["best"], state["bad"]
+        self.base_lrs = list(state["base_lrs"])
+        self._apply()
+
+
+def lr_factor(schedule, step: int, total_steps: int) -> float:
+    """The LR multiplier of optimiser step `step` (0-based) for cosine / constant (see ScheduleConfig):
+    warmup (step+1)/warmup_steps, then 1 (constant) or min_lr_ratio + (1 - min_lr_ratio)·½(1 + cos(π·t)),
+    t = (step - warmup) / (total_steps - warmup) clamped to [0, 1]."""
+    s, warmup = schedule, schedule.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if s.kind == "constant":
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
 def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+    """The `schedule` section as a scheduler stepped once per optimiser step; `total_steps` (the run's
+    step count by epochs) is what a cosine spans unless `schedule.total_steps` is set."""
     s = cfg.schedule
     if s.kind == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=s.plateau_factor,
-                                                          patience=s.plateau_patience)
-    warmup = s.warmup_steps
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if s.kind == "constant":
-            return 1.0
-        progress_ = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress_))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return PlateauSchedule(optimizer, s.warmup_steps, s.plateau_factor, s.plateau_patience, s.min_lr_ratio)
+    total = s.total_steps or total_steps
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(s, step, total))
 
 
 def build_encoder(cfg: TrainConfig, model) -> SegmentedEncoder:
@@ -285,7 +350,7 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
         batches_per_epoch=batches_per_epoch, steps_per_epoch=steps_per_epoch)
 
 
-RUN_FILES = (ckpt.LATEST, ckpt.BEST, ADAPTER_NAME, "metrics.csv")  # a started or finished run
+RUN_FILES = (ckpt.LATEST, ckpt.BEST, ADAPTER_NAME, "metrics.csv", VALIDATIONS_CSV)  # a started or finished run
 
 
 def prepare_run_dir(out_dir: str | Path, resume: bool | str = False, overwrite: bool = False) -> bool:
@@ -338,8 +403,10 @@ class Trainer:
     """
 
     monitor = "val_dice"  # the validate() metric that picks the best weights (higher is better)
-    _STATE_KEYS = ("epoch", "batch_in_epoch", "global_step", "micro_step", "best_val", "bad_epochs", "history",
-                   "skipped", "epoch_rows")
+    _STATE_KEYS = ("epoch", "batch_in_epoch", "global_step", "micro_step", "best_val", "bad_validations",
+                   "best_step", "validations", "history", "skipped", "epoch_rows")
+    # Keys added after the first checkpoints were written (an older checkpoint keeps the constructor's value).
+    _STATE_OPTIONAL = ("epoch_rows", "best_step", "validations")
     # What differs between processes under DDP: each one's RNG streams (clicks are seeded per rank), its
     # skipped-sample count and its step rows. A multi-process checkpoint holds them for every rank
     # (`per_rank`), and each process resumes from its own.
@@ -360,7 +427,9 @@ class Trainer:
         self.global_step = 0  # optimiser steps
         self.micro_step = 0  # micro-batches overall (drives the point/box alternation)
         self.best_val = -math.inf
-        self.bad_epochs = 0
+        self.best_step: int | None = None  # optimiser step of the best validation (the adapter's weights)
+        self.bad_validations = 0  # validations in a row without a gain of early_stop_min_delta over the best
+        self.validations: list[dict] = []  # one row per validation: step, epoch, val columns, score, best
         self.history: list[dict] = []
         self.skipped = 0
         self.steps: list[dict] = []
@@ -437,9 +506,13 @@ class Trainer:
         p.optimizer.load_state_dict(state["optimizer"])
         p.scheduler.load_state_dict(state["scheduler"])
         p.scaler.load_state_dict(state["scaler"])
+        if "bad_validations" not in state and "bad_epochs" in state:  # written before validations were counted
+            state = {**state, "bad_validations": state["bad_epochs"]}
         for key in self._STATE_KEYS:
-            if key in state or key != "epoch_rows":  # checkpoints written before it was saved lack epoch_rows
+            if key in state:
                 setattr(self, key, state[key])
+            elif key not in self._STATE_OPTIONAL:
+                raise CheckpointError(f"{path}: training checkpoint key {key!r} is missing")
         own = state.get("per_rank", [state])[self.info.rank] if self.info.enabled else state
         ckpt.restore_rng_state(own["rng"], {"clicks": p.clicks})
         for key in self._PER_RANK_KEYS:
@@ -510,8 +583,7 @@ class Trainer:
         p.scaler.step(p.optimizer)
         p.scaler.update()
         p.optimizer.zero_grad(set_to_none=True)
-        if not isinstance(p.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            p.scheduler.step()
+        p.scheduler.step()
         self.global_step += 1
 
     def on_step_end(self, row: dict) -> None:
@@ -584,6 +656,12 @@ class Trainer:
             window = []
             self.on_step_end(row)
             bar.advance(self.global_step, self.elapsed_seconds, row, skipped=self.skipped)
+            every = cfg.train.val_every_steps
+            if every and self.global_step % every == 0:
+                self.save_checkpoint(best=self.validate_and_record(count=True))
+                self.stop_reason = self.early_stop_reason()
+                if self.stop_reason is not None:
+                    return "stop"
             if cfg.train.max_steps and self.global_step >= cfg.train.max_steps:
                 return "max_steps"
             self.stop_reason = self.should_stop()
@@ -657,18 +735,15 @@ class Trainer:
         complete = self.batch_in_epoch >= self.parts.batches_per_epoch
         last = self.epoch + 1 == cfg.train.epochs
         val = self.empty_validation()
-        if final or last or (self.epoch + 1) % cfg.train.val_every == 0:
-            val = self.validate()
+        improved = False
+        if self.validations and self.validations[-1]["step"] == self.global_step:
+            val = {k: self.validations[-1][k] for k in val}  # validated at this very step: not again
+        elif final or last or (not cfg.train.val_every_steps and (self.epoch + 1) % cfg.train.val_every == 0):
+            # A stop mid-epoch (per-epoch validation) does not count patience: a resumed run validates that
+            # epoch again. With train.val_every_steps, epochs end without validating except the run's last.
+            improved = self.validate_and_record(count=complete or bool(cfg.train.val_every_steps))
+            val = {k: self.validations[-1][k] for k in val}
         row = self.epoch_row(val, seconds)
-        score = val.get(self.monitor, math.nan)
-        improved = math.isfinite(score) and score > self.best_val
-        if improved:
-            self.best_val, self.bad_epochs = score, 0
-        elif math.isfinite(score) and complete:
-            self.bad_epochs += 1
-        scheduler = self.parts.scheduler
-        if complete and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and math.isfinite(score):
-            scheduler.step(score)
         if self.history and self.history[-1].get("partial_epoch") and self.history[-1]["epoch"] == self.epoch:
             self.history.pop()  # resumed: this epoch's full row replaces the one written at the stop
         if not complete:
@@ -683,6 +758,37 @@ class Trainer:
         self.log_epoch(row)
         self.emit("epoch_end")
 
+    def score(self, val: dict[str, float]) -> float:
+        """The validation score `train.select_by` names (higher is better); `monitor` where the validation
+        has no box column (semantic)."""
+        keys = {"clicks": (self.monitor,), "box": ("val_dice_box",), "mean": ("val_dice_box", self.monitor)}
+        keys = [k for k in keys[self.cfg.train.select_by] if k in val] or [self.monitor]
+        return sum(val.get(k, math.nan) for k in keys) / len(keys)
+
+    def validate_and_record(self, count: bool = True) -> bool:
+        """Validate, append a `validations` row (and validations.csv), track the best score (its step is
+        the adapter's), count early-stopping patience (when `count`) and feed a plateau schedule.
+        Returns whether the score is a new best: the caller then writes best.pt."""
+        val = self.validate()
+        score = self.score(val)
+        improved = math.isfinite(score) and score > self.best_val
+        if count and math.isfinite(score):
+            gained = score > self.best_val + self.cfg.train.early_stop_min_delta
+            self.bad_validations = 0 if gained else self.bad_validations + 1
+            if isinstance(self.parts.scheduler, PlateauSchedule):
+                self.parts.scheduler.observe(score)
+        if improved:
+            self.best_val, self.best_step = score, self.global_step
+        row = {"step": self.global_step, "epoch": self.epoch, **val, "score": score, "best": improved,
+               "lr": self.parts.optimizer.param_groups[0]["lr"]}
+        self.validations.append(row)
+        self.metrics.update(val)
+        self.parts.logger.scalars(self.global_step, {**val, "score": score}, "val")
+        if self.main:
+            write_metrics_csv(self.out_dir / VALIDATIONS_CSV, self.validations)
+        self.emit("validation")
+        return improved
+
     def log_epoch(self, row: dict) -> None:
         if not self.main:
             return
@@ -695,9 +801,11 @@ class Trainer:
               f"skipped samples {self.skipped}", flush=True)
 
     def early_stop_reason(self) -> str | None:
-        patience = self.cfg.train.early_stop_patience
-        if patience and self.bad_epochs >= patience:
-            return f"early stopping: no better {self.monitor} for {self.bad_epochs} epochs"
+        t = self.cfg.train
+        if t.early_stop_patience and self.bad_validations >= t.early_stop_patience:
+            delta = f" by more than {t.early_stop_min_delta:g}" if t.early_stop_min_delta else ""
+            return (f"early stopping: {self.bad_validations} validations without a better {t.select_by} score"
+                    f"{delta} (best {self.best_val:.4f} at step {self.best_step})")
         return None
 
     # --- the run -------------------------------------------------------------------------------
@@ -747,7 +855,8 @@ class Trainer:
                            history=list(self.history), train_seconds=self.elapsed_seconds,
                            peak_memory_bytes=peak_memory_bytes(self.device), steps=self.steps,
                            skipped_samples=self.skipped, stopped_early=self.stop_reason is not None,
-                           resumed_from_step=self.resumed_from, stop_reason=self.stop_reason)
+                           resumed_from_step=self.resumed_from, stop_reason=self.stop_reason,
+                           best_step=self.best_step, validations=list(self.validations))
 
     def finish(self) -> Path:
         """Adapter from the best validated weights (else the last), plus config.yaml, metrics.csv, curves.png."""
@@ -755,6 +864,7 @@ class Trainer:
         if best.exists():
             ckpt.load_trainable(self.model, ckpt.load_checkpoint(best)["trainable"], str(best))
         extra = {"training": {"best_val_dice": None if self.best_val == -math.inf else self.best_val,
+                              "select_by": self.cfg.train.select_by, "best_step": self.best_step,
                               "epochs": self.epoch, "steps": self.global_step}}
         if self.stop_reason is not None:
             extra["training"]["stop_reason"] = self.stop_reason
