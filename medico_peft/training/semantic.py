@@ -26,7 +26,7 @@ from . import distributed as D
 from .data_source import CountSkipped, SyntheticSlices
 from .losses import semantic_loss
 from .memory import SegmentedEncoder, autocast, grad_scaler
-from .trainer import (Trainer, TrainingParts, _collate, build_encoder, build_model_for, build_optimizer,
+from .trainer import (Trainer, TrainingParts, build_encoder, build_model_for, build_optimizer,
                       make_scheduler, resolve_device, wrap_distributed)
 from .logging import RunLogger
 
@@ -214,13 +214,7 @@ class SemanticTrainer(Trainer):
         if p.val_ds is None:
             return out
         self.model.eval()
-        n = len(p.val_ds)
-        if cfg.data.max_val_samples:
-            n = min(n, cfg.data.max_val_samples)
-        indices = list(range(self.info.rank, n, self.info.world_size))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_ds, indices),
-                                             batch_size=cfg.train.batch_size, collate_fn=_collate,
-                                             num_workers=cfg.data.num_workers)
+        loader = self.val_loader()
         c = self.model.num_classes
         counts = torch.zeros(3, c, dtype=torch.int64)
         step = p.step_module.module if isinstance(p.step_module, nn.parallel.DistributedDataParallel) \

@@ -669,6 +669,17 @@ class Trainer:
                 return "stop"
         return "done"
 
+    def val_loader(self) -> torch.utils.data.DataLoader:
+        """This rank's share of the val split (capped by data.max_val_samples), in batches of train.batch_size."""
+        p, cfg = self.parts, self.cfg
+        n = len(p.val_ds)
+        if cfg.data.max_val_samples:
+            n = min(n, cfg.data.max_val_samples)
+        indices = list(range(self.info.rank, n, self.info.world_size))
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_ds, indices),
+                                           batch_size=cfg.train.batch_size, collate_fn=_collate,
+                                           num_workers=cfg.data.num_workers)
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Mean Dice over val objects (box, then box + clicks), summed across ranks; NaN without val data."""
@@ -677,13 +688,7 @@ class Trainer:
         if p.val_ds is None:
             return nan
         self.model.eval()
-        n = len(p.val_ds)
-        if cfg.data.max_val_samples:
-            n = min(n, cfg.data.max_val_samples)
-        indices = list(range(self.info.rank, n, self.info.world_size))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(p.val_ds, indices),
-                                             batch_size=cfg.train.batch_size, collate_fn=_collate,
-                                             num_workers=cfg.data.num_workers)
+        loader = self.val_loader()
         sums = [0.0, 0.0, 0.0]
         for batch in loader:
             with autocast(cfg.memory.precision, self.device):
