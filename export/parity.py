@@ -99,6 +99,21 @@ def _maxabs(a, b) -> float:
     return float(np.max(np.abs(_host(a) - _host(b)))) if np.size(_host(a)) else 0.0
 
 
+def gate_input(image, backend) -> np.ndarray:
+    """A test image as H×W×3 in the dtype `backend` takes: in-graph preprocessing takes one fixed dtype
+    (float32 as is; uint8 min-max scaled and rounded), other exports any."""
+    from ..runtime.preprocess import as_hwc3
+
+    arr = as_hwc3(image)
+    if getattr(backend, "with_preprocess", False):
+        if backend.input_dtype == "float32":
+            arr = arr.astype(np.float32)
+        elif arr.dtype != np.uint8:
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = np.round(255 * (arr - lo) / max(hi - lo, 1e-8)).astype(np.uint8)
+    return arr
+
+
 @torch.no_grad()
 def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask_cases=(False, True),
                seed: int = 0) -> list[dict]:
@@ -108,7 +123,7 @@ def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask
     them (`decode_at_original_size`); `nonfinite` counts NaN/Inf values in either side's outputs.
     """
     from ..runtime.predictor import decode_at_original_size
-    from ..runtime.preprocess import as_hwc3, build_prompt_arrays
+    from ..runtime.preprocess import build_prompt_arrays
     from ..runtime.torch_backend import TorchBackend
 
     if isinstance(reference, torch.nn.Module):
@@ -116,13 +131,7 @@ def run_parity(reference, backend, n_random: int = 4, n_real: int = 1, multimask
     rng = np.random.default_rng(seed)
     rows = []
     for img_name, image in test_images(n_random, n_real, seed):
-        arr = as_hwc3(image)
-        if getattr(backend, "with_preprocess", False):  # in-graph preprocessing takes one fixed dtype
-            if backend.input_dtype == "float32":
-                arr = arr.astype(np.float32)
-            elif arr.dtype != np.uint8:
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = np.round(255 * (arr - lo) / max(hi - lo, 1e-8)).astype(np.uint8)
+        arr = gate_input(image, backend)
         h, w = arr.shape[:2]
         ref_emb = reference.encode(arr)
         out_emb = backend.encode(arr)

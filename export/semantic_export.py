@@ -135,21 +135,14 @@ def _nonfinite(*arrays) -> int:
 def run_semantic_parity(reference, backend, n_random: int = 4, n_real: int = 1, seed: int = 0) -> list[dict]:
     """Rows per test image: max |logits − reference| at the original size, share of pixels whose label
     differs, NaN/Inf count in either side. `reference`: a SemanticSam or another semantic backend."""
-    from ..runtime.preprocess import as_hwc3
     from ..runtime.torch_backend import TorchSemanticBackend
-    from .parity import test_images
+    from .parity import gate_input, test_images
 
     if isinstance(reference, nn.Module):
         reference = TorchSemanticBackend(reference)
     rows = []
     for name, image in test_images(n_random, n_real, seed):
-        arr = as_hwc3(image)
-        if getattr(backend, "with_preprocess", False):  # in-graph preprocessing takes one fixed dtype
-            if backend.input_dtype == "float32":
-                arr = arr.astype(np.float32)
-            elif arr.dtype != np.uint8:
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = np.round(255 * (arr - lo) / max(hi - lo, 1e-8)).astype(np.uint8)
+        arr = gate_input(image, backend)
         ref = reference.semantic_logits(arr).float()
         out = backend.semantic_logits(arr).float()
         if tuple(out.shape) != tuple(ref.shape):
