@@ -4,6 +4,7 @@ and the Predictor."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from medico_peft.models.click_prompt import CLICK_VALUE, paint_clicks
@@ -68,3 +69,92 @@ def test_predictor_paints_clicks_into_the_mask_input_it_is_given():
     pred.click_radius = 0.0
     pred.predict(points=[[60, 30]], labels=[0], box=[10, 10, 80, 50], mask_input=first.low_res_logits[0])
     assert np.array_equal(seen[-1][0, 0], first.low_res_logits[0])
+
+
+def _blob_logits(mask: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.where(mask, 5.0, -5.0).astype(np.float32))[None, None]
+
+
+def test_merge_takes_only_the_added_region_touching_a_positive_click():
+    """Previous answer: one square. The new answer adds a region at the click, adds a far region, and drops
+    part of the square: only the added region touching the click is taken, the rest stays as before."""
+    from medico_peft.models.click_prompt import merge_click
+
+    prev = np.zeros((32, 32), bool)
+    prev[4:12, 4:12] = True
+    new = prev.copy()
+    new[4:8, 4:12] = False          # drift: part of the old answer lost
+    new[20:26, 20:30] = True        # the clicked region
+    new[2:4, 24:30] = True          # drift: an unrelated addition
+    out = merge_click(_blob_logits(prev), _blob_logits(new), torch.tensor([[[25.0, 23.0]]]), torch.tensor([[1]]),
+                      radius=1.0)
+    expect = prev.copy()
+    expect[20:26, 20:30] = True
+    assert np.array_equal(out[0, 0].numpy() > 0, expect)
+    # the accepted pixels carry the new logits, the others the previous ones, exactly
+    acc = torch.from_numpy(expect & ~prev)
+    assert torch.equal(out[0, 0][acc], _blob_logits(new)[0, 0][acc])
+    assert torch.equal(out[0, 0][~acc], _blob_logits(prev)[0, 0][~acc])
+
+
+def test_merge_negative_click_removes_only_its_region_and_rows_without_clicks_keep_theirs():
+    from medico_peft.models.click_prompt import merge_click
+
+    prev = np.zeros((2, 24, 24), bool)
+    prev[:, 2:20, 2:10] = True
+    new = prev.copy()
+    new[:, 12:20, 2:10] = False     # the negative click's region (row 0 clicks in it)
+    new[:, 2:20, 14:18] = True      # added pixels: a negative click never takes those
+    prev_t = torch.cat([_blob_logits(prev[0]), _blob_logits(prev[1])])
+    new_t = torch.cat([_blob_logits(new[0]), _blob_logits(new[1])])
+    out = merge_click(prev_t, new_t, torch.tensor([[[5.0, 15.0]], [[5.0, 15.0]]]), torch.tensor([[0], [-1]]),
+                      radius=2.0)
+    expect = prev[0].copy()
+    expect[12:20, 2:10] = False
+    assert np.array_equal(out[0, 0].numpy() > 0, expect)
+    assert torch.equal(out[1], prev_t[1])  # label -1: no click this round, nothing taken
+
+
+def test_merge_keeps_the_previous_answer_when_the_click_changed_nothing_near_it():
+    from medico_peft.models.click_prompt import merge_click
+
+    prev = np.zeros((16, 16), bool)
+    prev[2:6, 2:6] = True
+    new = prev.copy()
+    new[10:14, 10:14] = True  # a change, but far from the click
+    out = merge_click(_blob_logits(prev), _blob_logits(new), torch.tensor([[[3.0, 12.0]]]), torch.tensor([[1]]),
+                      radius=2.0)
+    assert torch.equal(out, _blob_logits(prev))
+
+
+def test_predictor_merges_a_correction_locally_and_none_returns_the_decoders_answer():
+    """Predictor.predict with mask_input + points: with click_merge="local" the returned mask differs from the
+    previous one only in regions that touch the new click (and only by pixels of the click's kind); with
+    "none" it is the backend's own answer."""
+    from medico_peft.models import build_model
+    from medico_peft.models.click_prompt import merge_click
+    from medico_peft.runtime import Predictor
+
+    model = build_model("vit_tiny", seed=0).eval()
+    image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    raw = Predictor.from_torch(model, click_merge="none").set_image(image)
+    local = Predictor.from_torch(model).set_image(image)
+    first = raw.predict(box=[8, 8, 50, 50])
+    prev_mask = first.masks[0]
+    click = [[30, 30]]
+    lab = [0] if prev_mask[30, 30] else [1]
+    a = raw.predict(points=click, labels=lab, box=[8, 8, 50, 50], mask_input=first.low_res_logits[0])
+    b = local.predict(points=click, labels=lab, box=[8, 8, 50, 50], mask_input=first.low_res_logits[0])
+    side = first.low_res_logits.shape[-1]
+    # "local": the decoder's answer ("none" gets the same painted prompt) merged onto the previous one
+    expect = merge_click(torch.from_numpy(first.low_res_logits[:1])[None], torch.from_numpy(a.low_res_logits)[None],
+                         torch.tensor([[[30.0 * side / 64, 30.0 * side / 64]]]), torch.tensor([lab]))
+    assert torch.allclose(torch.from_numpy(b.low_res_logits)[None], expect)
+    assert np.array_equal(b.masks, b.logits > 0)
+    # merged logits move only in the click's direction, so at full resolution the mask does too
+    if lab[0] == 1:
+        assert not (prev_mask & ~b.masks[0]).any()  # a positive click removes nothing
+    else:
+        assert not (b.masks[0] & ~prev_mask).any()  # a negative click adds nothing
+    with pytest.raises(Exception, match="click_merge"):
+        Predictor.from_torch(model, click_merge="global")

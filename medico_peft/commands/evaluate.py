@@ -32,6 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--click-radius", type=float, default=None,
                    help="disk radius (mask-grid pixels) each click paints into the fed-back logits; "
                         "default: the library's (models/click_prompt.py), as in training; 0 = points only")
+    p.add_argument("--click-merge", choices=("local", "none"), default=None,
+                   help="how a click's answer is accepted: local (default, as the Predictor and training's "
+                        "validation) keeps the previous mask except the regions the click asked to change; none "
+                        "takes the decoder's whole answer")
     p.add_argument("--semantic", action="store_true",
                    help="automatic multi-class evaluation of a semantic adapter (--adapter): per-class Dice per slice "
                         "(2D) and per volume (3D), confusion summary, overlays with a legend; writes summary.md, "
@@ -80,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
 
         model = load_adapter(model, args.adapter)
     radius = {} if args.click_radius is None else {"click_radius": args.click_radius}
+    if args.click_merge is not None:
+        radius["click_merge"] = args.click_merge
     labels = [x for item in args.labels for x in item.split(",") if x] if args.labels else None
     result = evaluate_interactive(model, args.manifest, split=args.split, start=args.start, n_clicks=args.clicks,
                                   out_dir=args.out, max_slices=args.max_slices, labels=labels,

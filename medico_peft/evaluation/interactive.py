@@ -4,7 +4,8 @@ Per object: start from one tight box (single-mask output) or one positive point 
 centre (the maximum of its distance transform; multimask output, keep the mask with the highest
 predicted IoU). Then `n_clicks` times: one click at the centre of the deeper error region
 (`center_correction`), added to all previous points, with the previous low-res logits fed back
-as mask input. Dice is measured after every step, at the model input resolution (S×S, cropped to
+as mask input; the click's answer is accepted locally (`merge_click`: only the change the click asked
+for, in the regions touching it; `click_merge="none"` takes the decoder's whole answer). Dice is measured after every step, at the model input resolution (S×S, cropped to
 the non-padded content), which is where the labels live in the shards.
 
 All objects of a slice are decoded together against one image embedding, so an image is encoded
@@ -26,7 +27,7 @@ import torch
 from ..data.prompts import deepest_pixel, mask_box
 from ..errors import ConfigError
 from ..models.postprocess import upscale_logits
-from ..models.click_prompt import CLICK_RADIUS, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, merge_click, paint_clicks
 from .clicks import center_corrections
 from .metrics import dice_per_object
 from .segmenter import Segmenter, as_segmenter
@@ -67,7 +68,7 @@ class SliceTrace:
 
 def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, input_size: tuple[int, int],
                  start: str = "box", n_clicks: int = 7, use_mask_input: bool = True,
-                 click_radius: float = CLICK_RADIUS) -> SliceTrace:
+                 click_radius: float = CLICK_RADIUS, click_merge: str = CLICK_MERGE) -> SliceTrace:
     """Run the protocol for K objects of one image; gt is (K, H, W) bool at the cropped input size.
 
     The fed-back logits carry every click so far painted in (`click_radius`, models/click_prompt.py,
@@ -76,6 +77,7 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
     """
     if start not in STARTS:
         raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
+    check_click_merge(click_merge)
     k = gt.shape[0]
     gt_t = torch.from_numpy(gt)
     if getattr(segmenter, "embed_takes_input_size", False):
@@ -108,13 +110,22 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
         mask_input = None
         if use_mask_input:
             mask_input = paint_clicks(low, points, labels, scale=low.shape[-1] / size, radius=click_radius)
-        low, _ = segmenter.predict(emb, points, labels, boxes, mask_input, False)
-        low = low[:, :1]
+        new_low, _ = segmenter.predict(emb, points, labels, boxes, mask_input, False)
+        new_low = new_low[:, :1]
+        if click_merge == "local":
+            low = merge_click(low, new_low, new_xy, new_label, scale=low.shape[-1] / size, radius=click_radius)
+        else:
+            low = new_low
         masks = logits_to_masks(low, size, input_size)
         dice.append(dice_per_object(masks, gt_t).numpy())
 
     return SliceTrace(np.stack(dice, axis=1), start_masks, masks.numpy(), points.numpy(), labels.numpy(),
                       None if boxes is None else boxes.numpy())
+
+
+def check_click_merge(click_merge: str) -> None:
+    if click_merge not in CLICK_MERGES:
+        raise ConfigError(f"click_merge: {click_merge!r} should be one of {', '.join(CLICK_MERGES)}")
 
 
 @dataclass
@@ -194,7 +205,7 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
                          out_dir=None, max_slices: int | None = None, labels: Sequence[int | str] | None = None,
                          n_overlays: int = 4, max_objects_per_batch: int = 16, progress: bool = True,
                          title: str | None = None, use_mask_input: bool = True,
-                         click_radius: float = CLICK_RADIUS) -> EvalResult:
+                         click_radius: float = CLICK_RADIUS, click_merge: str = CLICK_MERGE) -> EvalResult:
     """Score a model (a `MedSam`, or any `Segmenter`) with the interactive protocol on one split.
 
     With `out_dir`, writes per_object.csv, summary.md, summary.json, dice_vs_clicks.png and
@@ -205,12 +216,13 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
     Phases: validate the arguments, choose the slices, run the protocol on them, aggregate, write.
     """
     loaded, label_ids, segmenter = _validate_args(model, manifest, start, n_clicks, max_slices, labels)
+    check_click_merge(click_merge)
+    click_rule = {"use_mask_input": use_mask_input, "click_radius": click_radius, "click_merge": click_merge}
     with _eval_mode(model):
         started = time.perf_counter()
         chosen, total = _choose_slices(loaded, manifest, split, label_ids, max_slices)
         rows, cases, n_slices = _run_slices(segmenter, manifest, split, label_ids, chosen, total, start, n_clicks,
-                                            n_overlays, max_objects_per_batch, progress, use_mask_input,
-                                            click_radius)
+                                            n_overlays, max_objects_per_batch, progress, click_rule)
     result = _aggregate(rows, cases, n_slices, start, n_clicks, split, time.perf_counter() - started)
     if out_dir is not None:
         from .report import write_eval_outputs
@@ -265,8 +277,9 @@ def _choose_slices(loaded, manifest, split: str, label_ids, max_slices: int | No
 
 def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, start: str, n_clicks: int,
                 n_overlays: int, max_objects_per_batch: int, progress: bool,
-                use_mask_input: bool, click_radius: float) -> tuple[list[dict], list[OverlayCase], int]:
-    """The protocol on every chosen slice: per-object rows, overlay cases, number of slices scored."""
+                click_rule: dict) -> tuple[list[dict], list[OverlayCase], int]:
+    """The protocol on every chosen slice: per-object rows, overlay cases, number of slices scored.
+    `click_rule`: run_protocol's use_mask_input / click_radius / click_merge."""
     from tqdm.auto import tqdm
 
     from ..data.dataset import iter_eval_slices
@@ -280,8 +293,7 @@ def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, 
         for position, item in enumerate(iter_eval_slices(manifest, split=split, label_ids=label_ids)):
             if chosen is not None and position not in chosen:
                 continue
-            gt, traces, dice = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch, use_mask_input,
-                                           click_radius)
+            gt, traces, dice = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch, click_rule)
             rows += _slice_rows(item, gt, dice, start, n_clicks)
             if len(cases) < n_overlays:
                 cases.append(_overlay_case(item, gt, traces, n_slices))
@@ -293,8 +305,7 @@ def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, 
     return rows, cases, n_slices
 
 
-def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per_batch: int, use_mask_input: bool,
-               click_radius: float):
+def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per_batch: int, click_rule: dict):
     """One slice's objects through the protocol in batches: (gt masks, [(first object, trace)], dice K×steps)."""
     h, w = item["input_size"]
     label_map = item["label_map"][:h, :w].numpy()
@@ -302,7 +313,7 @@ def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per
     traces = []
     for lo in range(0, gt.shape[0], max_objects_per_batch):
         trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w), start, n_clicks,
-                             use_mask_input, click_radius)
+                             **click_rule)
         traces.append((lo, trace))
     return gt, traces, np.concatenate([trace.dice for _, trace in traces], axis=0)
 

@@ -10,16 +10,30 @@ click) or -`value` (negative click). The point tokens are still given, so nothin
 missing. Training paints exactly as evaluation and the Predictor do, so the decoder learns the
 painted disks as certain evidence; `benchmarks/results/clicks.md` measures the effect.
 
+Accepting a click locally ("click merge"): after a click the decoder re-predicts the whole mask,
+and a decoder finetuned for minutes drifts far from the click as often as it fixes the clicked
+region: on the demo's held-out MNI152 slices a LoRA model's Dice went 0.671 -> 0.657 over 4
+clicks, while replacing only the clicked error region with the truth would reach 0.909. So the
+new answer is accepted only where the click asked for a change (`merge_click`): a positive click
+takes the pixels the new answer *adds* in the connected regions touching the click's disk, a
+negative click the pixels it *removes* there; everything else keeps the previous answer. This is
+the "progressive merge" idea of FocalClick (Chen et al., CVPR 2022); `benchmarks/bench_clicks.py`
+measures it against the raw decoder output. Training feeds back the raw output (it teaches the
+decoder; the merge is how an answer is accepted at inference).
+
 Coordinates: points are (x, y) pixels of a frame that maps onto the mask grid by `scale`
 (the S×S model input: scale = 4E / S; an original image of size h×w: scale = 4E / max(h, w)).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 CLICK_RADIUS = 5.0  # mask-grid pixels (the 4E×4E low-res grid: 256 for LiteMedSAM and SAM)
 CLICK_VALUE = 10.0  # logit written into the disk (sigmoid(10) ≈ 1 - 4.5e-5)
+CLICK_MERGES = ("local", "none")  # how a click's new answer is accepted (`merge_click`); "local" is the default
+CLICK_MERGE = "local"
 
 
 def paint_clicks(mask_logits: torch.Tensor, points: torch.Tensor | None, labels: torch.Tensor | None,
@@ -48,3 +62,48 @@ def paint_clicks(mask_logits: torch.Tensor, points: torch.Tensor | None, labels:
         plane.masked_fill_(pos, value)
         plane.masked_fill_(neg, -value)
     return out
+
+
+def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: torch.Tensor | None,
+                labels: torch.Tensor | None, scale: float = 1.0, radius: float = CLICK_RADIUS) -> torch.Tensor:
+    """Accept a click's new answer only where the click asked for a change; (K, M, G, G) logits out.
+
+    prev_logits: (K, 1, G, G) or (K, M, G, G) low-res logits of the answer before the click; new_logits
+    (K, M, G, G) the decoder's answer with the click; points (K, P, 2) xy / labels (K, P) the clicks of
+    this round (1 positive, 0 negative; any other label is skipped). For each row and output, the
+    changed pixels of the click's kind (added for positive, removed for negative) form connected
+    regions (8-connectivity on the mask grid); those that touch the click's disk (`radius` grid pixels,
+    at least the clicked pixel) take the new logits, all other pixels keep the previous ones. A row
+    without a click this round keeps its previous answer.
+    """
+    from scipy.ndimage import label as connected_regions
+
+    k, m, gh, gw = new_logits.shape
+    prev = prev_logits.to(new_logits.dtype).expand(k, m, gh, gw)
+    if points is None or labels is None or points.shape[1] == 0:
+        return prev.clone()
+    prev_on = (prev > 0).cpu().numpy()
+    new_on = (new_logits > 0).cpu().numpy()
+    take = np.zeros((k, m, gh, gw), dtype=bool)
+    ys, xs = np.mgrid[0:gh, 0:gw]
+    r2 = max(float(radius), 0.5) ** 2
+    pts = points.detach().cpu().to(torch.float32).numpy() * scale
+    labs = labels.detach().cpu().numpy()
+    structure = np.ones((3, 3), dtype=bool)
+    for row in range(k):
+        for p in range(pts.shape[1]):
+            lab = int(labs[row, p])
+            if lab not in (0, 1):
+                continue
+            cx, cy = pts[row, p]
+            disk = (xs - cx) ** 2 + (ys - cy) ** 2 <= r2
+            if not disk.any():  # a click off the grid: its own pixel, clamped
+                disk[min(max(int(round(cy)), 0), gh - 1), min(max(int(round(cx)), 0), gw - 1)] = True
+            for out in range(m):
+                changed = new_on[row, out] & ~prev_on[row, out] if lab == 1 else prev_on[row, out] & ~new_on[row, out]
+                regions, _ = connected_regions(changed, structure=structure)
+                hit = np.unique(regions[disk & changed])
+                if hit.size:
+                    take[row, out] |= np.isin(regions, hit)
+    sel = torch.from_numpy(take).to(new_logits.device)
+    return torch.where(sel, new_logits, prev)

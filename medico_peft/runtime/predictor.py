@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..models.click_prompt import CLICK_RADIUS, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, merge_click, paint_clicks
 from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
 from .semantic import SemanticPrediction
 
@@ -56,11 +56,21 @@ class Predictor:
     logits), every positive/negative point is painted into that mask prompt as a ±disk of this many
     mask-grid pixels (models/click_prompt.py) — the same corrective-click encoding the trainer and the
     evaluation protocol use. 0 gives official SAM's behaviour (points as tokens only).
+
+    `click_merge`: how such a correction's answer is accepted. "local" (default, as the evaluation
+    protocol and the trainer's validation): the last `new_points` points of the call are this round's
+    clicks, and the new logits replace `mask_input` only in the regions the clicks asked to change
+    (added pixels touching a positive click, removed pixels touching a negative one; models/click_prompt.py
+    `merge_click`); the rest of the previous answer is kept. "none": the decoder's whole answer (official SAM).
     """
 
-    def __init__(self, backend, cache_size: int = 4, click_radius: float = CLICK_RADIUS):
+    def __init__(self, backend, cache_size: int = 4, click_radius: float = CLICK_RADIUS,
+                 click_merge: str = CLICK_MERGE):
+        if click_merge not in CLICK_MERGES:
+            raise DataError(f"click_merge: {click_merge!r} should be one of {', '.join(CLICK_MERGES)}")
         self.backend = backend
         self.click_radius = click_radius
+        self.click_merge = click_merge
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
         self._embeddings = None
@@ -179,14 +189,18 @@ class Predictor:
         self._orig_hw = (int(orig_hw[0]), int(orig_hw[1]))
         return self
 
-    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False) -> Prediction:
-        """Points (x, y) and box (x0, y0, x1, y1) are pixels of the original image."""
+    def predict(self, points=None, labels=None, box=None, mask_input=None, multimask: bool = False,
+                new_points: int = 1) -> Prediction:
+        """Points (x, y) and box (x0, y0, x1, y1) are pixels of the original image. With `mask_input` (the previous
+        answer's `low_res_logits`) and points, the call is a correction: the last `new_points` points are the
+        new clicks, accepted as `click_merge` says (see the class doc)."""
         self.require_task("interactive", "predict")
         if self._embeddings is None:
             raise DataError("predict: no image set; call set_image(image) first")
         coords, labs = build_prompt_arrays(self._orig_hw, points, labels, box)
         side = 4 * self.backend.embedding_size
         has_mask = 0.0
+        merge = None
         if mask_input is not None:
             mask_input = np.asarray(mask_input, np.float32)
             if mask_input.size != side * side:
@@ -194,9 +208,18 @@ class Predictor:
             mask_input, has_mask = mask_input.reshape(1, 1, side, side), 1.0
             if points is not None and len(points):
                 scale = side / max(self._orig_hw)  # original pixels → mask grid (longest side fills the input)
+                if self.click_merge == "local" and new_points > 0:
+                    n = len(np.asarray(points).reshape(-1, 2))
+                    first = max(0, n - int(new_points))
+                    merge = (torch.from_numpy(mask_input.copy()), torch.from_numpy(coords[:, first:n]),
+                             torch.from_numpy(labs[:, first:n]), scale)
                 mask_input = paint_clicks(torch.from_numpy(mask_input), torch.from_numpy(coords), torch.from_numpy(labs),
                                           scale=scale, radius=self.click_radius).numpy()
         logits, low, iou = decode_at_original_size(self.backend, self._embeddings, coords, labs, mask_input, has_mask,
                                                    self._orig_hw, multimask)
+        if merge is not None:
+            prev, pts, labs_new, scale = merge
+            low = merge_click(prev, low.float(), pts, labs_new, scale=scale, radius=self.click_radius)
+            logits = upscale_masks(low, torch.tensor(self._orig_hw, dtype=torch.float32), self.backend.img_size)
         return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),
                           logits=logits[0].numpy())

@@ -39,7 +39,8 @@ Colin27 + AAL, axial, tight box on the middle slice of Thalamus_L, Putamen_R and
 Corrections
 `correct(k, points=..., labels=..., box=...)` re-segments slice k with every click placed on it so far, the box
 given (else the box slice k was last prompted with) and its previous low-res logits as mask input (the
-Predictor paints the clicks into that mask, as in training and the 2D protocol), then re-propagates both ways
+Predictor paints the clicks into that mask, as in training and the 2D protocol, and accepts the answer only where
+the new clicks asked for a change: its `click_merge`; a new box re-segments the slice whole), then re-propagates both ways
 from k until a slice's new result agrees with its old one (Dice >= `settle_dice`), a user-prompted slice is
 reached, or the object ends (the slices of the old result beyond the new end are cleared). Slices not reached
 keep their result. Embeddings are reused: a correction runs only decoders unless a slice fell out of the cache.
@@ -312,13 +313,17 @@ class VolumePredictor:
         fx, fy = mw / w, mh / h  # inclusive pixel ranges: edges map onto edges
         return np.array([x0 * fx, y0 * fy, (x1 + 1) * fx - 1, (y1 + 1) * fy - 1], np.float32)
 
-    def _predict(self, index: int, direction: int, points=None, labels=None, box=None, mask_input=None):
-        """(bool mask on the voxel grid, low-res logits, predicted IoU) of slice `index`."""
+    def _predict(self, index: int, direction: int, points=None, labels=None, box=None, mask_input=None,
+                 new_points: int = 0):
+        """(bool mask on the voxel grid, low-res logits, predicted IoU) of slice `index`. `new_points` > 0: a
+        correction whose last `new_points` points are new clicks on this slice's own `mask_input` (accepted as
+        the Predictor's `click_merge` says); 0: mask_input, if any, is a neighbour's answer, taken as a prompt."""
         emb = self._embedding(index, direction)
         self.predictor.set_embeddings(emb, self.model_shape)
         pts = None if points is None or not len(points) else self._to_model_xy(np.asarray(points, float).reshape(-1, 2))
         out = self.predictor.predict(points=pts, labels=None if pts is None else labels,
-                                     box=None if box is None else self._to_model_box(box), mask_input=mask_input)
+                                     box=None if box is None else self._to_model_box(box), mask_input=mask_input,
+                                     new_points=new_points)
         self.decoded_slices += 1
         if self.resampled:
             logits = torch.from_numpy(np.ascontiguousarray(out.logits[:1], np.float32))[None]
@@ -424,7 +429,8 @@ class VolumePredictor:
         mask_input = old.low_res if old is not None and old.low_res is not None and self._mask_view[k].any() else None
         all_pts = np.array([c[:2] for c in clicks], float) if clicks else None
         all_lab = np.array([c[2] for c in clicks], int) if clicks else None
-        m, low, score = self._predict(k, 1, all_pts, all_lab, use_box, mask_input)
+        m, low, score = self._predict(k, 1, all_pts, all_lab, use_box, mask_input,
+                                      new_points=0 if pts is None or b is not None else len(pts))
         self._mask_view[k] = m
         self._states[k] = SliceState(low, score, None if use_box is None else tuple(float(v) for v in use_box),
                                      clicks, True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..models.click_prompt import CLICK_RADIUS
+from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS
 from ..tuners import PeftConfig
 from ..utils.config import check_fields, config_error, from_mapping, option
 
@@ -83,6 +83,10 @@ class TrainLoopConfig(_Section):
                                  help="radius (mask-grid pixels) of the disk each click paints into the fed-back "
                                       "mask prompt (models/click_prompt.py); 0 = clicks as point tokens only. "
                                       "Evaluate and predict with the same radius")
+    click_merge: str = option(CLICK_MERGE, choices=CLICK_MERGES,
+                              help="how validation accepts a click's answer, as evaluation and the Predictor do: "
+                                   "local = only the change the click asked for, in the regions touching it; "
+                                   "none = the decoder's whole answer (models/click_prompt.py merge_click)")
     prompt: str = option("alternate", choices=("alternate", "point", "box"))
     val_every: int = option(1, min=1, help="validate every N epochs (when train.val_every_steps is 0)")
     val_every_steps: int = option(0, min=0, help="validate every N optimiser steps (and at the run's end); "

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..evaluation.clicks import center_corrections, random_corrections
-from ..models.click_prompt import CLICK_RADIUS, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, merge_click, paint_clicks
 from ..evaluation.metrics import dice_per_object
 from .losses import mask_losses, true_iou
 from .memory import SegmentedEncoder
@@ -184,9 +184,10 @@ def _input_size(batch: dict, device: torch.device) -> torch.Tensor | None:
 
 @torch.no_grad()
 def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, device: torch.device, clicks: int,
-                   click_radius: float = CLICK_RADIUS) -> tuple[torch.Tensor, torch.Tensor]:
+                   click_radius: float = CLICK_RADIUS, click_merge: str = CLICK_MERGE) -> tuple[torch.Tensor, torch.Tensor]:
     """Dice per object after the box prompt and after `clicks` corrective clicks placed as the evaluation
-    protocol places them (centre of the deeper error), logits fed back with the clicks painted in."""
+    protocol places them (centre of the deeper error), logits fed back with the clicks painted in, each
+    click's answer accepted as evaluation accepts it (`click_merge`, models/click_prompt.merge_click)."""
     images = batch["image"].to(device)
     emb = encoder(images, input_size=_input_size(batch, device))
     objs = valid_objects(batch, device)
@@ -198,11 +199,17 @@ def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, dev
     mask_input = None
     for it in range(clicks + 1):
         sparse, dense = model.embed_prompts(prompt["points"], prompt["point_labels"], prompt["boxes"], mask_input)
-        low, _ = model.decode(emb, sparse, dense, image_index=objs["image_index"], multimask=False)
+        new_low, _ = model.decode(emb, sparse, dense, image_index=objs["image_index"], multimask=False)
+        if it > 0 and click_merge == "local":
+            low = merge_click(low, new_low, new_points, new_labels, scale=low.shape[-1] / model.img_size,
+                              radius=click_radius)
+        else:
+            low = new_low
         pred = model.upscale_logits(low)[:, 0] > 0
         if it == 0:
             box_dice = dice_per_object(pred, gt).cpu()
         if it < clicks:
             prompt = add_clicks(prompt, pred, gt, None)
+            new_points, new_labels = prompt["points"][:, -1:], prompt["point_labels"][:, -1:]
             mask_input = fed_back_mask(model, low, prompt, click_radius)
     return box_dice, dice_per_object(pred, gt).cpu()

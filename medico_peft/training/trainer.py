@@ -693,7 +693,7 @@ class Trainer:
         for batch in loader:
             with autocast(cfg.memory.precision, self.device):
                 box, final = validate_batch(self.model, p.encoder, batch, self.device, cfg.train.val_clicks,
-                                            cfg.train.click_radius)
+                                            cfg.train.click_radius, cfg.train.click_merge)
             sums[0] += float(box.sum())
             sums[1] += float(final.sum())
             sums[2] += box.numel()
