@@ -158,3 +158,43 @@ def test_predictor_merges_a_correction_locally_and_none_returns_the_decoders_ans
         assert not (b.masks[0] & ~prev_mask).any()  # a negative click adds nothing
     with pytest.raises(Exception, match="click_merge"):
         Predictor.from_torch(model, click_merge="global")
+
+
+def test_merge_positive_click_adds_nothing_outside_the_box_prompt():
+    """A model that floods the background after a positive click: with the object's box, only the flood inside
+    the box is taken; without it, all of it (the region touches the click)."""
+    from medico_peft.models.click_prompt import merge_click
+
+    prev = np.zeros((32, 32), bool)
+    prev[8:16, 8:16] = True
+    new = np.ones((32, 32), bool)
+    click = torch.tensor([[[17.0, 12.0]]])
+    box = torch.tensor([[6.0, 6.0, 20.0, 20.0]])
+    boxed = merge_click(_blob_logits(prev), _blob_logits(new), click, torch.tensor([[1]]), radius=1.0, boxes=box)
+    expect = np.zeros((32, 32), bool)
+    expect[6:21, 6:21] = True
+    assert np.array_equal(boxed[0, 0].numpy() > 0, expect)
+    unboxed = merge_click(_blob_logits(prev), _blob_logits(new), click, torch.tensor([[1]]), radius=1.0)
+    assert (unboxed[0, 0] > 0).all()
+
+
+def test_merge_negative_click_that_would_erase_most_of_the_answer_removes_only_its_disk():
+    """A collapse after a negative click (the new answer is empty): removing the whole connected answer would be
+    taken without a guard; with it only the click's own disk goes."""
+    from medico_peft.models.click_prompt import MAX_NEGATIVE_SHARE, merge_click
+
+    prev = np.zeros((32, 32), bool)
+    prev[4:28, 4:28] = True
+    new = np.zeros((32, 32), bool)
+    out = merge_click(_blob_logits(prev), _blob_logits(new), torch.tensor([[[16.0, 16.0]]]), torch.tensor([[0]]),
+                      radius=2.0)
+    yy, xx = np.mgrid[0:32, 0:32]
+    expect = prev & ~((xx - 16) ** 2 + (yy - 16) ** 2 <= 4.0)
+    assert np.array_equal(out[0, 0].numpy() > 0, expect)
+    # a removal within the share is taken whole
+    small = prev.copy()
+    small[4:10, 4:28] = False
+    assert (prev & ~small).sum() <= MAX_NEGATIVE_SHARE * prev.sum()
+    out = merge_click(_blob_logits(prev), _blob_logits(small), torch.tensor([[[16.0, 6.0]]]), torch.tensor([[0]]),
+                      radius=2.0)
+    assert np.array_equal(out[0, 0].numpy() > 0, small)

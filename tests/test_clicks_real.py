@@ -2,11 +2,11 @@
 
 LiteMedSAM (real weights) is finetuned decoder-only for a few steps on the Colin27 + AAL training slab,
 then evaluated on held-out slices of the upper (test) slab with the interactive protocol: a tight box,
-then corrective clicks at the centre of the deeper error, every click painted into the fed-back mask
-prompt (the library default, as in training). Dice must not fall from one round to the next and must
-end above the box start. The same adapter with the clicks as point tokens only (official SAM's
-feedback, `click_radius=0`) is evaluated too: that is the behaviour this guards against (Dice fell
-with every click before clicks were painted into the mask prompt).
+then 4 corrective clicks at the centre of the deeper error, every click painted into the fed-back mask
+prompt and its answer accepted locally (the library defaults: `paint_clicks`, `merge_click`). Dice must
+not fall from one round to the next and must end at least 0.05 above the box start (the issue's bar).
+The same adapter with official SAM's feedback (clicks as point tokens only, the decoder's whole answer
+kept) is evaluated too: that is the behaviour this guards against (Dice fell with every click).
 """
 
 from __future__ import annotations
@@ -45,15 +45,15 @@ def _evaluate(manifest, adapter, **kw):
     from medico_peft.models import load_model
 
     model = load_adapter(load_model("litemedsam"), adapter)
-    return evaluate_interactive(model, manifest, split="test", start="box", n_clicks=3, max_slices=3,
+    return evaluate_interactive(model, manifest, split="test", start="box", n_clicks=4, max_slices=3,
                                 progress=False, **kw).mean_dice
 
 
 def test_dice_rises_with_every_click_on_held_out_slices(brief_adapter):
     manifest, adapter = brief_adapter
     painted = _evaluate(manifest, adapter)
-    tokens = _evaluate(manifest, adapter, click_radius=0.0)
+    tokens = _evaluate(manifest, adapter, click_radius=0.0, click_merge="none")
     print("painted", [round(d, 4) for d in painted], "tokens", [round(d, 4) for d in tokens])
     assert all(b >= a for a, b in zip(painted, painted[1:])), painted  # never lower than the round before
-    assert painted[-1] >= painted[0] + 0.01, painted
+    assert painted[-1] >= painted[0] + 0.05, painted
     assert painted[-1] > tokens[-1], (painted, tokens)  # the click encoding is what makes clicks help

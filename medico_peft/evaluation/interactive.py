@@ -113,7 +113,8 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
         new_low, _ = segmenter.predict(emb, points, labels, boxes, mask_input, False)
         new_low = new_low[:, :1]
         if click_merge == "local":
-            low = merge_click(low, new_low, new_xy, new_label, scale=low.shape[-1] / size, radius=click_radius)
+            low = merge_click(low, new_low, new_xy, new_label, scale=low.shape[-1] / size, radius=click_radius,
+                              boxes=boxes)
         else:
             low = new_low
         masks = logits_to_masks(low, size, input_size)

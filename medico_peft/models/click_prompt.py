@@ -34,6 +34,7 @@ CLICK_RADIUS = 5.0  # mask-grid pixels (the 4E×4E low-res grid: 256 for LiteMed
 CLICK_VALUE = 10.0  # logit written into the disk (sigmoid(10) ≈ 1 - 4.5e-5)
 CLICK_MERGES = ("local", "none")  # how a click's new answer is accepted (`merge_click`); "local" is the default
 CLICK_MERGE = "local"
+MAX_NEGATIVE_SHARE = 0.5  # a negative click's region may remove at most this share of the previous answer
 
 
 def paint_clicks(mask_logits: torch.Tensor, points: torch.Tensor | None, labels: torch.Tensor | None,
@@ -65,7 +66,8 @@ def paint_clicks(mask_logits: torch.Tensor, points: torch.Tensor | None, labels:
 
 
 def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: torch.Tensor | None,
-                labels: torch.Tensor | None, scale: float = 1.0, radius: float = CLICK_RADIUS) -> torch.Tensor:
+                labels: torch.Tensor | None, scale: float = 1.0, radius: float = CLICK_RADIUS,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:
     """Accept a click's new answer only where the click asked for a change; (K, M, G, G) logits out.
 
     prev_logits: (K, 1, G, G) or (K, M, G, G) low-res logits of the answer before the click; new_logits
@@ -74,7 +76,12 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
     changed pixels of the click's kind (added for positive, removed for negative) form connected
     regions (8-connectivity on the mask grid); those that touch the click's disk (`radius` grid pixels,
     at least the clicked pixel) take the new logits, all other pixels keep the previous ones. A row
-    without a click this round keeps its previous answer.
+    without a click this round keeps its previous answer. `boxes` (K, 4) xyxy, same frame as the points:
+    the object's box prompt; a positive click adds nothing outside it (the box says where the object is;
+    without this a model that floods the background after a click would add the whole background). A
+    negative click whose region would remove more than `MAX_NEGATIVE_SHARE` of the previous answer (a
+    collapse: zero-shot LiteMedSAM often returns an almost empty mask after a negative click) removes only
+    the changed pixels of its own disk.
     """
     from scipy.ndimage import label as connected_regions
 
@@ -90,6 +97,11 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
     pts = points.detach().cpu().to(torch.float32).numpy() * scale
     labs = labels.detach().cpu().numpy()
     structure = np.ones((3, 3), dtype=bool)
+    inside = np.ones((k, gh, gw), dtype=bool)
+    if boxes is not None:
+        b = boxes.detach().cpu().to(torch.float32).numpy().reshape(k, 4) * scale
+        inside = ((xs[None] >= np.floor(b[:, 0, None, None])) & (xs[None] <= np.ceil(b[:, 2, None, None]))
+                  & (ys[None] >= np.floor(b[:, 1, None, None])) & (ys[None] <= np.ceil(b[:, 3, None, None])))
     for row in range(k):
         for p in range(pts.shape[1]):
             lab = int(labs[row, p])
@@ -100,10 +112,17 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
             if not disk.any():  # a click off the grid: its own pixel, clamped
                 disk[min(max(int(round(cy)), 0), gh - 1), min(max(int(round(cx)), 0), gw - 1)] = True
             for out in range(m):
-                changed = new_on[row, out] & ~prev_on[row, out] if lab == 1 else prev_on[row, out] & ~new_on[row, out]
+                if lab == 1:
+                    changed = new_on[row, out] & ~prev_on[row, out] & inside[row]
+                else:
+                    changed = prev_on[row, out] & ~new_on[row, out]
                 regions, _ = connected_regions(changed, structure=structure)
                 hit = np.unique(regions[disk & changed])
-                if hit.size:
-                    take[row, out] |= np.isin(regions, hit)
+                if not hit.size:
+                    continue
+                region = np.isin(regions, hit)
+                if lab == 0 and region.sum() > MAX_NEGATIVE_SHARE * prev_on[row, out].sum():
+                    region = disk & changed  # the answer collapsed: a negative click removes its own disk only
+                take[row, out] |= region
     sel = torch.from_numpy(take).to(new_logits.device)
     return torch.where(sel, new_logits, prev)

@@ -60,7 +60,8 @@ class Predictor:
     `click_merge`: how such a correction's answer is accepted. "local" (default, as the evaluation
     protocol and the trainer's validation): the last `new_points` points of the call are this round's
     clicks, and the new logits replace `mask_input` only in the regions the clicks asked to change
-    (added pixels touching a positive click, removed pixels touching a negative one; models/click_prompt.py
+    (added pixels touching a positive click, inside the box if one is given; removed pixels touching a
+    negative one; models/click_prompt.py
     `merge_click`); the rest of the previous answer is kept. "none": the decoder's whole answer (official SAM).
     """
 
@@ -219,7 +220,8 @@ class Predictor:
                                                    self._orig_hw, multimask)
         if merge is not None:
             prev, pts, labs_new, scale = merge
-            low = merge_click(prev, low.float(), pts, labs_new, scale=scale, radius=self.click_radius)
+            box_t = None if box is None else torch.tensor(np.asarray(box, np.float32).reshape(1, 4))
+            low = merge_click(prev, low.float(), pts, labs_new, scale=scale, radius=self.click_radius, boxes=box_t)
             logits = upscale_masks(low, torch.tensor(self._orig_hw, dtype=torch.float32), self.backend.img_size)
         return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),
                           logits=logits[0].numpy())

@@ -202,7 +202,7 @@ def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, dev
         new_low, _ = model.decode(emb, sparse, dense, image_index=objs["image_index"], multimask=False)
         if it > 0 and click_merge == "local":
             low = merge_click(low, new_low, new_points, new_labels, scale=low.shape[-1] / model.img_size,
-                              radius=click_radius)
+                              radius=click_radius, boxes=prompt["boxes"])
         else:
             low = new_low
         pred = model.upscale_logits(low)[:, 0] > 0
