@@ -151,3 +151,31 @@ def test_as_segmenter_wraps_modules_and_passes_protocol_objects_through():
 
     wrapped = as_segmenter(load_model("vit_tiny"))
     assert isinstance(wrapped, TorchSegmenter) and wrapped.img_size == load_model("vit_tiny").img_size
+
+
+class DriftingClicks(BoxAndClicks):
+    """Answers a click correctly near the click but also switches on a far block outside the object (drift)."""
+
+    def predict(self, emb, points, point_labels, boxes, mask_input, multimask):
+        logits, iou = super().predict(emb, points, point_labels, boxes, mask_input, multimask)
+        if points is not None and points.shape[1] and not multimask:
+            logits = logits.clone()
+            logits[:, 0, 26:31, 26:31] = 5.0
+        return logits, iou
+
+
+def test_local_click_merge_keeps_the_drift_away_from_the_click_and_none_takes_it():
+    """Truth: a box with a hole. The box start fills the hole (FP); the negative click in the hole is answered
+    right by the segmenter, which also switches on a far block. local: only the removal at the click is taken
+    (Dice rises); none: the drift comes too (Dice lower than local)."""
+    gt = np.zeros((1, S, S), bool)
+    gt[0, 2:20, 2:20] = True
+    gt[0, 8:14, 8:14] = False
+    local = run_protocol(DriftingClicks(), _image(), gt, (S, S), "box", n_clicks=1)
+    whole = run_protocol(DriftingClicks(), _image(), gt, (S, S), "box", n_clicks=1, click_merge="none")
+    assert local.point_labels[0, 0] == 0
+    assert not local.final_masks[0, 26:31, 26:31].any() and whole.final_masks[0, 26:31, 26:31].all()
+    assert local.dice[0, 1] > local.dice[0, 0]
+    assert whole.dice[0, 1] < local.dice[0, 1]
+    with pytest.raises(ConfigError, match="click_merge"):
+        run_protocol(DriftingClicks(), _image(), gt, (S, S), "box", n_clicks=1, click_merge="global")

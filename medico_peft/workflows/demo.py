@@ -163,7 +163,8 @@ def write_demo_report(out: Path, before, after: dict, runs: dict, times: dict) -
         f"30 %, 5-slice gaps (axial slice indices: {_slabs(out / 'shards' / 'manifest.json')}). "
         "Protocol: one tight box, then "
         f"{before.n_clicks} corrective clicks, each at the centre of the deeper error region, previous logits "
-        "fed back with every click painted in; Dice at 256². Each finetuned model is the adapter its run "
+        "fed back with every click painted in, each click's answer accepted only in the regions it asked to change "
+        "(`merge_click`); Dice at 256². Each finetuned model is the adapter its run "
         "selected on the val slab (mean of box and 3-click Dice), reloaded from disk.", "",
         "| model | label | " + " | ".join(steps) + " |", "|---|---|" + "---:|" * len(steps),
     ]
