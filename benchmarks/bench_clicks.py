@@ -1,6 +1,6 @@
 """Do corrective clicks help, and why not when they do not? The click rule, measured by ablation.
 
-    python -m benchmarks.bench_clicks [--steps 40] [--slices 10] [--seeds 0 1 2] [--tasks mni152 colin27]
+    python -m benchmarks.bench_clicks [--steps 40] [--slices 8] [--colin27-slices 4] [--seeds 0 1 2] [--tasks ...]
 
 Per task (real data, held-out test slab; the demo's split: train lowest 50 %, val next 15 %, test highest 30 %
 of the labelled axial extent, 5-slice gaps):
@@ -20,8 +20,8 @@ deeper error) under four click rules that differ in one thing each:
 Dice at 256² per step; mean over objects; finetuned rows are mean ± std over seeds.
 
 CPU budget: per seed and task two finetunes of `--steps` steps (≈ 4-5 s a step on 2 quiet cores) and 3 models × 3
-rules × `--slices` slices of evaluation (≈ 2 s a slice for MNI152, ≈ 10 s for Colin27's ~30 objects a slice):
-about 20 minutes for one seed and both tasks at the defaults. Run with `nice -n 10`.
+rules × the test slices (≈ 2 s a slice for MNI152, ≈ 10 s for Colin27's ~30 objects a slice; twice that and more
+on a loaded CPU): about 30 minutes for one seed and both tasks at the defaults on a quiet machine. Run with `nice -n 10`.
 Writes benchmarks/results/clicks.md (and benchmarks/work/clicks/).
 """
 
@@ -126,7 +126,9 @@ def _fmt(values: list[list[float]]) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=40, help="optimiser steps per finetune (equal for both)")
-    ap.add_argument("--slices", type=int, default=10, help="held-out test slices per task (evenly spaced)")
+    ap.add_argument("--slices", type=int, default=8, help="held-out MNI152 test slices (evenly spaced)")
+    ap.add_argument("--colin27-slices", type=int, default=4,
+                    help="held-out Colin27 test slices (~30 objects each, so fewer)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--tasks", nargs="+", default=["mni152", "colin27"], choices=("mni152", "colin27"))
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work/clicks"))
@@ -143,10 +145,12 @@ def main(argv=None) -> int:
         shutil.rmtree(args.work)
     table: dict[tuple[str, str, str], list[list[float]]] = {}
     notes = []
+    slices = {"mni152": args.slices, "colin27": args.colin27_slices}
+    done = []
     for task in args.tasks:
         manifest = build_shards(task, args.work / task / "shards")
         t0 = time.monotonic()
-        zero = evaluate_rules(load_model("litemedsam").eval(), manifest, args.slices)
+        zero = evaluate_rules(load_model("litemedsam").eval(), manifest, slices[task])
         for rule, dice in zero.items():
             table.setdefault((task, "zero-shot", rule), []).append(dice)
         notes.append(f"{task} zero-shot: {time.monotonic() - t0:.0f} s")
@@ -156,17 +160,24 @@ def main(argv=None) -> int:
                 adapter = finetune(kind, manifest, args.work / task / f"{kind}_seed{seed}", args.steps, seed)
                 t1 = time.monotonic()
                 model = load_adapter(load_model("litemedsam"), adapter).eval()
-                for rule, dice in evaluate_rules(model, manifest, args.slices).items():
+                for rule, dice in evaluate_rules(model, manifest, slices[task]).items():
                     table.setdefault((task, kind, rule), []).append(dice)
                 notes.append(f"{task} {kind} seed {seed}: train {t1 - t0:.0f} s, evaluate {time.monotonic() - t1:.0f} s")
                 print(f"[bench_clicks] {notes[-1]}", flush=True)
+        done.append(task)
+        path = res.write(args.out, report(args, table, notes, slices, done))  # whole file after every task
+    print(f"wrote {path}")
+    return 0
 
+
+def report(args, table, notes, slices, done) -> str:
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's recipe (`workflows/demo.py` "
         f"`lora_config`: batch 2, 2 objects, 3 click sub-iterations with random clicks, mask fed back with p = 0.5, "
         f"clicks painted, lr {LR:g} constant, val every 20 steps, adapter selected on the val slab) for {args.steps} "
-        f"optimiser steps each; seeds {', '.join(map(str, args.seeds))}. Evaluation: {args.slices} held-out test "
-        f"slices per task (evenly spaced over the test slab), one tight box then {CLICKS} clicks at the centre of "
+        f"optimiser steps each; seeds {', '.join(map(str, args.seeds))}. Evaluation: held-out test slices evenly "
+        f"spaced over the test slab ({', '.join(f'{t} {slices[t]}' for t in args.tasks)}), one tight box then "
+        f"{CLICKS} clicks at the centre of "
         "the deeper error region; Dice at 256², mean over objects (± std over seeds).", "",
         "| task | model | click rule | box | +1 | +2 | +3 | +4 | +4 − box |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
@@ -181,9 +192,10 @@ def main(argv=None) -> int:
               "painted+local = painted, and the answer taken only in the regions the click asked to change "
               "(library default); oracle = the clicked error region set to the truth (upper bound, no model).", "",
               "Times: " + "; ".join(notes) + "."]
-    path = res.write(args.out, "\n".join(lines))
-    print(f"wrote {path}")
-    return 0
+    if len(done) < len(args.tasks):
+        lines += ["", f"**Partial**: tasks done {', '.join(done)} of {', '.join(args.tasks)} (the file is rewritten "
+                      "after each task)."]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
