@@ -16,7 +16,9 @@ go to a scratch folder that is removed afterwards). Phases:
    slower and five times less accurate on the development CPU; see benchmarks/bench_quantize.py).
 3. Choice (`mode="auto"`): every candidate, and the fp32 graph itself, is timed on this CPU with the same
    threads; the fastest is kept per graph (so a graph that int8 does not speed up stays fp32). `dynamic` or
-   `static` force that mode on both graphs.
+   `static` force that mode on both graphs. If the gate fails in auto mode, the most error-prone layers
+   (`sensitivity`: each layer's int8 error on its real input) are kept fp32, a quarter then half of them
+   (`AUTO_FP32_FRACTIONS`), and the gate runs again; the refusal lists every try.
 4. Accuracy gate (`accuracy_gate`): the staged int8 folder and the fp32 folder, both through `OrtBackend`,
    predict one box per object on the gate slices; per slice the mean mask Dice (int8 mask vs fp32 mask at the
    image's size) and the abs error of the full-resolution logits. Failing any threshold (`QuantGate`) raises
@@ -235,7 +237,8 @@ def quantize_graph(src: Path, dst: Path, mode: str, calibration_feeds: list[dict
     return dst
 
 
-def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds: int = 2) -> dict[str, float]:
+def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds: int = 2,
+                work_dir: Path | None = None) -> dict[str, float]:
     """Local int8 error of every weight-carrying MatMul/Gemm of the fp32 graph `src`, largest first: each layer's
     output computed from its real fp32 input (captured on `feeds`) with int8 emulated as onnxruntime does it
     (activations uint8 per tensor, weights int8 per output channel), relative L2 error to the fp32 output.
@@ -245,7 +248,7 @@ def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds
 
     from ..runtime.ort_backend import make_session
 
-    work = Path(tempfile.mkdtemp(prefix=f".{src.stem}.sens.", dir=src.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{src.stem}.sens.", dir=work_dir))
     try:
         pre = _preprocessed(src, work)
         model = onnx.load(str(pre))
@@ -519,7 +522,7 @@ def quantize_export(fp32_folder, out_dir, *, mode: str = "auto", calibration=Non
                 keep = []
                 if fraction > 0:
                     if part not in ranks:
-                        ranks[part] = sensitivity(artifact.part_path(part), feeds[part])
+                        ranks[part] = sensitivity(artifact.part_path(part), feeds[part], work_dir=scratch)
                     keep = list(ranks[part])[:int(round(fraction * len(ranks[part])))]
                 files[part] = full[part][m] if not keep else quantize_graph(
                     artifact.part_path(part), scratch / f"{m}_keep{i}" / f"{part}.onnx", m, feeds[part], keep_fp32=keep)

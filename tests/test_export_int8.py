@@ -208,3 +208,49 @@ def test_cli_writes_an_int8_export(work, tmp_path, capsys):
     side = json.loads((out / "export.json").read_text())
     assert side["quantization"]["gate"]["thresholds"]["min_dice"] == 0.0
     assert side["parity"]["graphs"] == "the fp32 graphs before quantization"
+
+
+def test_keep_fp32_leaves_the_most_error_prone_layers_unquantized(work, tmp_path):
+    from medico_peft.export.quantize import calibration_feeds, quantize_graph, sensitivity
+    from medico_peft.runtime.ort_backend import OrtBackend
+
+    cal, _, _ = load_slices(work / "shards", 128, 2, 1)
+    feeds = calibration_feeds(OrtBackend(work / "fp32", threads=1), cal)["encoder"]
+    ranked = sensitivity(work / "fp32" / "encoder.onnx", feeds, work_dir=tmp_path)
+    values = list(ranked.values())
+    weighted = _ops(work / "fp32" / "encoder.onnx")
+    assert 0 < len(ranked) <= weighted.get("Gemm", 0) + weighted.get("MatMul", 0)
+    assert values == sorted(values, reverse=True) and all(0 < v < 1 for v in values)
+    full = quantize_graph(work / "fp32" / "encoder.onnx", tmp_path / "full" / "encoder.onnx", "dynamic")
+    part = quantize_graph(work / "fp32" / "encoder.onnx", tmp_path / "part" / "encoder.onnx", "dynamic",
+                          keep_fp32=list(ranked)[:2])
+    assert _ops(part)["MatMulInteger"] == _ops(full)["MatMulInteger"] - 2
+
+
+def test_auto_mode_retries_with_fp32_layers_and_lists_every_try(work):
+    with pytest.raises(ExportError, match=r"\[tried: 0% of int8 layers kept fp32: Dice [0-9.]+.*; 50% of int8 layers "
+                                          r"kept fp32: Dice [0-9.]+"):
+        quantize_export(work / "fp32", work / "ladder", mode="dynamic", calibration=work / "shards",
+                        calibration_slices=2, gate_slices=2, fp32_fractions=(0.0, 0.5),
+                        gate=QuantGate(min_dice=0.0, max_logit_mean=1e9, max_logit_max=0.0), threads=1)
+    assert not (work / "ladder").exists()
+
+
+@pytest.mark.slow
+def test_litemedsam_int8_on_colin27_keeps_label_dice(tmp_path):
+    """Real LiteMedSAM, real Colin27 slices: dynamic int8 (both graphs) stays close to fp32 in Dice to the AAL
+    labels; its mask Dice to fp32 is what bench_quantize reports (about 0.92, below the 0.98 default gate)."""
+    from medico_peft.data.real_data import build_colin27_aal_shards
+    from medico_peft.export.quantize import export_onnx_int8
+
+    build_colin27_aal_shards(tmp_path / "shards", size=256)
+    with pytest.raises(ExportError, match="mean mask Dice to fp32 0\\.9[0-9]+, threshold >= 0.98"):
+        export_onnx_int8(load_model("litemedsam"), tmp_path / "refused", mode="dynamic",
+                         calibration=tmp_path / "shards", parity_random=1, parity_real=0, threads=2)
+    assert not (tmp_path / "refused").exists()
+    meta = export_onnx_int8(load_model("litemedsam"), tmp_path / "int8", mode="dynamic",
+                            calibration=tmp_path / "shards", gate=QuantGate(min_dice=0.9), parity_random=1,
+                            parity_real=0, threads=2)
+    g = meta["quantization"]["gate"]
+    assert g["held_out"] and g["mean_dice_to_fp32"] >= 0.9
+    assert abs(g["mean_dice_to_labels_int8"] - g["mean_dice_to_labels_fp32"]) < 0.03
