@@ -254,3 +254,20 @@ def test_litemedsam_int8_on_colin27_keeps_label_dice(tmp_path):
     g = meta["quantization"]["gate"]
     assert g["held_out"] and g["mean_dice_to_fp32"] >= 0.9
     assert abs(g["mean_dice_to_labels_int8"] - g["mean_dice_to_labels_fp32"]) < 0.03
+
+
+def test_export_onnx_int8_uses_builtin_colin27_without_calibration_and_in_graph_preprocessing(work, tmp_path):
+    from medico_peft.export.quantize import export_onnx_int8
+    from medico_peft.runtime.predictor import Predictor
+
+    meta = export_onnx_int8(load_model("vit_tiny"), tmp_path / "pre", mode="auto", gate=LOOSE, calibration_slices=2,
+                            gate_slices=2, with_preprocess=True, parity_random=1, parity_real=0, threads=1)
+    q = meta["quantization"]
+    assert q["calibration"]["source"] == "built-in Colin27 T1 + AAL atlas" and q["calibration"]["manifest_sha256"] is None
+    for g in q["graphs"].values():  # no static candidate without the user's calibration data
+        assert set(g["seconds_per_run"]) == {"fp32", "dynamic"} and g["mode"] in ("fp32", "dynamic")
+    assert meta["with_preprocess"] and q["gate"]["held_out"]
+    image = np.random.default_rng(0).integers(0, 255, (100, 128, 3), dtype=np.uint8)
+    pred = Predictor.from_onnx(tmp_path / "pre", threads=1).set_image(image).predict(box=[10, 10, 90, 80])
+    assert pred.masks.shape == (1, 100, 128)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
