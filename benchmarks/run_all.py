@@ -17,6 +17,7 @@ FULL = [
     ["benchmarks/bench_params.py"],
     ["benchmarks/bench_data.py"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "vit_b", "--threads", "2", "--repeats", "5"],
+    ["-m", "benchmarks.bench_quantize", "--threads", "2", "--repeats", "5", "--vit-b-size", "512"],
     ["benchmarks/bench_memory.py"],
     ["benchmarks/bench_step_time.py"],
     ["benchmarks/bench_hash.py"],
@@ -33,6 +34,7 @@ QUICK = [
     ["benchmarks/bench_params.py", "--models", "litemedsam", "--out", "/tmp/params.md"],
     ["benchmarks/bench_data.py", "--quick", "--out", "/tmp/data.md"],
     ["-m", "benchmarks.bench_export", "--models", "litemedsam", "--repeats", "1", "--out", "/tmp/export.md"],
+    ["-m", "benchmarks.bench_quantize", "--repeats", "1", "--vit-b-size", "0", "--out", "/tmp/quantize.md"],
     ["benchmarks/bench_hash.py", "--models", "vit_tiny", "--repeats", "1", "--out", "/tmp/hash.md"],
     ["benchmarks/bench_volumes.py", "--quick", "--out", "/tmp/volumes.md"],
 ]

@@ -155,6 +155,9 @@ def build_engines(onnx_dir: str | os.PathLike, out_dir: str | os.PathLike, preci
 
     if precision not in TOLERANCES:
         raise ExportError(f"--precision: expected fp32, fp16 or bf16, got {precision!r}")
+    if "quantization" in read_sidecar(Path(onnx_dir) / ONNX_SIDECAR):
+        raise ExportError(f"{onnx_dir}: an int8 export for onnxruntime on CPU (`--quantize int8`); TensorRT builds "
+                          "from an fp32 export (export onnx without --quantize)")
     trt = import_tensorrt()
     device = current_device_info()
     onnx_dir = Path(onnx_dir)
