@@ -233,16 +233,8 @@ class SemanticTrainer(Trainer):
             out[col] = d
         return out
 
-    def log_epoch(self, row: dict) -> None:
-        if not self.main:
-            return
-        peak = row.get("cuda_peak_allocated_mb", row["process_peak_rss_mb"])
-        what = "CUDA peak" if "cuda_peak_allocated_mb" in row else "process peak RSS"
-        partial = " (partial)" if row.get("partial_epoch") else ""
-        print(f"[medico-peft] epoch {row['epoch']}{partial}: loss {row['train_loss']:.4f}, train Dice "
-              f"{row['train_dice']:.3f}, val mean class Dice {row['val_dice']:.3f} "
-              f"({self.model.num_classes - 1} classes), {row['step_seconds']:.2f} s/step, {what} {peak:.0f} MiB, "
-              f"skipped samples {self.skipped}", flush=True)
+    def val_summary(self, row: dict) -> str:
+        return f"val mean class Dice {row['val_dice']:.3f} ({self.model.num_classes - 1} classes)"
 
     def write_adapter(self, path: Path, extra: dict) -> Path:
         from ..adapters.semantic import save_semantic_adapter

@@ -801,9 +801,12 @@ class Trainer:
         what = "CUDA peak" if "cuda_peak_allocated_mb" in row else "process peak RSS"
         partial = " (partial)" if row.get("partial_epoch") else ""
         print(f"[medico-peft] epoch {row['epoch']}{partial}: loss {row['train_loss']:.4f}, train Dice "
-              f"{row['train_dice']:.3f}, val Dice box {row['val_dice_box']:.3f} / +{self.cfg.train.val_clicks} "
-              f"clicks {row['val_dice']:.3f}, {row['step_seconds']:.2f} s/step, {what} {peak:.0f} MiB, "
-              f"skipped samples {self.skipped}", flush=True)
+              f"{row['train_dice']:.3f}, {self.val_summary(row)}, {row['step_seconds']:.2f} s/step, {what} "
+              f"{peak:.0f} MiB, skipped samples {self.skipped}", flush=True)
+
+    def val_summary(self, row: dict) -> str:
+        """The validation part of the epoch line (a hook: the semantic trainer reports class Dice)."""
+        return f"val Dice box {row['val_dice_box']:.3f} / +{self.cfg.train.val_clicks} clicks {row['val_dice']:.3f}"
 
     def early_stop_reason(self) -> str | None:
         t = self.cfg.train
