@@ -198,3 +198,16 @@ def test_merge_negative_click_that_would_erase_most_of_the_answer_removes_only_i
     out = merge_click(_blob_logits(prev), _blob_logits(small), torch.tensor([[[16.0, 6.0]]]), torch.tensor([[0]]),
                       radius=2.0)
     assert np.array_equal(out[0, 0].numpy() > 0, small)
+
+
+def test_merge_negative_click_may_remove_a_small_answer_whole():
+    """The end of a structure: a small answer (within a disk of SMALL_ANSWER_RADII click radii) that the new answer
+    drops entirely is removed whole, not just under the click's disk."""
+    from medico_peft.models.click_prompt import SMALL_ANSWER_RADII, merge_click
+
+    prev = np.zeros((32, 32), bool)
+    prev[12:20, 12:20] = True  # 64 pixels, well under a disk of 4 radii of 2 pixels (≈ 201)
+    assert prev.sum() < np.pi * (SMALL_ANSWER_RADII * 2.0) ** 2
+    out = merge_click(_blob_logits(prev), _blob_logits(np.zeros_like(prev)), torch.tensor([[[15.0, 15.0]]]),
+                      torch.tensor([[0]]), radius=2.0)
+    assert not (out > 0).any()

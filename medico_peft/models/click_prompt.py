@@ -34,7 +34,8 @@ CLICK_RADIUS = 5.0  # mask-grid pixels (the 4E×4E low-res grid: 256 for LiteMed
 CLICK_VALUE = 10.0  # logit written into the disk (sigmoid(10) ≈ 1 - 4.5e-5)
 CLICK_MERGES = ("local", "none")  # how a click's new answer is accepted (`merge_click`); "local" is the default
 CLICK_MERGE = "local"
-MAX_NEGATIVE_SHARE = 0.5  # a negative click's region may remove at most this share of the previous answer
+MAX_NEGATIVE_SHARE = 0.5  # a negative click's region may remove at most this share of the previous answer...
+SMALL_ANSWER_RADII = 4.0  # ...unless it is no larger than a disk of this many click radii (a small cross-section)
 
 
 def paint_clicks(mask_logits: torch.Tensor, points: torch.Tensor | None, labels: torch.Tensor | None,
@@ -79,9 +80,10 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
     without a click this round keeps its previous answer. `boxes` (K, 4) xyxy, same frame as the points:
     the object's box prompt; a positive click adds nothing outside it (the box says where the object is;
     without this a model that floods the background after a click would add the whole background). A
-    negative click whose region would remove more than `MAX_NEGATIVE_SHARE` of the previous answer (a
-    collapse: zero-shot LiteMedSAM often returns an almost empty mask after a negative click) removes only
-    the changed pixels of its own disk.
+    negative click whose region would remove more than `MAX_NEGATIVE_SHARE` of the previous answer and more
+    than a disk of `SMALL_ANSWER_RADII` click radii (a collapse: zero-shot LiteMedSAM often returns an almost
+    empty mask after a negative click on a large object) removes only the changed pixels of its own disk; a
+    small answer (the end of a structure in a volume) can be removed whole.
     """
     from scipy.ndimage import label as connected_regions
 
@@ -97,6 +99,7 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
     pts = points.detach().cpu().to(torch.float32).numpy() * scale
     labs = labels.detach().cpu().numpy()
     structure = np.ones((3, 3), dtype=bool)
+    small = np.pi * (SMALL_ANSWER_RADII * max(float(radius), 0.5)) ** 2  # a removal this small is always taken
     inside = np.ones((k, gh, gw), dtype=bool)
     if boxes is not None:
         b = boxes.detach().cpu().to(torch.float32).numpy().reshape(k, 4) * scale
@@ -121,7 +124,7 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
                 if not hit.size:
                     continue
                 region = np.isin(regions, hit)
-                if lab == 0 and region.sum() > MAX_NEGATIVE_SHARE * prev_on[row, out].sum():
+                if lab == 0 and region.sum() > max(MAX_NEGATIVE_SHARE * prev_on[row, out].sum(), small):
                     region = disk & changed  # the answer collapsed: a negative click removes its own disk only
                 take[row, out] |= region
     sel = torch.from_numpy(take).to(new_logits.device)
