@@ -91,7 +91,7 @@ def build_datasets(cfg, img_size: int):
         train = SyntheticSlices(d.synthetic, img_size, d.n_objects, seed=cfg.train.seed)
         val = SyntheticSlices(n_val, img_size, d.n_objects, seed=cfg.train.seed + 10_000)
         return CountSkipped(train), CountSkipped(val)
-    manifests = [_manifest_file(m) for m in (d.manifest if isinstance(d.manifest, list) else [d.manifest])]
+    manifests = [manifest_file(m) for m in (d.manifest if isinstance(d.manifest, list) else [d.manifest])]
     from ..data import AugmentConfig, SliceDataset, load_manifest
 
     infos = [load_manifest(m) for m in manifests]
@@ -116,7 +116,8 @@ def build_datasets(cfg, img_size: int):
     return CountSkipped(train), (CountSkipped(val) if val is not None else None)
 
 
-def _manifest_file(path) -> Path:
+def manifest_file(path) -> Path:
+    """data.manifest (a manifest.json or its folder) → the manifest file; a clear error if it is missing."""
     manifest = Path(path)
     if manifest.is_dir():
         manifest = manifest / "manifest.json"

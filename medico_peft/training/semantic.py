@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from . import distributed as D
-from .data_source import CountSkipped, SyntheticSlices
+from .data_source import CountSkipped, SyntheticSlices, manifest_file
 from .losses import semantic_loss
 from .memory import SegmentedEncoder, autocast, grad_scaler
 from .trainer import (Trainer, TrainingParts, build_encoder, build_model_for, build_optimizer,
@@ -62,21 +62,11 @@ def resolve_classes(cfg):
     if cfg.data.synthetic > 0:
         names = {i: f"object_{i}" for i in range(1, cfg.data.n_objects + 1)}
         return class_table(names, s.classes, s.merge, s.rename, source="synthetic data")
-    manifest = _manifest_path(cfg)
+    manifest = manifest_file(cfg.data.manifest)
     from ..data import load_manifest
 
     info = load_manifest(manifest)
     return class_table(info.label_names, s.classes, s.merge, s.rename, source=str(manifest))
-
-
-def _manifest_path(cfg) -> Path:
-    manifest = Path(cfg.data.manifest)
-    if manifest.is_dir():
-        manifest = manifest / "manifest.json"
-    if not manifest.is_file():
-        raise DataError(f"data.manifest: {manifest} not found; convert data first (medico-peft convert) "
-                        f"or point data.manifest at a shard set's manifest.json")
-    return manifest
 
 
 def build_semantic_datasets(cfg, img_size: int, table):
@@ -90,7 +80,7 @@ def build_semantic_datasets(cfg, img_size: int, table):
     from ..data import AugmentConfig, load_manifest
     from ..data.semantic_dataset import SemanticSlices
 
-    manifest = _manifest_path(cfg)
+    manifest = manifest_file(cfg.data.manifest)
     info = load_manifest(manifest)
     if info.image_size != img_size:
         raise DataError(f"{manifest}: shards are {info.image_size}² but the model takes {img_size}² input; "
