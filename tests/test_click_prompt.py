@@ -211,3 +211,37 @@ def test_merge_negative_click_may_remove_a_small_answer_whole():
     out = merge_click(_blob_logits(prev), _blob_logits(np.zeros_like(prev)), torch.tensor([[[15.0, 15.0]]]),
                       torch.tensor([[0]]), radius=2.0)
     assert not (out > 0).any()
+
+
+def test_merge_near_takes_the_band_a_click_touches_only_within_its_reach():
+    """A thin structure: the new answer thickens a long connected band. "local" takes the whole band (it
+    touches the click), "near" only the part within NEAR_RADII click radii of the click."""
+    from medico_peft.models.click_prompt import NEAR_RADII, merge_click, merge_reach
+
+    prev = np.zeros((16, 64), bool)
+    prev[6:8, 2:62] = True  # a 2-pixel ribbon across the image
+    new = prev.copy()
+    new[8:11, 2:62] = True  # thickened along its whole length
+    click = torch.tensor([[[10.0, 9.0]]])
+    local = merge_click(_blob_logits(prev), _blob_logits(new), click, torch.tensor([[1]]), radius=2.0)
+    assert np.array_equal(local[0, 0].numpy() > 0, new)
+    reach = merge_reach("near", 2.0)
+    assert reach == NEAR_RADII * 2.0 and merge_reach("local", 2.0) is None and merge_reach("none", 2.0) is None
+    near = merge_click(_blob_logits(prev), _blob_logits(new), click, torch.tensor([[1]]), radius=2.0, reach=reach)
+    ys, xs = np.mgrid[0:16, 0:64]
+    expect = prev | (new & ((xs - 10) ** 2 + (ys - 9) ** 2 <= reach ** 2))
+    assert np.array_equal(near[0, 0].numpy() > 0, expect)
+    assert (near[0, 0].numpy() > 0).sum() < (local[0, 0].numpy() > 0).sum()
+
+
+def test_evaluate_cli_offers_every_click_merge_mode():
+    import argparse
+
+    from medico_peft.commands import evaluate
+    from medico_peft.models.click_prompt import CLICK_MERGES
+
+    parser = argparse.ArgumentParser()
+    evaluate.register(parser.add_subparsers())
+    action = next(a for a in parser._subparsers._group_actions[0].choices["evaluate"]._actions
+                  if a.dest == "click_merge")
+    assert tuple(action.choices) == CLICK_MERGES

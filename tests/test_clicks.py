@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from medico_peft.evaluation.clicks import center_correction, random_corrections
+from medico_peft.evaluation.clicks import center_correction, interior_corrections, random_corrections
 from medico_peft.evaluation.metrics import dice_per_object, iou_per_object
 
 masks = arrays(np.bool_, st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 12)))
@@ -29,6 +29,42 @@ def test_random_corrections_fall_in_error_regions(data):
                 assert labels[k, j] == want and region[y, x]
             else:
                 assert labels[k, j] == -1
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), depth=st.floats(0.0, 4.0))
+def test_interior_corrections_land_deep_in_their_error_region(data, depth):
+    from scipy.ndimage import distance_transform_edt
+
+    gt = data.draw(masks)
+    pred = data.draw(arrays(np.bool_, gt.shape))
+    points, labels = interior_corrections(torch.from_numpy(pred), torch.from_numpy(gt), depth,
+                                          torch.Generator().manual_seed(1))
+    for k in range(gt.shape[0]):
+        for j, (region, want) in enumerate([(gt[k] & ~pred[k], 1), (pred[k] & ~gt[k], 0)]):
+            if not region.any():
+                assert labels[k, j] == -1
+                continue
+            dist = distance_transform_edt(np.pad(region, 1))[1:-1, 1:-1]
+            x, y = points[k, j].long().tolist()
+            assert labels[k, j] == want and region[y, x]
+            assert dist[y, x] >= min(depth, dist.max())  # as deep as asked, or the deepest there is
+
+
+def test_interior_corrections_avoid_the_thin_band_and_random_ones_do_not():
+    gt = np.zeros((1, 40, 40), bool)
+    gt[0, 5:35, 5:35] = True
+    pred = np.zeros_like(gt)
+    pred[0, 5:35, 6:35] = True  # a one-pixel band missed on the left...
+    pred[0, 20:30, 20:30] = False  # ...and a 10x10 hole in the middle
+    hole = np.zeros_like(gt[0])
+    hole[20:30, 20:30] = True
+    g = torch.Generator().manual_seed(0)
+    deep = [interior_corrections(torch.from_numpy(pred), torch.from_numpy(gt), 3.0, g)[0][0, 0] for _ in range(30)]
+    assert all(hole[int(y), int(x)] for x, y in deep)
+    g = torch.Generator().manual_seed(0)
+    anywhere = [random_corrections(torch.from_numpy(pred), torch.from_numpy(gt), g)[0][0, 0] for _ in range(60)]
+    assert not all(hole[int(y), int(x)] for x, y in anywhere)
 
 
 @settings(max_examples=60, deadline=None)

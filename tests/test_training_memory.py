@@ -153,11 +153,13 @@ def _grads(model):
     return out
 
 
-def _both_paths(model, enc, batch, kind, sub_iterations=2, scale=None, precision="fp32"):
+def _both_paths(model, enc, batch, kind, sub_iterations=2, scale=None, precision="fp32", loss_cfg=None,
+                click_sampling="uniform"):
     """Gradients of the single backward of the summed loss and of the per-iteration backward."""
     results = []
     for split in (False, True):
-        step = InteractiveStep(model, enc, LossConfig(), sub_iterations, 0.5, per_iteration_backward=split)
+        step = InteractiveStep(model, enc, loss_cfg or LossConfig(), sub_iterations, 0.5, per_iteration_backward=split,
+                               click_sampling=click_sampling)
         with autocast(precision, torch.device("cpu")):
             loss, stats = step(batch["image"], batch, kind, torch.Generator().manual_seed(0), scale)
         assert ("rest" in stats) == split and (not split or not loss.requires_grad)
@@ -195,6 +197,24 @@ def test_per_iteration_backward_gives_the_same_gradients(name, peft, mem, kind):
     assert ga.keys() == gb.keys() and len(ga) >= 0.9 * sum(p.requires_grad for p in model.parameters())
     if peft["method"] != "decoder_only":
         assert any(k.startswith("image_encoder") for k in ga)  # the encoder really got gradients
+    for n in ga:
+        scale_ = ga[n].abs().max().item() + 1e-12
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * scale_, msg=n)
+
+
+def test_click_training_adds_the_click_loss_and_keeps_both_backward_paths_equal():
+    """train.click_sampling=interior + loss.click_bce: the loss grows by the click term, and the per-iteration
+    backward still equals the single backward of the summed loss."""
+    torch.manual_seed(0)
+    model = _model("vit_tiny", method="lora")
+    _randomise_trainable(model)
+    enc = SegmentedEncoder(model, True, False, None)
+    batch = _batch(model.img_size)
+    plain = _both_paths(model, enc, batch, "box", loss_cfg=LossConfig(), click_sampling="interior")
+    clicked = _both_paths(model, enc, batch, "box", loss_cfg=LossConfig(click_bce=1.0), click_sampling="interior")
+    assert clicked[0][0] > plain[0][0]
+    (loss_a, ga), (loss_b, gb) = clicked
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
     for n in ga:
         scale_ = ga[n].abs().max().item() + 1e-12
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * scale_, msg=n)

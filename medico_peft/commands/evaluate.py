@@ -32,10 +32,11 @@ def register(subparsers) -> None:
     p.add_argument("--click-radius", type=float, default=None,
                    help="disk radius (mask-grid pixels) each click paints into the fed-back logits; "
                         "default: the library's (models/click_prompt.py), as in training; 0 = points only")
-    p.add_argument("--click-merge", choices=("local", "none"), default=None,
+    p.add_argument("--click-merge", choices=("local", "near", "none"), default=None,
                    help="how a click's answer is accepted: local (default, as the Predictor and training's "
-                        "validation) keeps the previous mask except the regions the click asked to change; none "
-                        "takes the decoder's whole answer")
+                        "validation) keeps the previous mask except the regions the click asked to change; near "
+                        "also bounds them to 3 click radii around the click (thin structures); none takes the "
+                        "decoder's whole answer")
     p.add_argument("--semantic", action="store_true",
                    help="automatic multi-class evaluation of a semantic adapter (--adapter): per-class Dice per slice "
                         "(2D) and per volume (3D), confusion summary, overlays with a legend; writes summary.md, "

@@ -49,6 +49,37 @@ def random_corrections(pred: torch.Tensor, gt: torch.Tensor, generator: torch.Ge
     return points, labels
 
 
+def _interior(region: torch.Tensor, depth: float) -> torch.Tensor:
+    """The pixels of each (K, H, W) region at least `depth` from its outside (the image border counts as
+    outside), or its deepest pixels where the region is shallower; empty regions stay empty."""
+    from scipy.ndimage import distance_transform_edt
+
+    out = torch.zeros_like(region)
+    for j, r in enumerate(region.cpu().numpy()):
+        if not r.any():
+            continue
+        dist = distance_transform_edt(np.pad(r, 1))[1:-1, 1:-1]
+        out[j] = torch.from_numpy(dist >= min(float(depth), float(dist.max())))
+    return out
+
+
+def interior_corrections(pred: torch.Tensor, gt: torch.Tensor, depth: float,
+                         generator: torch.Generator | None = None):
+    """`random_corrections` drawn only from the interior of the error regions: pixels at least `depth` from
+    the region's edge (the deepest pixels where no pixel is that deep). With `depth` = the painted click
+    radius the painted disk lies inside the error it corrects, as it does for a click at the centre of an
+    error; a uniform pixel of a thin boundary band paints a disk that is half wrong, which teaches the
+    decoder to distrust painted clicks."""
+    pred = pred.bool()
+    gt = gt.bool()
+    pos_xy, pos_ok = _random_pixel(_interior(gt & ~pred, depth), generator)
+    neg_xy, neg_ok = _random_pixel(_interior(pred & ~gt, depth), generator)
+    points = torch.stack([pos_xy, neg_xy], dim=1)
+    ones = torch.ones_like(pos_ok, dtype=torch.long)
+    labels = torch.stack([torch.where(pos_ok, ones, -ones), torch.where(neg_ok, 0 * ones, -ones)], dim=1)
+    return points, labels
+
+
 def _deepest_pixel(region: np.ndarray):
     """Pixel farthest from the region's border and its distance (0 if the region is empty)."""
     if not region.any():

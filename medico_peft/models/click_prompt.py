@@ -32,8 +32,9 @@ import torch
 
 CLICK_RADIUS = 5.0  # mask-grid pixels (the 4E×4E low-res grid: 256 for LiteMedSAM and SAM)
 CLICK_VALUE = 10.0  # logit written into the disk (sigmoid(10) ≈ 1 - 4.5e-5)
-CLICK_MERGES = ("local", "none")  # how a click's new answer is accepted (`merge_click`); "local" is the default
+CLICK_MERGES = ("local", "near", "none")  # how a click's new answer is accepted (`merge_click`, `merge_reach`)
 CLICK_MERGE = "local"
+NEAR_RADII = 3.0  # "near": like "local", and only within this many click radii of the click
 MAX_NEGATIVE_SHARE = 0.5  # a negative click's region may remove at most this share of the previous answer...
 SMALL_ANSWER_RADII = 4.0  # ...unless it is no larger than a disk of this many click radii (a small cross-section)
 
@@ -66,9 +67,21 @@ def paint_clicks(mask_logits: torch.Tensor, points: torch.Tensor | None, labels:
     return out
 
 
+def merge_reach(click_merge: str, radius: float = CLICK_RADIUS) -> float | None:
+    """The `reach` of `merge_click` for a `click_merge` mode: "near" bounds the accepted change to `NEAR_RADII`
+    click radii around the click; "local" leaves it unbounded (the whole connected regions touching the click).
+
+    Why "near": on thin, convoluted structures (grey matter, a ribbon across the whole brain) the pixels a
+    decoder adds or removes after a click form one connected band far beyond the clicked error, so "local"
+    takes changes the click never asked for; `benchmarks/bench_clicks.py` measures both."""
+    if click_merge == "near":
+        return NEAR_RADII * max(float(radius), 0.5)
+    return None
+
+
 def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: torch.Tensor | None,
                 labels: torch.Tensor | None, scale: float = 1.0, radius: float = CLICK_RADIUS,
-                boxes: torch.Tensor | None = None) -> torch.Tensor:
+                boxes: torch.Tensor | None = None, reach: float | None = None) -> torch.Tensor:
     """Accept a click's new answer only where the click asked for a change; (K, M, G, G) logits out.
 
     prev_logits: (K, 1, G, G) or (K, M, G, G) low-res logits of the answer before the click; new_logits
@@ -83,7 +96,8 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
     negative click whose region would remove more than `MAX_NEGATIVE_SHARE` of the previous answer and more
     than a disk of `SMALL_ANSWER_RADII` click radii (a collapse: zero-shot LiteMedSAM often returns an almost
     empty mask after a negative click on a large object) removes only the changed pixels of its own disk; a
-    small answer (the end of a structure in a volume) can be removed whole.
+    small answer (the end of a structure in a volume) can be removed whole. `reach` (grid pixels): the
+    accepted pixels also lie within this distance of the click (`merge_reach`: the "near" mode); None: no bound.
     """
     from scipy.ndimage import label as connected_regions
 
@@ -124,6 +138,8 @@ def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: tor
                 if not hit.size:
                     continue
                 region = np.isin(regions, hit)
+                if reach is not None:
+                    region &= (xs - cx) ** 2 + (ys - cy) ** 2 <= max(float(reach), 0.5) ** 2
                 if lab == 0 and region.sum() > max(MAX_NEGATIVE_SHARE * prev_on[row, out].sum(), small):
                     region = disk & changed  # the answer collapsed: a negative click removes its own disk only
                 take[row, out] |= region

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, merge_click, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, merge_click, merge_reach, paint_clicks
 from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
 from .semantic import SemanticPrediction
 
@@ -62,7 +62,9 @@ class Predictor:
     clicks, and the new logits replace `mask_input` only in the regions the clicks asked to change
     (added pixels touching a positive click, inside the box if one is given; removed pixels touching a
     negative one; models/click_prompt.py
-    `merge_click`); the rest of the previous answer is kept. "none": the decoder's whole answer (official SAM).
+    `merge_click`); the rest of the previous answer is kept. "near": as "local", and only within
+    `NEAR_RADII` click radii of each click (for thin structures, `merge_reach`). "none": the decoder's whole
+    answer (official SAM).
     """
 
     def __init__(self, backend, cache_size: int = 4, click_radius: float = CLICK_RADIUS,
@@ -209,7 +211,7 @@ class Predictor:
             mask_input, has_mask = mask_input.reshape(1, 1, side, side), 1.0
             if points is not None and len(points):
                 scale = side / max(self._orig_hw)  # original pixels → mask grid (longest side fills the input)
-                if self.click_merge == "local" and new_points > 0:
+                if self.click_merge != "none" and new_points > 0:
                     n = len(np.asarray(points).reshape(-1, 2))
                     first = max(0, n - int(new_points))
                     merge = (torch.from_numpy(mask_input.copy()), torch.from_numpy(coords[:, first:n]),
@@ -221,7 +223,8 @@ class Predictor:
         if merge is not None:
             prev, pts, labs_new, scale = merge
             box_t = None if box is None else torch.tensor(np.asarray(box, np.float32).reshape(1, 4))
-            low = merge_click(prev, low.float(), pts, labs_new, scale=scale, radius=self.click_radius, boxes=box_t)
+            low = merge_click(prev, low.float(), pts, labs_new, scale=scale, radius=self.click_radius, boxes=box_t,
+                              reach=merge_reach(self.click_merge, self.click_radius))
             logits = upscale_masks(low, torch.tensor(self._orig_hw, dtype=torch.float32), self.backend.img_size)
         return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),
                           logits=logits[0].numpy())

@@ -83,6 +83,10 @@ class TrainLoopConfig(_Section):
                                  help="radius (mask-grid pixels) of the disk each click paints into the fed-back "
                                       "mask prompt (models/click_prompt.py); 0 = clicks as point tokens only. "
                                       "Evaluate and predict with the same radius")
+    click_sampling: str = option("uniform", choices=("uniform", "interior"),
+                                 help="where training's random corrective clicks land: uniform over each error "
+                                      "region, or interior = only pixels at least click_radius inside it (the "
+                                      "painted disk then lies inside the error it corrects)")
     click_merge: str = option(CLICK_MERGE, choices=CLICK_MERGES,
                               help="how validation accepts a click's answer, as evaluation and the Predictor do: "
                                    "local = only the change the click asked for, in the regions touching it; "
@@ -144,6 +148,10 @@ class LossConfig(_Section):
     focal: float = 0.0
     bce: float = 0.0
     focal_gamma: float = 2.0
+    click_bce: float = option(0.0, min=0.0,
+                              help="weight of a cross-entropy over the pixels within train.click_radius of every "
+                                   "click so far (target: the truth there), added to each click round's loss: "
+                                   "teaches the decoder to answer where the user clicked")
 
 
 @dataclass

@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..evaluation.clicks import center_corrections, random_corrections
-from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, merge_click, paint_clicks
+from ..evaluation.clicks import center_corrections, interior_corrections, random_corrections
+from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, merge_click, merge_reach, paint_clicks
 from ..evaluation.metrics import dice_per_object
-from .losses import mask_losses, true_iou
+from .losses import click_bce_loss, click_disks, mask_losses, true_iou
 from .memory import SegmentedEncoder
 
 
@@ -56,12 +56,19 @@ def first_prompt(objs: dict, kind: str) -> dict:
     return {"points": None, "point_labels": None, "boxes": objs["boxes"].float(), "multimask": False}
 
 
-def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None) -> dict:
+CLICK_SAMPLINGS = ("uniform", "interior")
+
+
+def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None,
+               sampling: str = "uniform", depth: float = 0.0) -> dict:
     """Append corrective clicks per object: with a generator (training) one random positive and one random
-    negative click (on CPU: the generator lives there); without (validation) the evaluation protocol's one
-    click at the centre of the deeper error (`center_corrections`)."""
+    negative click (on CPU: the generator lives there), uniform over each error region or, with
+    `sampling="interior"`, only from pixels at least `depth` (pred pixels) inside it; without a generator
+    (validation) the evaluation protocol's one click at the centre of the deeper error (`center_corrections`)."""
     if generator is None:
         pts, lbl = center_corrections(pred.cpu(), gt.cpu())
+    elif sampling == "interior":
+        pts, lbl = interior_corrections(pred.cpu(), gt.cpu(), depth, generator)
     else:
         pts, lbl = random_corrections(pred.cpu(), gt.cpu(), generator)
     device = gt.device
@@ -77,7 +84,7 @@ class InteractiveStep(nn.Module):
 
     def __init__(self, model: nn.Module, encoder: SegmentedEncoder, loss_cfg, sub_iterations: int,
                  mask_feed_prob: float, per_iteration_backward: bool = False, touch_all_params: bool = False,
-                 click_radius: float = CLICK_RADIUS):
+                 click_radius: float = CLICK_RADIUS, click_sampling: str = "uniform"):
         super().__init__()
         self.model = model
         self.encoder = encoder
@@ -85,6 +92,7 @@ class InteractiveStep(nn.Module):
         self.sub_iterations = sub_iterations
         self.mask_feed_prob = mask_feed_prob
         self.click_radius = click_radius
+        self.click_sampling = click_sampling
         self.per_iteration_backward = per_iteration_backward
         # DDP: the remaining backward also reaches every trainable parameter (with a zero gradient), so
         # the one synchronised backward all-reduces the decoder grads accumulated inside `forward` too.
@@ -118,6 +126,11 @@ class InteractiveStep(nn.Module):
                                          multimask=prompt["multimask"])
             logits = model.upscale_logits(low).float()
             per_mask = mask_losses(logits, gt, self.loss_cfg)  # (K, M)
+            if self.loss_cfg.click_bce and it > 0:
+                radius = self.click_radius * logits.shape[-1] / low.shape[-1]  # the painted disk, in logit pixels
+                disks = click_disks(prompt["points"] * (logits.shape[-1] / model.img_size), prompt["point_labels"],
+                                    logits.shape[-2:], radius)
+                per_mask = per_mask + self.loss_cfg.click_bce * click_bce_loss(logits, gt, disks)
             best = per_mask.argmin(dim=1)
             rows = torch.arange(best.numel(), device=best.device)
             loss = per_mask[rows, best].mean()
@@ -135,7 +148,8 @@ class InteractiveStep(nn.Module):
                 total = total + loss
             if it == n_iter - 1:
                 break
-            prompt = add_clicks(prompt, pred, gt, generator)
+            depth = self.click_radius * pred.shape[-1] / feed_low.shape[-1]  # the painted disk, in pred pixels
+            prompt = add_clicks(prompt, pred, gt, generator, self.click_sampling, depth)
             feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
             mask_input = fed_back_mask(model, feed_low, prompt, self.click_radius) if feed else None
         dice = dice_per_object(pred, gt).mean().item()
@@ -200,9 +214,9 @@ def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, dev
     for it in range(clicks + 1):
         sparse, dense = model.embed_prompts(prompt["points"], prompt["point_labels"], prompt["boxes"], mask_input)
         new_low, _ = model.decode(emb, sparse, dense, image_index=objs["image_index"], multimask=False)
-        if it > 0 and click_merge == "local":
+        if it > 0 and click_merge != "none":
             low = merge_click(low, new_low, new_points, new_labels, scale=low.shape[-1] / model.img_size,
-                              radius=click_radius, boxes=prompt["boxes"])
+                              radius=click_radius, boxes=prompt["boxes"], reach=merge_reach(click_merge, click_radius))
         else:
             low = new_low
         pred = model.upscale_logits(low)[:, 0] > 0

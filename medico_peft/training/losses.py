@@ -37,6 +37,28 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
     return loss.flatten(2).mean(-1)
 
 
+def click_disks(points: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], radius: float) -> torch.Tensor:
+    """(K, H, W) bool: the pixels within `radius` of any click (label 0 or 1; padding and box corners skipped)
+    of each row; points (K, P, 2) xy in the same pixel frame."""
+    h, w = size
+    ys = torch.arange(h, device=points.device, dtype=torch.float32).view(1, 1, h, 1)
+    xs = torch.arange(w, device=points.device, dtype=torch.float32).view(1, 1, 1, w)
+    px = points[..., 0].float().view(*points.shape[:2], 1, 1)
+    py = points[..., 1].float().view(*points.shape[:2], 1, 1)
+    near = (xs - px) ** 2 + (ys - py) ** 2 <= max(float(radius), 0.5) ** 2  # (K, P, H, W)
+    clicked = ((labels == 0) | (labels == 1)).view(*labels.shape, 1, 1)
+    return (near & clicked).any(dim=1)
+
+
+def click_bce_loss(logits: torch.Tensor, target: torch.Tensor, disks: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the truth, averaged over each row's click-disk pixels → (K, M); 0 for a row
+    without clicks. logits (K, M, H, W), target and disks (K, H, W)."""
+    g = target.float().unsqueeze(1).expand_as(logits)
+    ce = F.binary_cross_entropy_with_logits(logits.float(), g, reduction="none")
+    d = disks.float().unsqueeze(1)
+    return (ce * d).flatten(2).sum(-1) / d.flatten(2).sum(-1).clamp_min(1.0)
+
+
 def true_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of each thresholded output mask with the target → (K, M), no gradient (the IoU head's target)."""
     with torch.no_grad():

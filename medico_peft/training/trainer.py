@@ -333,7 +333,7 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
     encoder = build_encoder(cfg, model)
     step = InteractiveStep(model, encoder, cfg.loss, cfg.train.sub_iterations, cfg.train.mask_feed_prob,
                            per_iteration_backward=cfg.memory.per_iteration_backward, touch_all_params=info.enabled,
-                           click_radius=cfg.train.click_radius)
+                           click_radius=cfg.train.click_radius, click_sampling=cfg.train.click_sampling)
     step_module = wrap_distributed(step, info, device)
     params, optimizer = build_optimizer(cfg, model)
     sampler = D.ResumableSampler(train_ds, info, shuffle=True, seed=cfg.train.seed)
