@@ -245,3 +245,38 @@ def test_evaluate_cli_offers_every_click_merge_mode():
     action = next(a for a in parser._subparsers._group_actions[0].choices["evaluate"]._actions
                   if a.dest == "click_merge")
     assert tuple(action.choices) == CLICK_MERGES
+
+
+def test_predictor_near_merge_equals_merge_click_with_the_near_reach():
+    """Predictor(click_merge="near"): the decoder's answer to the click, merged within NEAR_RADII click radii."""
+    from medico_peft.models import build_model
+    from medico_peft.models.click_prompt import CLICK_RADIUS, merge_click, merge_reach
+    from medico_peft.runtime import Predictor
+
+    model = build_model("vit_tiny", seed=0).eval()
+    image = np.random.default_rng(1).random((64, 64)).astype(np.float32)
+    raw = Predictor.from_torch(model, click_merge="none").set_image(image)
+    near = Predictor.from_torch(model, click_merge="near").set_image(image)
+    box = [8, 8, 50, 50]
+    first = raw.predict(box=box)
+    lab = [0] if first.masks[0][30, 30] else [1]
+    a = raw.predict(points=[[30, 30]], labels=lab, box=box, mask_input=first.low_res_logits[0])
+    b = near.predict(points=[[30, 30]], labels=lab, box=box, mask_input=first.low_res_logits[0])
+    s = first.low_res_logits.shape[-1] / 64
+    expect = merge_click(torch.from_numpy(first.low_res_logits[:1])[None], torch.from_numpy(a.low_res_logits)[None],
+                         torch.tensor([[[30.0 * s, 30.0 * s]]]), torch.tensor([lab]), boxes=torch.tensor([box]) * s,
+                         reach=merge_reach("near", CLICK_RADIUS))
+    assert torch.allclose(torch.from_numpy(b.low_res_logits)[None], expect)
+
+
+def test_click_training_options_are_checked_at_the_edge_by_name():
+    from medico_peft.errors import ConfigError
+    from medico_peft.training import TrainConfig
+
+    base = {"model": {"name": "vit_tiny"}, "data": {"manifest": "m.json"}}
+    cfg = TrainConfig.from_dict({**base, "train": {"click_sampling": "interior"}, "loss": {"click_bce": 0.5}})
+    assert cfg.train.click_sampling == "interior" and cfg.loss.click_bce == 0.5
+    with pytest.raises(ConfigError, match="click_sampling"):
+        TrainConfig.from_dict({**base, "train": {"click_sampling": "edges"}})
+    with pytest.raises(ConfigError, match="click_bce"):
+        TrainConfig.from_dict({**base, "loss": {"click_bce": -1}})
