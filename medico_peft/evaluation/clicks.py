@@ -23,6 +23,9 @@ import torch
 from ..data.prompts import deepest_pixel
 
 
+CLICK_SAMPLINGS = ("uniform", "interior")  # training's random clicks: `random_corrections`, `interior_corrections`
+
+
 def _random_pixel(region: torch.Tensor, generator: torch.Generator | None):
     """One uniformly random pixel of each (K, H, W) region; `found` is False where a region is empty."""
     k, h, w = region.shape

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..evaluation.clicks import CLICK_SAMPLINGS
 from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS
 from ..tuners import PeftConfig
 from ..utils.config import check_fields, config_error, from_mapping, option
@@ -83,7 +84,7 @@ class TrainLoopConfig(_Section):
                                  help="radius (mask-grid pixels) of the disk each click paints into the fed-back "
                                       "mask prompt (models/click_prompt.py); 0 = clicks as point tokens only. "
                                       "Evaluate and predict with the same radius")
-    click_sampling: str = option("uniform", choices=("uniform", "interior"),
+    click_sampling: str = option("uniform", choices=CLICK_SAMPLINGS,
                                  help="where training's random corrective clicks land: uniform over each error "
                                       "region, or interior = only pixels at least click_radius inside it (the "
                                       "painted disk then lies inside the error it corrects)")

@@ -56,9 +56,6 @@ def first_prompt(objs: dict, kind: str) -> dict:
     return {"points": None, "point_labels": None, "boxes": objs["boxes"].float(), "multimask": False}
 
 
-CLICK_SAMPLINGS = ("uniform", "interior")
-
-
 def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: torch.Generator | None,
                sampling: str = "uniform", depth: float = 0.0) -> dict:
     """Append corrective clicks per object: with a generator (training) one random positive and one random
