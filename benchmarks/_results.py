@@ -70,7 +70,8 @@ def git_state() -> str:
     try:
         sha = git("rev-parse", "HEAD")
         if sha.returncode:
-            return "unknown (not a git checkout)"
+            sent = os.environ.get("MEDICO_PEFT_SENT_COMMIT")  # set by gpu_check.sh from the copy's .sent-commit
+            return f"{sent} (a copy of that commit's tree, no git there)" if sent else "unknown (not a git checkout)"
         status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return "unknown (git not available)"

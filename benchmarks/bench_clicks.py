@@ -55,24 +55,25 @@ CLICKS = 4
 LR = 5e-4
 
 
-def build_shards(task: str, out: Path) -> Path:
+def build_shards(task: str, out: Path, compression: str | None = None) -> Path:
     from medico_peft.data.real_data import build_colin27_aal_shards, build_mni152_shards
     from medico_peft.workflows.demo import MNI152_TISSUES_DEMO
 
+    options = {} if compression is None else {"compression": compression}  # lossless: the figures do not change
     if task == "mni152":
-        report = build_mni152_shards(out, size=256, tissues=MNI152_TISSUES_DEMO)
+        report = build_mni152_shards(out, size=256, tissues=MNI152_TISSUES_DEMO, **options)
     else:
-        report = build_colin27_aal_shards(out, size=256)
+        report = build_colin27_aal_shards(out, size=256, **options)
     return Path(report.manifest_path)
 
 
-def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int) -> Path:
+def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device: str = "cpu") -> Path:
     from medico_peft.training import TrainConfig, train
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
 
     peft = decoder_only_config() if kind == "decoder-only" else demo_peft_config(rank=8, blocks=2)
     raw = lora_config(manifest, out, LR, peft, progress=False)
-    raw["train"].update({"max_steps": steps, "seed": seed})
+    raw["train"].update({"max_steps": steps, "seed": seed, "device": device})
     if kind == "LoRA+click-training":
         for section, values in CLICK_TRAINING.items():
             raw.setdefault(section, {}).update(values)
@@ -141,6 +142,8 @@ def main(argv=None) -> int:
                     help="held-out Colin27 test slices (~30 objects each, so fewer)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--tasks", nargs="+", default=["mni152", "colin27"], choices=("mni152", "colin27"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and evaluation run")
+    ap.add_argument("--compression", help="shard compression (default: the library's; lzf where hdf5plugin is absent)")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work/clicks"))
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "clicks.md")
     args = ap.parse_args(argv)
@@ -149,8 +152,9 @@ def main(argv=None) -> int:
     from medico_peft.adapters import load_adapter
     from medico_peft.models import load_model
 
-    torch.set_num_threads(2)
-    res = Results("Corrective clicks: which click rule makes clicks help (ablation, real data, CPU)", argv)
+    torch.set_num_threads(2 if args.device == "cpu" else 8)
+    res = Results("Corrective clicks: which click rule makes clicks help (ablation, real data, "
+                  f"{'CPU' if args.device == 'cpu' else 'CUDA'})", argv)
     if args.work.exists():
         shutil.rmtree(args.work)
     table: dict[tuple[str, str, str], list[list[float]]] = {}
@@ -158,35 +162,40 @@ def main(argv=None) -> int:
     slices = {"mni152": args.slices, "colin27": args.colin27_slices}
     done = []
     for task in args.tasks:
-        manifest = build_shards(task, args.work / task / "shards")
+        manifest = build_shards(task, args.work / task / "shards", args.compression)
         t0 = time.monotonic()
-        zero = evaluate_rules(load_model("litemedsam").eval(), manifest, slices[task])
+        zero = evaluate_rules(load_model("litemedsam").to(args.device).eval(), manifest, slices[task])
         for rule, dice in zero.items():
             table.setdefault((task, "zero-shot", rule), []).append(dice)
         notes.append(f"{task} zero-shot: {time.monotonic() - t0:.0f} s")
+        seeds_done = []
         for seed in args.seeds:
             for kind in KINDS:
                 t0 = time.monotonic()
-                adapter = finetune(kind, manifest, args.work / task / f"{kind}_seed{seed}", args.steps, seed)
+                adapter = finetune(kind, manifest, args.work / task / f"{kind}_seed{seed}", args.steps, seed,
+                                   args.device)
                 t1 = time.monotonic()
-                model = load_adapter(load_model("litemedsam"), adapter).eval()
+                model = load_adapter(load_model("litemedsam"), adapter).to(args.device).eval()
                 for rule, dice in evaluate_rules(model, manifest, slices[task]).items():
                     table.setdefault((task, kind, rule), []).append(dice)
                 notes.append(f"{task} {kind} seed {seed}: train {t1 - t0:.0f} s, evaluate {time.monotonic() - t1:.0f} s")
                 print(f"[bench_clicks] {notes[-1]}", flush=True)
+            seeds_done.append(seed)
+            if seed != args.seeds[-1]:  # whole file after every seed, so a run cut short keeps what it measured
+                path = res.write(args.out, report(args, table, notes, slices, done, seeds_done))
         done.append(task)
-        path = res.write(args.out, report(args, table, notes, slices, done))  # whole file after every task
+        path = res.write(args.out, report(args, table, notes, slices, done, seeds_done))  # whole file per task
     print(f"wrote {path}")
     return 0
 
 
-def report(args, table, notes, slices, done) -> str:
+def report(args, table, notes, slices, done, seeds_done) -> str:
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's recipe (`workflows/demo.py` "
         f"`lora_config`: batch 2, 2 objects, 3 click sub-iterations with random clicks, mask fed back with p = 0.5, "
         f"clicks painted, lr {LR:g} constant, val every 20 steps, adapter selected on the val slab) for {args.steps} "
         f"optimiser steps each; LoRA+click-training = the same LoRA run with `train.click_sampling=interior` and "
-        f"`loss.click_bce=1` (its only change); seeds {', '.join(map(str, args.seeds))}. Evaluation: held-out test slices evenly "
+        f"`loss.click_bce=1` (its only change); seeds {', '.join(map(str, seeds_done))}. Evaluation: held-out test slices evenly "
         f"spaced over the test slab ({', '.join(f'{t} {slices[t]}' for t in args.tasks)}), one tight box then "
         f"{CLICKS} clicks at the centre of "
         "the deeper error region; Dice at 256², mean over objects (± std over seeds).", "",
@@ -203,9 +212,10 @@ def report(args, table, notes, slices, done) -> str:
               "painted+local = painted, and the answer taken only in the regions the click asked to change "
               "(library default); painted+near = painted+local within 3 click radii of the click; oracle = the clicked error region set to the truth (upper bound, no model).", "",
               "Times: " + "; ".join(notes) + "."]
-    if len(done) < len(args.tasks):
-        lines += ["", f"**Partial**: tasks done {', '.join(done)} of {', '.join(args.tasks)} (the file is rewritten "
-                      "after each task)."]
+    if len(done) < len(args.tasks) or len(seeds_done) < len(args.seeds):
+        lines += ["", f"**Partial**: tasks done {', '.join(done) or 'none'} of {', '.join(args.tasks)}; seeds done "
+                      f"{', '.join(map(str, seeds_done))} of {', '.join(map(str, args.seeds))} (the file is rewritten "
+                      "after each seed and each task)."]
     return "\n".join(lines)
 
 

@@ -8,8 +8,8 @@ so one step is the measurement. AdamW's state is created before the step (a zero
 and a feature cache is filled by one encoder pass before it, as in every epoch after the first.
 This is what `torch.cuda.max_memory_allocated` counts on a GPU, minus allocator rounding and library
 workspaces. The process peak RSS (includes the Python/torch runtime) is reported alongside.
-`--gpu`: run on CUDA and report `torch.cuda.max_memory_allocated` next to the tracker (not run here:
-no GPU on the machine that produced the committed results).
+`--gpu`: run on CUDA and report `torch.cuda.max_memory_allocated` next to the tracker, and their ratio
+(benchmarks/gpu_check.sh runs it: results/memory_tensor_gpu.md).
 
 Recipe: vit_b at 1024², batch 1, 5 objects, box + 8 click sub-iterations (MedicoSAM's); LiteMedSAM at
 256², batch 4, 5 objects, 8 sub-iterations. CPU budget: ~25 min wall on a 2-core machine under load
@@ -150,8 +150,8 @@ def table(rows: list[dict], args) -> str:
         + ". Tensor memory does not depend on the weights' values.", ""]
     cats = list(SHORT)
     head = "| model | configuration | trainable params | peak MiB | peak / full | " + \
-        " | ".join(SHORT[c] for c in cats) + " | process peak RSS MiB |" + (" cuda max_allocated MiB |" if gpu else "")
-    lines += [head, "|---|---|---:|---:|---:|" + "---:|" * len(cats) + "---:|" + ("---:|" if gpu else "")]
+        " | ".join(SHORT[c] for c in cats) + " | process peak RSS MiB |" + (" cuda max_allocated MiB | tracker / cuda |" if gpu else "")
+    lines += [head, "|---|---|---:|---:|---:|" + "---:|" * len(cats) + "---:|" + ("---:|---:|" if gpu else "")]
     for model in dict.fromkeys(r["model"] for r in rows):
         group = [r for r in rows if r["model"] == model]
         full = next((r for r in group if r["config"] == "full"), None)
@@ -159,7 +159,8 @@ def table(rows: list[dict], args) -> str:
             ratio = f"{r['peak'] / full['peak']:.3f}" if full else "n/a"
             lines.append(f"| {model} | {r['label']} | {r['trainable']:,} | {mib(r['peak'])} | {ratio} | "
                          + " | ".join(mib(r["by_category"][c]) for c in cats) + f" | {mib(r['rss'])} |"
-                         + (f" {mib(r['cuda_max_allocated'])} |" if gpu else ""))
+                         + (f" {mib(r['cuda_max_allocated'])} | {r['peak'] / r['cuda_max_allocated']:.3f} |"
+                            if gpu else ""))
     lines += ["", f"Goals (vit_b 1024²): best LoRA configuration ≤ {GOAL_RATIO:.0%} of full finetune's peak; "
                   f"LoRA peak ≤ {GOAL_VIT_B_GIB:g} GiB."]
     for model in dict.fromkeys(r["model"] for r in rows):

@@ -331,6 +331,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
             rows += check_model(name, device, repeats, Path(tmp), not args.no_compile, args.precisions)
+            print(table(rows), flush=True)  # so far: a run cut short by its time limit still shows these
         for name in semantic_models:
             sem_rows += check_semantic(name, device, repeats, Path(tmp), args.precisions)
     text = table(rows)
