@@ -67,11 +67,15 @@ def git_state() -> str:
     excluded because regenerating them is what a benchmark run does."""
     def git(*args):
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    # gpu_check.sh sets this from .sent-commit, written only from a clean tree before the copy is sent. The copy's
+    # own git metadata cannot be trusted: on the device machine it named an older HEAD and called the tree dirty.
+    sent = os.environ.get("MEDICO_PEFT_SENT_COMMIT")
+    if sent:
+        return f"{sent} (clean; run on a copy of that commit's tree)"
     try:
         sha = git("rev-parse", "HEAD")
         if sha.returncode:
-            sent = os.environ.get("MEDICO_PEFT_SENT_COMMIT")  # set by gpu_check.sh from the copy's .sent-commit
-            return f"{sent} (a copy of that commit's tree, no git there)" if sent else "unknown (not a git checkout)"
+            return "unknown (not a git checkout)"
         status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
     except (OSError, subprocess.SubprocessError):
         return "unknown (git not available)"

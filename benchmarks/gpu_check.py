@@ -91,6 +91,9 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
                     return compiled(model.normalize(x)).float()
             torch_row("torch bf16 + compile encoder", bf16_compiled, model)
 
+    skip = onnx_not_needed(device)
+    if skip:  # the export and CPU onnxruntime rows would only cost minutes of the device's time
+        return rows + [{"model": name, "backend": "onnxruntime + TensorRT (export)", "skipped": skip}]
     onnx_dir = work / f"{name}_onnx"
     export_onnx(load_model(name), onnx_dir, parity_random=2, parity_real=1)
     import onnxruntime as ort
@@ -133,6 +136,24 @@ def check_model(name: str, device: str, repeats: int, work: Path, do_compile: bo
     if device == "cuda" and name == "litemedsam" and "fp16" in precisions:
         rows.append(_batch_row(name, work, img, repeats, sync))
     return rows
+
+
+def onnx_not_needed(device: str) -> str | None:
+    """On a GPU machine with neither onnxruntime's CUDA provider nor TensorRT, the reason to skip the ONNX export
+    (its rows would be CPU onnxruntime timings, which export.md measures on the CPU machine); else None."""
+    if device != "cuda":
+        return None
+    import onnxruntime as ort
+
+    try:
+        import tensorrt  # noqa: F401
+        return None
+    except ImportError:
+        pass
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    return ("no onnxruntime CUDA provider (onnxruntime-gpu not installed) and no TensorRT on this machine: "
+            "nothing GPU-side to run from the ONNX graph")
 
 
 def _batch_row(name, work: Path, img, repeats, sync, batch: int = 8) -> dict:
@@ -256,6 +277,9 @@ def check_semantic(name: str, device: str, repeats: int, work: Path, precisions)
 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     row(f"torch fp32 ({device})", Predictor.from_torch(model().to(device)), sync)
+    skip = onnx_not_needed(device)
+    if skip:
+        return rows + [{"model": name, "backend": "onnxruntime + TensorRT (export)", "skipped": skip}]
     onnx_dir = work / f"{name}_semantic_onnx"
     export_semantic_onnx(cpu_model, onnx_dir, parity_random=1, parity_real=1)
     row("onnxruntime CPU", Predictor.from_onnx(onnx_dir), lambda: None)

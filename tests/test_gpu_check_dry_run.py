@@ -17,3 +17,41 @@ def test_gpu_check_cpu_dry_run_reports_every_backend(tmp_path, capsys):
     assert ort["max_logit_err"] < 1e-3 and ort["mask_mismatch"] < 1e-3 and ort["end_to_end_ms"] > 0
     skipped = by_backend["tensorrt fp16"]["skipped"]
     assert "CUDA GPU" in skipped or "not installed" in skipped
+
+
+def test_onnx_export_is_skipped_on_a_gpu_machine_with_nothing_to_run_it(monkeypatch):
+    """gpu_check skips the ONNX export on a CUDA machine with neither onnxruntime's CUDA provider nor TensorRT (its
+    rows would be CPU timings) and says why; on CPU, or with the CUDA provider, it runs."""
+    import builtins
+
+    import onnxruntime
+
+    from benchmarks.gpu_check import onnx_not_needed
+
+    assert onnx_not_needed("cpu") is None
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name == "tensorrt":
+            raise ImportError("No module named 'tensorrt'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    reason = onnx_not_needed("cuda")
+    assert reason and "onnxruntime-gpu" in reason and "TensorRT" in reason
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert onnx_not_needed("cuda") is None
+
+
+def test_gpu_train_check_recipes_are_valid_training_configs(tmp_path):
+    """Every run gpu_train_check asks of the trainer passes the trainer's own config validation (so a renamed
+    field fails here, not after minutes of device time)."""
+    from benchmarks.gpu_train_check import recipe
+    from medico_peft.training import TrainConfig
+
+    for device, precision in (("cpu", "fp32"), ("cuda", "fp32"), ("cuda", "bf16"), ("cuda", "fp16")):
+        cfg = TrainConfig.from_dict(recipe(tmp_path / "manifest.json", tmp_path / "run", device, precision, 7, True))
+        assert (cfg.train.device, cfg.memory.precision, cfg.train.max_steps) == (device, precision, 7)
+        assert cfg.train.val_every_steps == 7
