@@ -27,7 +27,7 @@ import torch
 from ..data.prompts import deepest_pixel, mask_box
 from ..errors import ConfigError
 from ..models.postprocess import upscale_logits
-from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, merge_click, merge_reach, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, accept_click, paint_clicks
 from .clicks import center_corrections
 from .metrics import dice_per_object
 from .segmenter import Segmenter, as_segmenter
@@ -112,11 +112,8 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
             mask_input = paint_clicks(low, points, labels, scale=low.shape[-1] / size, radius=click_radius)
         new_low, _ = segmenter.predict(emb, points, labels, boxes, mask_input, False)
         new_low = new_low[:, :1]
-        if click_merge != "none":
-            low = merge_click(low, new_low, new_xy, new_label, scale=low.shape[-1] / size, radius=click_radius,
-                              boxes=boxes, reach=merge_reach(click_merge, click_radius))
-        else:
-            low = new_low
+        low = accept_click(click_merge, low, new_low, new_xy, new_label, scale=low.shape[-1] / size,
+                           radius=click_radius, boxes=boxes)
         masks = logits_to_masks(low, size, input_size)
         dice.append(dice_per_object(masks, gt_t).numpy())
 

@@ -79,6 +79,18 @@ def merge_reach(click_merge: str, radius: float = CLICK_RADIUS) -> float | None:
     return None
 
 
+def accept_click(click_merge: str, prev_logits: torch.Tensor, new_logits: torch.Tensor, points: torch.Tensor | None,
+                 labels: torch.Tensor | None, scale: float = 1.0, radius: float = CLICK_RADIUS,
+                 boxes: torch.Tensor | None = None) -> torch.Tensor:
+    """The answer kept after a click round under a `click_merge` mode (one of CLICK_MERGES): "none" keeps the
+    decoder's whole new answer; "local" and "near" keep it only where the click asked for a change (`merge_click`
+    with `merge_reach`'s bound). The one place evaluation, validation and the Predictor apply the mode."""
+    if click_merge == "none":
+        return new_logits
+    return merge_click(prev_logits, new_logits, points, labels, scale=scale, radius=radius, boxes=boxes,
+                       reach=merge_reach(click_merge, radius))
+
+
 def merge_click(prev_logits: torch.Tensor, new_logits: torch.Tensor, points: torch.Tensor | None,
                 labels: torch.Tensor | None, scale: float = 1.0, radius: float = CLICK_RADIUS,
                 boxes: torch.Tensor | None = None, reach: float | None = None) -> torch.Tensor:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, merge_click, merge_reach, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, accept_click, paint_clicks
 from .preprocess import as_hwc3, build_prompt_arrays, upscale_masks
 from .semantic import SemanticPrediction
 
@@ -223,8 +223,8 @@ class Predictor:
         if merge is not None:
             prev, pts, labs_new, scale = merge
             box_t = None if box is None else torch.tensor(np.asarray(box, np.float32).reshape(1, 4))
-            low = merge_click(prev, low.float(), pts, labs_new, scale=scale, radius=self.click_radius, boxes=box_t,
-                              reach=merge_reach(self.click_merge, self.click_radius))
+            low = accept_click(self.click_merge, prev, low.float(), pts, labs_new, scale=scale,
+                               radius=self.click_radius, boxes=box_t)
             logits = upscale_masks(low, torch.tensor(self._orig_hw, dtype=torch.float32), self.backend.img_size)
         return Prediction(masks=(logits[0] > 0).numpy(), scores=iou[0].numpy(), low_res_logits=low[0].numpy(),
                           logits=logits[0].numpy())

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..evaluation.clicks import center_corrections, interior_corrections, random_corrections
-from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, merge_click, merge_reach, paint_clicks
+from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, accept_click, paint_clicks
 from ..evaluation.metrics import dice_per_object
 from .losses import click_bce_loss, click_disks, mask_losses, true_iou
 from .memory import SegmentedEncoder
@@ -211,11 +211,9 @@ def validate_batch(model: nn.Module, encoder: SegmentedEncoder, batch: dict, dev
     for it in range(clicks + 1):
         sparse, dense = model.embed_prompts(prompt["points"], prompt["point_labels"], prompt["boxes"], mask_input)
         new_low, _ = model.decode(emb, sparse, dense, image_index=objs["image_index"], multimask=False)
-        if it > 0 and click_merge != "none":
-            low = merge_click(low, new_low, new_points, new_labels, scale=low.shape[-1] / model.img_size,
-                              radius=click_radius, boxes=prompt["boxes"], reach=merge_reach(click_merge, click_radius))
-        else:
-            low = new_low
+        low = new_low if it == 0 else accept_click(click_merge, low, new_low, new_points, new_labels,
+                                                   scale=low.shape[-1] / model.img_size, radius=click_radius,
+                                                   boxes=prompt["boxes"])
         pred = model.upscale_logits(low)[:, 0] > 0
         if it == 0:
             box_dice = dice_per_object(pred, gt).cpu()
