@@ -225,13 +225,37 @@ def test_merge_near_takes_the_band_a_click_touches_only_within_its_reach():
     click = torch.tensor([[[10.0, 9.0]]])
     local = merge_click(_blob_logits(prev), _blob_logits(new), click, torch.tensor([[1]]), radius=2.0)
     assert np.array_equal(local[0, 0].numpy() > 0, new)
-    reach = merge_reach("near", 2.0)
-    assert reach == NEAR_RADII * 2.0 and merge_reach("local", 2.0) is None and merge_reach("none", 2.0) is None
+    reach, _ = merge_reach("near", 2.0)
+    assert merge_reach("near", 2.0) == (NEAR_RADII * 2.0, NEAR_RADII * 2.0)
+    assert merge_reach("local", 2.0) == (None, NEAR_RADII * 2.0) and merge_reach("none", 2.0) == (None, None)
     near = merge_click(_blob_logits(prev), _blob_logits(new), click, torch.tensor([[1]]), radius=2.0, reach=reach)
     ys, xs = np.mgrid[0:16, 0:64]
     expect = prev | (new & ((xs - 10) ** 2 + (ys - 9) ** 2 <= reach ** 2))
     assert np.array_equal(near[0, 0].numpy() > 0, expect)
     assert (near[0, 0].numpy() > 0).sum() < (local[0, 0].numpy() > 0).sum()
+
+
+def test_local_merge_bounds_a_negative_clicks_removal_but_not_a_positive_clicks_addition():
+    """The default "local": a negative click on a wide answer removes only within NEAR_RADII click radii of the
+    click even when the decoder removes a connected band twice as long; the same band added by a positive click
+    is taken whole (Dice punishes wrong removals more than wrong additions: merge_reach's doc)."""
+    from medico_peft.models.click_prompt import NEAR_RADII, accept_click
+
+    wide = np.zeros((32, 96), bool)
+    wide[4:28, 2:94] = True  # the previous answer: a wide slab (the removal stays under half of it)
+    thin = wide.copy()
+    thin[4:10, 2:94] = False  # the decoder's answer to a negative click at (40, 6): a band along the whole top
+    radius = 2.0
+    neg = accept_click("local", _blob_logits(wide), _blob_logits(thin), torch.tensor([[[40.0, 6.0]]]),
+                       torch.tensor([[0]]), radius=radius)
+    ys, xs = np.mgrid[0:32, 0:96]
+    near = (xs - 40) ** 2 + (ys - 6) ** 2 <= (NEAR_RADII * radius) ** 2
+    assert np.array_equal(neg[0, 0].numpy() > 0, wide & ~(near & ~thin))
+    unbounded = accept_click("local", _blob_logits(thin), _blob_logits(wide), torch.tensor([[[40.0, 6.0]]]),
+                             torch.tensor([[1]]), radius=radius)
+    assert np.array_equal(unbounded[0, 0].numpy() > 0, wide)  # the positive click takes the whole band back
+    assert np.array_equal(accept_click("none", _blob_logits(wide), _blob_logits(thin), torch.tensor([[[40.0, 6.0]]]),
+                                       torch.tensor([[0]]), radius=radius)[0, 0].numpy() > 0, thin)
 
 
 def test_evaluate_cli_offers_every_click_merge_mode():
@@ -263,9 +287,10 @@ def test_predictor_near_merge_equals_merge_click_with_the_near_reach():
     a = raw.predict(points=[[30, 30]], labels=lab, box=box, mask_input=first.low_res_logits[0])
     b = near.predict(points=[[30, 30]], labels=lab, box=box, mask_input=first.low_res_logits[0])
     s = first.low_res_logits.shape[-1] / 64
+    reach, negative_reach = merge_reach("near", CLICK_RADIUS)
     expect = merge_click(torch.from_numpy(first.low_res_logits[:1])[None], torch.from_numpy(a.low_res_logits)[None],
                          torch.tensor([[[30.0 * s, 30.0 * s]]]), torch.tensor([lab]), boxes=torch.tensor([box]) * s,
-                         reach=merge_reach("near", CLICK_RADIUS))
+                         reach=reach, negative_reach=negative_reach)
     assert torch.allclose(torch.from_numpy(b.low_res_logits)[None], expect)
 
 
