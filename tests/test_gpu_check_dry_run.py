@@ -55,3 +55,35 @@ def test_gpu_train_check_recipes_are_valid_training_configs(tmp_path):
         cfg = TrainConfig.from_dict(recipe(tmp_path / "manifest.json", tmp_path / "run", device, precision, 7, True))
         assert (cfg.train.device, cfg.memory.precision, cfg.train.max_steps) == (device, precision, 7)
         assert cfg.train.val_every_steps == 7
+
+
+def test_bench_clicks_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, monkeypatch):
+    """gpu_check.sh gives bench_clicks only the device time that is left; a run killed in seed 1 must leave a
+    results file with seed 0's rows, marked partial (models and evaluation replaced by fakes here)."""
+    import pytest
+
+    import medico_peft.adapters
+    import medico_peft.models
+    from benchmarks import bench_clicks
+
+    rules = [*bench_clicks.RULES, "oracle"]
+    monkeypatch.setattr(bench_clicks, "build_shards", lambda task, out, compression=None: tmp_path / "manifest.json")
+    monkeypatch.setattr(bench_clicks, "evaluate_rules",
+                        lambda model, manifest, n: {r: [0.5, 0.6, 0.7, 0.7, 0.8] for r in rules})
+
+    def finetune(kind, manifest, out, steps, seed, device="cpu"):
+        if seed == 1:
+            raise KeyboardInterrupt("time limit")
+        return out / "adapter.safetensors"
+
+    monkeypatch.setattr(bench_clicks, "finetune", finetune)
+    monkeypatch.setattr(medico_peft.models, "load_model", lambda name: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(medico_peft.adapters, "load_adapter", lambda model, path: model)
+    out = tmp_path / "clicks.md"
+    with pytest.raises(KeyboardInterrupt):
+        bench_clicks.main(["--tasks", "mni152", "--seeds", "0", "1", "--work", str(tmp_path / "work"),
+                           "--out", str(out)])
+    torch.set_num_threads(1)
+    text = out.read_text()
+    assert "seeds 0." in text and "**Partial**" in text and "seeds done 0 of 0, 1" in text
+    assert text.count("| mni152 | LoRA+click-training |") == len(rules)  # seed 0's rows, all rules
