@@ -80,7 +80,8 @@ def merge_reach(click_merge: str, radius: float = CLICK_RADIUS) -> tuple[float |
     Dice D, removing one false-positive pixel gains about D / (|P| + |G|), removing a true pixel loses about
     (2 - D) / (|P| + |G|); so at D = 0.6 a removal must be right in more than 70 % of its pixels to help, an
     addition in more than 30 %. On MNI152 grey/white matter a click-trained LoRA's unbounded removals were right
-    in 73 % of their pixels (clicks lost Dice); bounded to 3 radii, in 88 % (clicks gained). On thin,
+    in 73 % of their pixels and its clicks lost Dice; bounded to 3 radii, in 88 % on the val slab, where its clicks
+    then gained (on the test slab they no longer lose: benchmarks/results/clicks.md). On thin,
     convoluted structures the pixels a decoder removes form one band far beyond the clicked error."""
     near = NEAR_RADII * (float(radius) if radius > 0 else CLICK_RADIUS)  # radius 0 (clicks not painted): the default
     if click_merge == "near":
