@@ -1,6 +1,7 @@
 """Do corrective clicks help, and why not when they do not? The click rule, measured by ablation.
 
     python -m benchmarks.bench_clicks [--steps 40] [--slices 8] [--colin27-slices 4] [--seeds 0 1 2] [--tasks ...]
+                                      [--kinds ...] [--rules ...] [--out benchmarks/results/clicks.md]
 
 Per task (real data, held-out test slab; the demo's split: train lowest 50 %, val next 15 %, test highest 30 %
 of the labelled axial extent, 5-slice gaps):
@@ -11,7 +12,8 @@ Models: zero-shot LiteMedSAM (real weights) and, per seed, the demo's two finetu
 (`--steps`): decoder-only, and LoRA (q, v of the last 2 TinyViT blocks) + decoder, each the adapter its run selected
 on the val slab; and the LoRA recipe with click training (`train.click_sampling=interior`: training clicks at
 least a click radius inside their error region; `loss.click_bce=1`: cross-entropy on the clicked disks), the one
-change against LoRA. Every model is evaluated with the same protocol (one tight box, then 4 clicks at the centre of the
+change against LoRA (`--kinds LoRA+interior` adds the same run without the click loss: interior training clicks
+alone). Every model is evaluated with the same protocol (one tight box, then 4 clicks at the centre of the
 deeper error) under four click rules that differ in one thing each:
   - tokens: clicks as SAM point tokens, previous logits fed back, the decoder's whole answer kept (official SAM);
   - painted: + every click painted into the fed-back logits (models/click_prompt.py `paint_clicks`);
@@ -49,8 +51,14 @@ RULES = {  # name -> evaluate_interactive options
     "painted+local": {"click_merge": "local"},
     "painted+near": {"click_merge": "near"},
 }
-KINDS = ("decoder-only", "LoRA", "LoRA+click-training")
-CLICK_TRAINING = {"train": {"click_sampling": "interior"}, "loss": {"click_bce": 1.0}}
+# finetune kind -> its one change against the demo recipe (decoder-only: the encoder frozen instead of LoRA)
+CHANGES = {
+    "decoder-only": {},
+    "LoRA": {},
+    "LoRA+interior": {"train": {"click_sampling": "interior"}},
+    "LoRA+click-training": {"train": {"click_sampling": "interior"}, "loss": {"click_bce": 1.0}},
+}
+KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
 LR = 5e-4
 
@@ -74,9 +82,8 @@ def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device
     peft = decoder_only_config() if kind == "decoder-only" else demo_peft_config(rank=8, blocks=2)
     raw = lora_config(manifest, out, LR, peft, progress=False)
     raw["train"].update({"max_steps": steps, "seed": seed, "device": device})
-    if kind == "LoRA+click-training":
-        for section, values in CLICK_TRAINING.items():
-            raw.setdefault(section, {}).update(values)
+    for section, values in CHANGES[kind].items():
+        raw.setdefault(section, {}).update(values)
     result = train(TrainConfig.from_dict(raw), overwrite=True)
     return Path(result.adapter_path)
 
@@ -116,14 +123,16 @@ def oracle_dice(model, manifest: Path, max_slices: int) -> list[float]:
         protocol.run_protocol = real
 
 
-def evaluate_rules(model, manifest: Path, max_slices: int) -> dict[str, list[float]]:
+def evaluate_rules(model, manifest: Path, max_slices: int, rules=(*RULES, "oracle")) -> dict[str, list[float]]:
     from medico_peft.evaluation.interactive import evaluate_interactive
 
     out = {}
-    for rule, options in RULES.items():
-        out[rule] = evaluate_interactive(model, manifest, n_clicks=CLICKS, max_slices=max_slices, progress=False,
-                                         **options).mean_dice
-    out["oracle"] = oracle_dice(model, manifest, max_slices)
+    for rule in rules:
+        if rule == "oracle":
+            out[rule] = oracle_dice(model, manifest, max_slices)
+        else:
+            out[rule] = evaluate_interactive(model, manifest, n_clicks=CLICKS, max_slices=max_slices, progress=False,
+                                             **RULES[rule]).mean_dice
     return out
 
 
@@ -142,6 +151,10 @@ def main(argv=None) -> int:
                     help="held-out Colin27 test slices (~30 objects each, so fewer)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--tasks", nargs="+", default=["mni152", "colin27"], choices=("mni152", "colin27"))
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=tuple(CHANGES),
+                    help="finetunes to run per seed (LoRA+interior: interior training clicks, no click loss)")
+    ap.add_argument("--rules", nargs="+", default=[*RULES, "oracle"], choices=(*RULES, "oracle"),
+                    help="click rules to evaluate every model with")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and evaluation run")
     ap.add_argument("--compression", help="shard compression (default: the library's; lzf where hdf5plugin is absent)")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work/clicks"))
@@ -164,19 +177,19 @@ def main(argv=None) -> int:
     for task in args.tasks:
         manifest = build_shards(task, args.work / task / "shards", args.compression)
         t0 = time.monotonic()
-        zero = evaluate_rules(load_model("litemedsam").to(args.device).eval(), manifest, slices[task])
+        zero = evaluate_rules(load_model("litemedsam").to(args.device).eval(), manifest, slices[task], args.rules)
         for rule, dice in zero.items():
             table.setdefault((task, "zero-shot", rule), []).append(dice)
         notes.append(f"{task} zero-shot: {time.monotonic() - t0:.0f} s")
         seeds_done = []
         for seed in args.seeds:
-            for kind in KINDS:
+            for kind in args.kinds:
                 t0 = time.monotonic()
                 adapter = finetune(kind, manifest, args.work / task / f"{kind}_seed{seed}", args.steps, seed,
                                    args.device)
                 t1 = time.monotonic()
                 model = load_adapter(load_model("litemedsam"), adapter).to(args.device).eval()
-                for rule, dice in evaluate_rules(model, manifest, slices[task]).items():
+                for rule, dice in evaluate_rules(model, manifest, slices[task], args.rules).items():
                     table.setdefault((task, kind, rule), []).append(dice)
                 notes.append(f"{task} {kind} seed {seed}: train {t1 - t0:.0f} s, evaluate {time.monotonic() - t1:.0f} s")
                 print(f"[bench_clicks] {notes[-1]}", flush=True)
@@ -189,13 +202,20 @@ def main(argv=None) -> int:
     return 0
 
 
+def _variants(kinds) -> str:
+    said = {"LoRA+interior": "LoRA+interior = the same LoRA run with `train.click_sampling=interior` (training clicks "
+                             "at least a click radius inside their error region; its only change)",
+            "LoRA+click-training": "LoRA+click-training = the same LoRA run with `train.click_sampling=interior` and "
+                                   "`loss.click_bce=1` (cross-entropy on the clicked disks)"}
+    return "; ".join(said[k] for k in kinds if k in said) or "no click-training variant"
+
+
 def report(args, table, notes, slices, done, seeds_done) -> str:
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's recipe (`workflows/demo.py` "
         f"`lora_config`: batch 2, 2 objects, 3 click sub-iterations with random clicks, mask fed back with p = 0.5, "
         f"clicks painted, lr {LR:g} constant, val every 20 steps, adapter selected on the val slab) for {args.steps} "
-        f"optimiser steps each; LoRA+click-training = the same LoRA run with `train.click_sampling=interior` and "
-        f"`loss.click_bce=1` (its only change); seeds {', '.join(map(str, seeds_done))}. Evaluation: held-out test slices evenly "
+        f"optimiser steps each; {_variants(args.kinds)}; seeds {', '.join(map(str, seeds_done))}. Evaluation: held-out test slices evenly "
         f"spaced over the test slab ({', '.join(f'{t} {slices[t]}' for t in args.tasks)}), one tight box then "
         f"{CLICKS} clicks at the centre of "
         "the deeper error region; Dice at 256², mean over objects (± std over seeds).", "",

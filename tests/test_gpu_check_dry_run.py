@@ -69,7 +69,7 @@ def test_bench_clicks_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, 
     rules = [*bench_clicks.RULES, "oracle"]
     monkeypatch.setattr(bench_clicks, "build_shards", lambda task, out, compression=None: tmp_path / "manifest.json")
     monkeypatch.setattr(bench_clicks, "evaluate_rules",
-                        lambda model, manifest, n: {r: [0.5, 0.6, 0.7, 0.7, 0.8] for r in rules})
+                        lambda model, manifest, n, chosen: {r: [0.5, 0.6, 0.7, 0.7, 0.8] for r in chosen})
 
     def finetune(kind, manifest, out, steps, seed, device="cpu"):
         if seed == 1:
@@ -87,3 +87,40 @@ def test_bench_clicks_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, 
     text = out.read_text()
     assert "seeds 0." in text and "**Partial**" in text and "seeds done 0 of 0, 1" in text
     assert text.count("| mni152 | LoRA+click-training |") == len(rules)  # seed 0's rows, all rules
+
+
+def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
+    """Each finetune kind of bench_clicks differs from the demo's LoRA recipe in exactly the setting it names
+    (the fair-ablation claim of its results file): the config handed to the trainer is compared key by key."""
+    import medico_peft.training
+    from benchmarks import bench_clicks
+
+    seen = {}
+
+    class FakeConfig:
+        @staticmethod
+        def from_dict(raw):
+            return raw
+
+    def fake_train(raw, overwrite=False):
+        seen[raw["output"]["dir"]] = raw
+        return type("Result", (), {"adapter_path": str(tmp_path / "a.safetensors")})()
+
+    monkeypatch.setattr(medico_peft.training, "TrainConfig", FakeConfig)
+    monkeypatch.setattr(medico_peft.training, "train", fake_train)
+    for kind in bench_clicks.CHANGES:
+        bench_clicks.finetune(kind, tmp_path / "manifest.json", tmp_path / kind, 12, 3)
+
+    def flat(raw):
+        return {(section, key): value for section, values in raw.items() for key, value in values.items()
+                if not (section == "output" and key == "dir")}
+
+    lora, decoder = flat(seen[str(tmp_path / "LoRA")]), flat(seen[str(tmp_path / "decoder-only")])
+    assert (lora[("train", "max_steps")], lora[("train", "seed")]) == (12, 3)
+    differ = {k for k in set(lora) | set(decoder) if lora.get(k) != decoder.get(k)}
+    assert differ and {section for section, _ in differ} == {"peft"}  # decoder-only vs LoRA: the PEFT method only
+    interior = flat(seen[str(tmp_path / "LoRA+interior")])
+    clicks = flat(seen[str(tmp_path / "LoRA+click-training")])
+    assert {k: v for k, v in interior.items() if lora.get(k) != v} == {("train", "click_sampling"): "interior"}
+    assert {k: v for k, v in clicks.items() if lora.get(k) != v} == {("train", "click_sampling"): "interior",
+                                                                      ("loss", "click_bce"): 1.0}
