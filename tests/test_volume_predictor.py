@@ -230,3 +230,46 @@ def test_a_user_mask_prompt_is_kept_on_its_slice_and_propagated():
     mask = vp.segment(k, mask=truth[k])
     np.testing.assert_array_equal(mask[k], truth[k])
     assert extent(mask, 0) == extent(truth, 0)
+
+
+def _bar_and_late_neighbour():
+    """Bar A on slices 5..25 and, 6 columns to its right, bar B on slices 10..25: a box around A carried slice
+    to slice (margin 3) never reaches B; a box drawn around both on slice 22 carries A and B down to slice 10."""
+    vol = np.zeros((30, 40, 36), np.float32) + 20
+    vol[5:26, 15:25, 10:20] = 220
+    vol[10:26, 15:25, 26:32] = 220
+    return vol
+
+
+@pytest.mark.parametrize("mode, first_changed", [("nearest", 16), ("to_anchor", 10)])
+def test_a_correction_re_propagates_only_halfway_to_another_prompted_slice(mode, first_changed):
+    vol = _bar_and_late_neighbour()
+    vp = fake_vp(stop_iou=0.0, repropagate=mode).set_volume(vol, axis=0)
+    before = vp.segment(8, box=[10, 15, 19, 24])
+    assert extent(before, 0) == (5, 25) and not before[:, :, 26:].any()
+    after = vp.correct(22, box=[10, 15, 31, 24])  # the user's box takes in B
+    changed = np.flatnonzero((after != before).any(axis=(1, 2))).tolist()
+    # slice 22 is 14 slices from the start slice 8: "nearest" re-propagates to slice 16 (6 away from 22, 8 from
+    # 8) and slice 15 keeps the answer carried from 8; "to_anchor" carries B on until B ends (slice 10)
+    assert changed == list(range(first_changed, 26))
+    assert after[first_changed:26, 20, 28].all() and not after[:first_changed, :, 26:].any()
+
+
+@pytest.mark.parametrize("mode, decoded", [("nearest", 1), ("to_anchor", 1), ("always", None)])
+def test_a_correction_that_leaves_its_slice_unchanged_changes_nothing_else(mode, decoded):
+    vol, truth = ball_volume()
+    vp = fake_vp(repropagate=mode).set_volume(vol, axis=0)
+    k, box = middle_box(truth, 0)
+    before = vp.segment(k, box=box)
+    n = vp.decoded_slices
+    after = vp.correct(k + 2, points=[[2, 2]], labels=[0])  # a negative click on dark background: declined
+    np.testing.assert_array_equal(after, before)
+    if decoded is None:  # the old behaviour re-decodes neighbours (which settle here, so the mask agrees)
+        assert vp.decoded_slices - n > 1
+    else:
+        assert vp.decoded_slices - n == decoded
+
+
+def test_repropagate_must_be_a_known_mode():
+    with pytest.raises(ConfigError, match="repropagate: 'far' should be one of nearest, to_anchor, always"):
+        fake_vp(repropagate="far")
