@@ -11,9 +11,9 @@ middle slice, propagated through the volume by the VolumePredictor, then 5 corre
 the slice with the most wrong voxels, in its larger error region); 3D Dice and NSD at 2 mm after the box
 and after rounds 1, 3 and 5; along axes 0, 1 and 2 of the NIfTI arrays (sagittal, coronal, axial).
 
-LoRA adapter: r=8 on q,v of every encoder block + the mask decoder, trained briefly with the library's
-Trainer (bench_realdata.py's recipe, smaller batch) on axial 2D slices of the Colin27 training slab (lower 60 % of the
-labelled extent) with every AAL label EXCEPT the 14 evaluated structures' labels (Thalamus, Caudate, Putamen,
+LoRA adapter: the demo's recipe (r=8 on q,v of the last 2 TinyViT blocks + the mask decoder, 3 click
+sub-iterations, selected on the val slab), trained with the library's Trainer on axial 2D slices of the Colin27
+training slab (lowest 50 % of the labelled extent) with every AAL label EXCEPT the 14 evaluated structures' labels (Thalamus, Caudate, Putamen,
 Pallidum, Hippocampus, Amygdala, Cerebelum_*): those are held out as objects (their pixels are unlabelled
 background during training; the adapter did see the same subject's image). MNI152 is a different image and
 label type, held out entirely.
@@ -111,20 +111,18 @@ def train_lora(work: Path, args) -> tuple[Path, dict]:
     if not (shards / "manifest.json").exists():
         print(f"[bench] building Colin27 + AAL shards: {len(keep)} labels, {len(held)} held out", flush=True)
         build_colin27_aal_shards(shards, size=256, labels=keep)
-    cfg = TrainConfig.from_dict({
-        "model": {"name": "litemedsam"},
-        "peft": {"method": "lora", "rank": 8, "alpha": 8.0, "targets": ["q", "v"], "blocks": "all"},
-        "data": {"manifest": str(shards / "manifest.json"), "n_objects": 4},
-        "train": {"epochs": 200, "batch_size": 1, "sub_iterations": 1, "device": "cpu",
-                  "max_minutes": args.train_minutes, "max_steps": args.train_steps},
-        "optim": {"lr": 5e-4},
-        "schedule": {"kind": "constant", "warmup_steps": 5},
-        "output": {"dir": str(work / "runs" / "lora"), "tensorboard": False, "progress": False},
-    })
+    from medico_peft.workflows.demo import demo_peft_config, lora_config
+
+    # the recipe the demo and bench_clicks use: LoRA on q, v of the last 2 TinyViT blocks + the mask decoder,
+    # 3 click sub-iterations, adapter selected on the val slab (Colin27's own: the slab split of the shards)
+    raw = lora_config(shards / "manifest.json", work / "runs" / "lora", 5e-4, demo_peft_config(rank=8, blocks=2),
+                      progress=False, max_minutes=args.train_minutes)
+    raw["train"]["max_steps"] = args.train_steps
+    cfg = TrainConfig.from_dict(raw)
     print(f"[bench] training LoRA for {args.train_minutes:g} min or {args.train_steps} steps", flush=True)
     result = train(cfg, overwrite=True)  # the benchmark's own work folder
     info = {"steps": len(result.steps), "train_s": result.train_seconds, "held_out": [names[i] for i in held],
-            "kept": len(keep)}
+            "kept": len(keep), "selected": result.best_step}
     return Path(result.adapter_path), info
 
 
@@ -204,10 +202,12 @@ def write_report(out: Path, rows: list[dict], args, record: Results, train_info:
     ]
     if train_info:
         lines += [
-            "LoRA: r=8 on q,v of all 10 TinyViT blocks + mask decoder, trained with the library Trainer on axial "
-            "2D slices of the Colin27 training slab (lower 60 % of the labelled extent) for "
-            f"{train_info['steps']} steps ({train_info['train_s']:.0f} s CPU; batch 1 slice × 4 objects, 1 click "
-            "sub-iteration, lr 5e-4, constant after 5 warm-up steps: a brief run, far from converged). Held out: the evaluated structures' AAL labels ("
+            "LoRA: the demo's recipe (`workflows/demo.py` `lora_config`: r=8 on q,v of the last 2 TinyViT blocks + "
+            "mask decoder, batch 2 slices × 2 objects, 3 click sub-iterations, lr 5e-4 constant, adapter selected on "
+            "the val slab), trained with the library Trainer on axial 2D slices of the Colin27 training slab (lowest "
+            f"50 % of the labelled extent; val = the next 15 %) for {train_info['steps']} steps "
+            f"({train_info['train_s']:.0f} s CPU; `--train-steps`, capped at `--train-minutes`; the adapter holds "
+            f"step {train_info['selected']}). Held out: the evaluated structures' AAL labels ("
             + ", ".join(train_info["held_out"]) + f") were removed from the training labels ({train_info['kept']} "
             "other AAL labels kept), so these structures were never a training object; the adapter saw the same "
             "subject's image and trained on axial slices only. MNI152 (another image, tissue labels) is entirely "
