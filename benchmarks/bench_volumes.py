@@ -271,9 +271,10 @@ def main(argv=None) -> int:
         model.eval()
         predictors[label] = make_predictor(model, label.lower(), work, args.backend)
     rows: list[dict] = []
-    # data and axis outer, models inner: an interrupted run still compares both models on what it finished
-    for name, (vol, objects) in data.items():
-        for axis in args.axes:
+    # axis outer, then data, models inner: an interrupted run still compares both models on both datasets
+    # along the first axes
+    for axis in args.axes:
+        for name, (vol, objects) in data.items():
             for label, predictor in predictors.items():
                 rows.append(run_one(label, predictor, name, vol, objects, axis, args, work))
                 atomic_write_text(work / "results.json", json.dumps(rows, indent=2))
