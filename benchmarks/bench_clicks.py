@@ -54,6 +54,7 @@ RULES = {  # name -> evaluate_interactive options
 # finetune kind -> its one change against the demo recipe (decoder-only: the encoder frozen instead of LoRA)
 CHANGES = {
     "decoder-only": {},
+    "decoder-only+interior": {"train": {"click_sampling": "interior"}},
     "LoRA": {},
     "LoRA+interior": {"train": {"click_sampling": "interior"}},
     "LoRA+click-training": {"train": {"click_sampling": "interior"}, "loss": {"click_bce": 1.0}},
@@ -79,7 +80,7 @@ def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device
     from medico_peft.training import TrainConfig, train
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
 
-    peft = decoder_only_config() if kind == "decoder-only" else demo_peft_config(rank=8, blocks=2)
+    peft = decoder_only_config() if kind.startswith("decoder-only") else demo_peft_config(rank=8, blocks=2)
     raw = lora_config(manifest, out, LR, peft, progress=False)
     raw["train"].update({"max_steps": steps, "seed": seed, "device": device})
     for section, values in CHANGES[kind].items():
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--tasks", nargs="+", default=["mni152", "colin27"], choices=("mni152", "colin27"))
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=tuple(CHANGES),
-                    help="finetunes to run per seed (LoRA+interior: interior training clicks, no click loss)")
+                    help="finetunes to run per seed (+interior: interior training clicks, no click loss)")
     ap.add_argument("--rules", nargs="+", default=[*RULES, "oracle"], choices=(*RULES, "oracle"),
                     help="click rules to evaluate every model with")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and evaluation run")
@@ -203,7 +204,9 @@ def main(argv=None) -> int:
 
 
 def _variants(kinds) -> str:
-    said = {"LoRA+interior": "LoRA+interior = the same LoRA run with `train.click_sampling=interior` (training clicks "
+    said = {"decoder-only+interior": "decoder-only+interior = the decoder-only run with "
+                                     "`train.click_sampling=interior` (its only change)",
+            "LoRA+interior": "LoRA+interior = the same LoRA run with `train.click_sampling=interior` (training clicks "
                              "at least a click radius inside their error region; its only change)",
             "LoRA+click-training": "LoRA+click-training = the same LoRA run with `train.click_sampling=interior` and "
                                    "`loss.click_bce=1` (cross-entropy on the clicked disks)"}

@@ -122,5 +122,8 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
     interior = flat(seen[str(tmp_path / "LoRA+interior")])
     clicks = flat(seen[str(tmp_path / "LoRA+click-training")])
     assert {k: v for k, v in interior.items() if lora.get(k) != v} == {("train", "click_sampling"): "interior"}
+    decoder_interior = flat(seen[str(tmp_path / "decoder-only+interior")])
+    assert {k: v for k, v in decoder_interior.items() if decoder.get(k) != v} == {
+        ("train", "click_sampling"): "interior"}
     assert {k: v for k, v in clicks.items() if lora.get(k) != v} == {("train", "click_sampling"): "interior",
                                                                       ("loss", "click_bce"): 1.0}
