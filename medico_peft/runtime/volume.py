@@ -52,7 +52,8 @@ behaviour before this rule). Measured (benchmarks/results/volume_corrections.md:
 3D Dice fell from 0.363 to 0.311 and 8 of 14 objects lost Dice (re-propagating from an unchanged or barely changed
 slice all the way to the start slice overwrote good slices with answers carried from a wrong one); "to_anchor"
 0.363 -> 0.356 (3 of 14 lose), "nearest" 0.363 -> 0.364 (2 of 14). Zero-shot LiteMedSAM mostly declines negative
-clicks inside the carried box, so corrections still gain little here. Embeddings are reused: a correction runs only decoders unless a slice fell out of the cache.
+clicks inside the carried box, so corrections still gain little here. Embeddings are reused: a correction runs
+only decoders unless a slice fell out of the cache.
 `undo()` restores the state before the last correction (up to `max_rounds` corrections back).
 
 Embeddings are computed lazily (only slices that propagation reaches), kept in an LRU of `cache_slices`
