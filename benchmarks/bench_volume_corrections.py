@@ -16,7 +16,7 @@ axis), so only decoders differ. Writes benchmarks/results/volume_corrections.md.
 
 CPU budget: ~40-60 slices encoded per object and axis once (~1.3 s each in torch on one quiet core), decoders
 ~0.2 s per slice per mode. Measured with two or three other benchmarks on the 2 cores: axis 2 13 min, axis 0
-29 min, axis 1 41 min (83 min in all); expect well under half that on a quiet machine. Run with `nice -n 10`.
+29 min, axis 1 41 min (83 min in all; a quiet machine was not measured). Run with `nice -n 10`.
 """
 
 from __future__ import annotations
