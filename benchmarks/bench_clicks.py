@@ -51,6 +51,14 @@ RULES = {  # name -> evaluate_interactive options
     "painted+local": {"click_merge": "local"},
     "painted+near": {"click_merge": "near"},
 }
+RULE_TEXT = {  # the report describes only the rules a run evaluated
+    "tokens": "tokens = official SAM feedback",
+    "painted": "painted = clicks painted into the fed-back logits",
+    "painted+local": "painted+local = painted, and the answer taken only in the regions the click asked to change "
+                     "(library default)",
+    "painted+near": "painted+near = painted+local within 3 click radii of the click",
+    "oracle": "oracle = the clicked error region set to the truth (upper bound, no model)",
+}
 # finetune kind -> its one change against the demo recipe (decoder-only: the encoder frozen instead of LoRA)
 CHANGES = {
     "decoder-only": {},
@@ -231,9 +239,7 @@ def report(args, table, notes, slices, done, seeds_done) -> str:
         g = f"{gain.mean():+.3f}" + (f" ± {gain.std():.3f}" if len(gain) > 1 else "")
         name = f"**{rule}**" if rule == "painted+local" else rule
         lines.append(f"| {task} | {kind} | {name} | " + " | ".join(_fmt(runs)) + f" | {g} |")
-    lines += ["", "Rules: tokens = official SAM feedback; painted = clicks painted into the fed-back logits; "
-              "painted+local = painted, and the answer taken only in the regions the click asked to change "
-              "(library default); painted+near = painted+local within 3 click radii of the click; oracle = the clicked error region set to the truth (upper bound, no model).", "",
+    lines += ["", "Rules: " + "; ".join(RULE_TEXT[r] for r in args.rules) + ".", "",
               "Times: " + "; ".join(notes) + "."]
     if len(done) < len(args.tasks) or len(seeds_done) < len(args.seeds):
         lines += ["", f"**Partial**: tasks done {', '.join(done) or 'none'} of {', '.join(args.tasks)}; seeds done "

@@ -122,7 +122,9 @@ def train_lora(work: Path, args) -> tuple[Path, dict]:
     print(f"[bench] training LoRA for {args.train_minutes:g} min or {args.train_steps} steps", flush=True)
     result = train(cfg, overwrite=True)  # the benchmark's own work folder
     info = {"steps": len(result.steps), "train_s": result.train_seconds, "held_out": [names[i] for i in held],
-            "kept": len(keep), "selected": result.best_step}
+            "kept": len(keep), "selected": result.best_step,
+            "recipe": f"batch {cfg.train.batch_size} slices × {cfg.data.n_objects} objects, {cfg.train.sub_iterations} "
+                      f"click sub-iterations, lr {cfg.optim.lr:g} {cfg.schedule.kind}"}
     return Path(result.adapter_path), info
 
 
@@ -203,8 +205,7 @@ def write_report(out: Path, rows: list[dict], args, record: Results, train_info:
     if train_info:
         lines += [
             "LoRA: the demo's recipe (`workflows/demo.py` `lora_config`: r=8 on q,v of the last 2 TinyViT blocks + "
-            "mask decoder, batch 2 slices × 2 objects, 3 click sub-iterations, lr 5e-4 constant, adapter selected on "
-            "the val slab), trained with the library Trainer on axial 2D slices of the Colin27 training slab (lowest "
+            f"mask decoder, {train_info['recipe']}, adapter selected on the val slab), trained with the library Trainer on axial 2D slices of the Colin27 training slab (lowest "
             f"50 % of the labelled extent; val = the next 15 %) for {train_info['steps']} steps "
             f"({train_info['train_s']:.0f} s CPU; `--train-steps`, capped at `--train-minutes`; the adapter holds "
             f"step {train_info['selected']}). Held out: the evaluated structures' AAL labels ("
