@@ -13,7 +13,7 @@ Models: zero-shot LiteMedSAM (real weights) and, per seed, the demo's two finetu
 on the val slab; and the LoRA recipe with click training (`train.click_sampling=interior`: training clicks at
 least a click radius inside their error region; `loss.click_bce=1`: cross-entropy on the clicked disks), the one
 change against LoRA (`--kinds LoRA+interior` adds the same run without the click loss: interior training clicks
-alone). Every model is evaluated with the same protocol (one tight box, then 4 clicks at the centre of the
+alone; `LoRA+click-bce` the click loss alone; `LoRA+8-sub-iterations` MedicoSAM's 8 click rounds per step). Every model is evaluated with the same protocol (one tight box, then 4 clicks at the centre of the
 deeper error) under four click rules that differ in one thing each:
   - tokens: clicks as SAM point tokens, previous logits fed back, the decoder's whole answer kept (official SAM);
   - painted: + every click painted into the fed-back logits (models/click_prompt.py `paint_clicks`);
@@ -66,6 +66,8 @@ CHANGES = {
     "LoRA": {},
     "LoRA+interior": {"train": {"click_sampling": "interior"}},
     "LoRA+click-training": {"train": {"click_sampling": "interior"}, "loss": {"click_bce": 1.0}},
+    "LoRA+click-bce": {"loss": {"click_bce": 1.0}},
+    "LoRA+8-sub-iterations": {"train": {"sub_iterations": 8}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -217,7 +219,11 @@ def _variants(kinds) -> str:
             "LoRA+interior": "LoRA+interior = the same LoRA run with `train.click_sampling=interior` (training clicks "
                              "at least a click radius inside their error region; its only change)",
             "LoRA+click-training": "LoRA+click-training = the same LoRA run with `train.click_sampling=interior` and "
-                                   "`loss.click_bce=1` (cross-entropy on the clicked disks)"}
+                                   "`loss.click_bce=1` (cross-entropy on the clicked disks)",
+            "LoRA+click-bce": "LoRA+click-bce = the same LoRA run with `loss.click_bce=1` (cross-entropy on the clicked "
+                              "disks; training clicks uniform as in LoRA; its only change)",
+            "LoRA+8-sub-iterations": "LoRA+8-sub-iterations = the same LoRA run with `train.sub_iterations=8` "
+                                     "(MedicoSAM's 8 click rounds per step instead of 3; its only change)"}
     return "; ".join(said[k] for k in kinds if k in said) or "no click-training variant"
 
 

@@ -127,3 +127,7 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
         ("train", "click_sampling"): "interior"}
     assert {k: v for k, v in clicks.items() if lora.get(k) != v} == {("train", "click_sampling"): "interior",
                                                                       ("loss", "click_bce"): 1.0}
+    bce = flat(seen[str(tmp_path / "LoRA+click-bce")])
+    assert {k: v for k, v in bce.items() if lora.get(k) != v} == {("loss", "click_bce"): 1.0}
+    eight = flat(seen[str(tmp_path / "LoRA+8-sub-iterations")])
+    assert {k: v for k, v in eight.items() if lora.get(k) != v} == {("train", "sub_iterations"): 8}
