@@ -13,8 +13,9 @@ Models: zero-shot LiteMedSAM (real weights) and, per seed, the demo's two finetu
 on the val slab; and the LoRA recipe with click training (`train.click_sampling=interior`: training clicks at
 least a click radius inside their error region; `loss.click_bce=1`: cross-entropy on the clicked disks), the one
 change against LoRA (`--kinds LoRA+interior` adds the same run without the click loss: interior training clicks
-alone; `LoRA+click-bce` the click loss alone; `LoRA+8-sub-iterations` MedicoSAM's 8 click rounds per step). Every model is evaluated with the same protocol (one tight box, then 4 clicks at the centre of the
-deeper error) under four click rules that differ in one thing each:
+alone; `LoRA+click-bce` the click loss alone; `LoRA+8-sub-iterations` MedicoSAM's 8 click rounds per step).
+Every model is evaluated with the same protocol (one tight box, then 4 clicks at the centre of the deeper error)
+under four click rules that differ in one thing each:
   - tokens: clicks as SAM point tokens, previous logits fed back, the decoder's whole answer kept (official SAM);
   - painted: + every click painted into the fed-back logits (models/click_prompt.py `paint_clicks`);
   - painted+local: + the answer accepted only where the click asked for a change (`merge_click`; the library
