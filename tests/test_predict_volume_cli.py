@@ -97,6 +97,50 @@ def test_prompts_json_gives_one_label_per_object(tmp_path):
     assert dice(labels == 1, b) > 0.85 and dice(labels == 2, a) > 0.85
 
 
+def test_corrections_after_propagation_change_the_written_mask_as_the_volume_predictor_does(tmp_path):
+    """A negative click on slice 12 of ball a (prompted with a box on slice 10) clears the clicked voxel in
+    mask.nii.gz; re-propagation goes only halfway back to the prompted slice, so slices 0..10 keep the
+    uncorrected answer (the stand-in decoder removes a disk around every negative click)."""
+    a, b, vol = two_balls()
+    write_nifti(tmp_path / "vol.nii.gz", vol)
+    box = mask_box(a[:, :, 10]).tolist()
+    plain = objects_from_args([10], [box], None, None)
+    fixed = objects_from_args([10], [box], None, None, [[12, 16, 14, 0]])
+    assert fixed[0]["corrections"] == [{"slice": 12, "points": [[16, 14]], "labels": [0]}]
+    predict_volume(tmp_path / "vol.nii.gz", tmp_path / "plain", fake, plain, axis=2, min_area=1)
+    predict_volume(tmp_path / "vol.nii.gz", tmp_path / "fixed", fake, fixed, axis=2, min_area=1)
+    before = np.asarray(nib.load(str(tmp_path / "plain" / "mask.nii.gz")).dataobj)
+    after = np.asarray(nib.load(str(tmp_path / "fixed" / "mask.nii.gz")).dataobj)
+    assert before[14, 16, 12] == 1 and after[14, 16, 12] == 0
+    assert after[:, :, 12].sum() < before[:, :, 12].sum()
+    np.testing.assert_array_equal(after[:, :, :11], before[:, :, :11])
+
+
+def test_prompts_file_corrections_are_checked_before_anything_is_written(tmp_path):
+    a, b, vol = two_balls()
+    write_nifti(tmp_path / "vol.nii.gz", vol)
+    box = mask_box(a[:, :, 10]).tolist()
+    for corrections, match in [({"slice": 3}, r"object 1\.corrections: expected a list"),
+                               ([{"slice": 12, "points": [[16, 14]], "labels": [0], "radius": 3}],
+                                r"object 1\.corrections\[0\]: unknown keys \['radius'\]"),
+                               ([{"slice": 12}], r"object 1, correction 1: no points and no box on slice 12")]:
+        with pytest.raises(DataError, match=match):
+            predict_volume(tmp_path / "vol.nii.gz", tmp_path / "pred", fake,
+                           [{"slice": 10, "box": box, "corrections": corrections}], axis=2, min_area=1)
+        assert not (tmp_path / "pred").exists()
+
+
+def test_correct_is_refused_outside_volume_mode_and_beside_a_prompts_file(tmp_path, capsys):
+    write_nifti(tmp_path / "vol.nii.gz", two_balls()[2])
+    (tmp_path / "p.json").write_text(json.dumps([{"slice": 10, "box": [1, 1, 5, 5]}]))
+    base = ["predict", "--model", "vit_tiny", "--image", str(tmp_path / "vol.nii.gz"), "--out", str(tmp_path / "o")]
+    assert main(base + ["--volume", "--prompts", str(tmp_path / "p.json"), "--correct", "9", "3", "3", "0"]) == 2
+    assert "give an object's clicks in its \"corrections\" list" in capsys.readouterr().err
+    assert main(base + ["--box", "1", "1", "5", "5", "--correct", "9", "3", "3", "0"]) == 2
+    assert "--correct: only with --volume" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def write_dicom_series(folder, vol, spacing, origin=(-20.0, -30.0, 5.0)):
     pydicom = pytest.importorskip("pydicom")
     from pydicom.dataset import FileDataset, FileMetaDataset
@@ -151,6 +195,10 @@ def test_dicom_series_works_the_same(tmp_path):
     (None, ["--slice", "5", "--box", "1", "1", "60", "5"], r"box: .* reaches outside the slice; slice 5 \(axis 2\) is 48×40"),
     (None, ["--slice", "5", "--axis", "3"], "axis: expected 0, 1 or 2"),
     (None, ["--box", "1", "1", "5", "5"], "--slice: --volume needs"),
+    (None, ["--slice", "5", "--correct", "20", "3", "3", "0"],
+     r"object 1, correction 1: slice: 20 is outside the volume; axis 2 has 20 slices"),
+    (None, ["--slice", "5", "--correct", "6", "3", "3", "2"], r"--correct: expected SLICE X Y LABEL .* got 6 3 3 2"),
+    (None, ["--slice", "5", "--correct", "6", "99", "3", "0"], r"object 1, correction 1: .*outside"),
 ])
 def test_bad_inputs_are_one_clear_error_and_nothing_is_written(tmp_path, capsys, make, args, match):
     path = tmp_path / "vol.nii.gz"

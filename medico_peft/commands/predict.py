@@ -34,6 +34,10 @@ def register(subparsers) -> None:
                         "mask.nii.gz (the input's grid) and montage.png. --image: NIfTI, .npy or a DICOM folder")
     v.add_argument("--prompts", help="JSON list of objects [{\"slice\": k, \"box\": [x0, y0, x1, y1]} or "
                                      "\"points\"/\"labels\"] instead of --slice/--box/--point")
+    v.add_argument("--correct", nargs=4, type=float, action="append", metavar=("SLICE", "X", "Y", "LABEL"),
+                   help="a corrective click after propagation: on slice SLICE at pixel (X, Y), LABEL 1 = object, "
+                        "0 = background; re-segments that slice and re-propagates (repeatable, applied in order; "
+                        "one-object calls; in a --prompts file: an object's \"corrections\" list)")
     v.add_argument("--intensity", default="mr_percentile",
                    help="volume-wide intensity window (data.normalize preset: mr_percentile, minmax, ct_soft_tissue, "
                         "...; 'none' = per-slice min-max); default mr_percentile")
@@ -78,14 +82,15 @@ def make_predictor(args):
 
 
 def run_volume(args: argparse.Namespace) -> int:
+    from medico_peft.errors import ConfigError
     from medico_peft.workflows.volume_predict import load_prompts_file, objects_from_args, predict_volume
 
     if args.multimask:
-        from medico_peft.errors import ConfigError
-
         raise ConfigError("--multimask: not used with --volume (propagation takes the single-mask answer)")
+    if args.prompts and args.correct:
+        raise ConfigError("--correct: with --prompts, give an object's clicks in its \"corrections\" list instead")
     objects = (load_prompts_file(args.prompts) if args.prompts
-               else objects_from_args(args.slice, args.box, args.point, args.neg_point))
+               else objects_from_args(args.slice, args.box, args.point, args.neg_point, args.correct))
     options = {k: v for k, v in (("prompt_mode", args.prompt_mode), ("stop_iou", args.stop_iou),
                                           ("box_margin", args.box_margin)) if v is not None}
     intensity = None if args.intensity.lower() == "none" else args.intensity
@@ -107,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
         return run_volume(args)
     if args.prompts:
         raise ConfigError("--prompts: only with --volume")
+    if args.correct:
+        raise ConfigError("--correct: only with --volume (a 2D prediction takes its clicks as --point/--neg-point)")
     if len(args.box or []) > 1 or len(args.slice or []) > 1:
         raise ConfigError("--box/--slice: one each for a 2D prediction (several objects need --volume)")
     box = args.box[0] if args.box else None

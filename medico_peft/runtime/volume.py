@@ -489,11 +489,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def segment_objects(vp: VolumePredictor, prompts: list[dict]) -> np.ndarray:
     """One object per prompt dict ({"slice": k, "box": ..., "points": ..., "labels": ..., "mask": ...,
-    optional "id"}); returns an int16 label volume with id i+1 (or the dict's "id") per object. Where two
-    objects overlap, the earlier one keeps the voxel."""
+    optional "id", optional "corrections": [{"slice": j, "points": ..., "labels": ..., "box": ...}, ...]});
+    returns an int16 label volume with id i+1 (or the dict's "id") per object. Each object's corrections are
+    applied in order after its prompt (`correct`). Where two objects overlap, the earlier one keeps the voxel."""
     if not prompts:
         raise DataError("prompts: empty; expected at least one object")
-    allowed = {"slice", "box", "points", "labels", "mask", "id", "name"}
+    allowed = {"slice", "box", "points", "labels", "mask", "id", "name", "corrections"}
     labels_vol = None
     seen = set()
     for i, p in enumerate(prompts):
@@ -513,7 +514,29 @@ def segment_objects(vp: VolumePredictor, prompts: list[dict]) -> np.ndarray:
                               mask=p.get("mask"))
         except DataError as exc:
             raise DataError(f"prompts[{i}]: {exc}") from None
+        for j, c in enumerate(corrections_of(p, f"prompts[{i}]")):
+            try:
+                mask = vp.correct(c["slice"], points=c.get("points"), labels=c.get("labels"), box=c.get("box"))
+            except DataError as exc:
+                raise DataError(f"prompts[{i}].corrections[{j}]: {exc}") from None
         if labels_vol is None:
             labels_vol = np.zeros(mask.shape, np.int16)
         labels_vol[mask & (labels_vol == 0)] = oid
     return labels_vol
+
+
+def corrections_of(prompt: dict, where: str) -> list[dict]:
+    """The "corrections" list of a prompt dict (empty if absent), each entry checked for its keys."""
+    items = prompt.get("corrections", [])
+    if not isinstance(items, list):
+        raise DataError(f"{where}.corrections: expected a list of {{\"slice\": k, \"points\": [[x, y]], "
+                        f"\"labels\": [1 or 0]}}, got {type(items).__name__}")
+    allowed = {"slice", "points", "labels", "box"}
+    for j, c in enumerate(items):
+        if not isinstance(c, dict) or "slice" not in c:
+            raise DataError(f"{where}.corrections[{j}]: expected {{\"slice\": k, \"points\": [[x, y]], "
+                            f"\"labels\": [1 or 0]}} (or a \"box\"), got {c!r}")
+        extra = set(c) - allowed
+        if extra:
+            raise DataError(f"{where}.corrections[{j}]: unknown keys {sorted(extra)}; expected some of {sorted(allowed)}")
+    return items

@@ -122,10 +122,17 @@ def load_prompts_file(path: str | os.PathLike) -> list[dict]:
     return objects
 
 
-def objects_from_args(slices, boxes, points, neg_points) -> list[dict]:
+def objects_from_args(slices, boxes, points, neg_points, corrections=None) -> list[dict]:
     """CLI prompts → object dicts: the i-th --box pairs with the i-th --slice (one --slice serves every box);
-    --point/--neg-point belong to the single object of a one-object call."""
+    --point/--neg-point and --correct (SLICE X Y LABEL, in the order given) belong to the single object of a
+    one-object call."""
     slices, boxes = list(slices or []), list(boxes or [])
+    fixes = []
+    for k, x, y, lab in corrections or []:
+        if lab not in (0.0, 1.0) or k != int(k):
+            raise DataError(f"--correct: expected SLICE X Y LABEL with an integer slice and LABEL 1 (object) or 0 "
+                            f"(background), got {_num(k)} {_num(x)} {_num(y)} {_num(lab)}")
+        fixes.append({"slice": int(k), "points": [[x, y]], "labels": [int(lab)]})
     pts = [list(p) for p in (points or [])] + [list(p) for p in (neg_points or [])]
     labels = [1] * len(points or []) + [0] * len(neg_points or [])
     if not slices:
@@ -133,8 +140,9 @@ def objects_from_args(slices, boxes, points, neg_points) -> list[dict]:
     if not boxes and not pts:
         raise DataError("--box/--point: --volume needs a box or points on the prompted slice (or a --prompts file)")
     if len(boxes) > 1:
-        if pts:
-            raise DataError("--point: with several --box objects give points in a --prompts file instead")
+        if pts or fixes:
+            raise DataError(f"{'--point' if pts else '--correct'}: with several --box objects give points and "
+                            "corrections in a --prompts file instead")
         if len(slices) not in (1, len(boxes)):
             raise DataError(f"--slice: {len(slices)} given for {len(boxes)} boxes; expected one or one per box")
         return [{"slice": slices[0] if len(slices) == 1 else slices[i], "box": b} for i, b in enumerate(boxes)]
@@ -145,11 +153,20 @@ def objects_from_args(slices, boxes, points, neg_points) -> list[dict]:
         obj["box"] = boxes[0]
     if pts:
         obj["points"], obj["labels"] = pts, labels
+    if fixes:
+        obj["corrections"] = fixes
     return [obj]
 
 
+def _num(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def check_objects(vp, objects: list[dict]) -> None:
-    """Every object's slice and prompt checked up front, so a bad one fails before any output or compute."""
+    """Every object's slice, prompt and corrections checked up front, so a bad one fails before any output or
+    compute."""
+    from ..runtime.volume import corrections_of
+
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict) or "slice" not in obj:
             raise DataError(f"prompts[{i}]: expected {{\"slice\": k, \"box\": [...]}} or points, got {obj!r}")
@@ -160,6 +177,14 @@ def check_objects(vp, objects: list[dict]) -> None:
             raise DataError(f"object {i + 1}: {exc}") from None
         if pts is None and box is None:
             raise DataError(f"object {i + 1}: no box and no points on slice {k}")
+        for j, c in enumerate(corrections_of(obj, f"object {i + 1}")):
+            try:
+                kc = vp.check_index(c["slice"])
+                pts, _, box = vp.check_prompt(kc, c.get("points"), c.get("labels"), c.get("box"))
+            except DataError as exc:
+                raise DataError(f"object {i + 1}, correction {j + 1}: {exc}") from None
+            if pts is None and box is None:
+                raise DataError(f"object {i + 1}, correction {j + 1}: no points and no box on slice {kc}")
 
 
 def montage(data: np.ndarray, labels: np.ndarray, axis: int, tiles: int = MONTAGE_TILES) -> np.ndarray:
