@@ -123,7 +123,7 @@ def test_prompts_file_corrections_are_checked_before_anything_is_written(tmp_pat
     for corrections, match in [({"slice": 3}, r"object 1\.corrections: expected a list"),
                                ([{"slice": 12, "points": [[16, 14]], "labels": [0], "radius": 3}],
                                 r"object 1\.corrections\[0\]: unknown keys \['radius'\]"),
-                               ([{"slice": 12}], r"object 1, correction 1: no points and no box on slice 12")]:
+                               ([{"slice": 12}], r"object 1, correction 1: no box and no points on slice 12")]:
         with pytest.raises(DataError, match=match):
             predict_volume(tmp_path / "vol.nii.gz", tmp_path / "pred", fake,
                            [{"slice": 10, "box": box, "corrections": corrections}], axis=2, min_area=1)

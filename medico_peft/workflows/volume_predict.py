@@ -170,21 +170,20 @@ def check_objects(vp, objects: list[dict]) -> None:
     for i, obj in enumerate(objects):
         if not isinstance(obj, dict) or "slice" not in obj:
             raise DataError(f"prompts[{i}]: expected {{\"slice\": k, \"box\": [...]}} or points, got {obj!r}")
-        try:
-            k = vp.check_index(obj["slice"])
-            pts, _, box = vp.check_prompt(k, obj.get("points"), obj.get("labels"), obj.get("box"))
-        except DataError as exc:
-            raise DataError(f"object {i + 1}: {exc}") from None
-        if pts is None and box is None:
-            raise DataError(f"object {i + 1}: no box and no points on slice {k}")
+        _check_prompt(vp, obj, f"object {i + 1}")
         for j, c in enumerate(corrections_of(obj, f"object {i + 1}")):
-            try:
-                kc = vp.check_index(c["slice"])
-                pts, _, box = vp.check_prompt(kc, c.get("points"), c.get("labels"), c.get("box"))
-            except DataError as exc:
-                raise DataError(f"object {i + 1}, correction {j + 1}: {exc}") from None
-            if pts is None and box is None:
-                raise DataError(f"object {i + 1}, correction {j + 1}: no points and no box on slice {kc}")
+            _check_prompt(vp, c, f"object {i + 1}, correction {j + 1}")
+
+
+def _check_prompt(vp, prompt: dict, where: str) -> None:
+    """One prompt dict's slice index and its points/box on that slice (at least one of them)."""
+    try:
+        k = vp.check_index(prompt["slice"])
+        pts, _, box = vp.check_prompt(k, prompt.get("points"), prompt.get("labels"), prompt.get("box"))
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
+    if pts is None and box is None:
+        raise DataError(f"{where}: no box and no points on slice {k}")
 
 
 def montage(data: np.ndarray, labels: np.ndarray, axis: int, tiles: int = MONTAGE_TILES) -> np.ndarray:
