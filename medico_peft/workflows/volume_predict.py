@@ -131,7 +131,7 @@ def objects_from_args(slices, boxes, points, neg_points, corrections=None) -> li
     for k, x, y, lab in corrections or []:
         if lab not in (0.0, 1.0) or k != int(k):
             raise DataError(f"--correct: expected SLICE X Y LABEL with an integer slice and LABEL 1 (object) or 0 "
-                            f"(background), got {_num(k)} {_num(x)} {_num(y)} {_num(lab)}")
+                            f"(background), got {k:g} {x:g} {y:g} {lab:g}")
         fixes.append({"slice": int(k), "points": [[x, y]], "labels": [int(lab)]})
     pts = [list(p) for p in (points or [])] + [list(p) for p in (neg_points or [])]
     labels = [1] * len(points or []) + [0] * len(neg_points or [])
@@ -156,10 +156,6 @@ def objects_from_args(slices, boxes, points, neg_points, corrections=None) -> li
     if fixes:
         obj["corrections"] = fixes
     return [obj]
-
-
-def _num(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def check_objects(vp, objects: list[dict]) -> None:
