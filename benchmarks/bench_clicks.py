@@ -69,6 +69,9 @@ CHANGES = {
     "LoRA+click-training": {"train": {"click_sampling": "interior"}, "loss": {"click_bce": 1.0}},
     "LoRA+click-bce": {"loss": {"click_bce": 1.0}},
     "LoRA+8-sub-iterations": {"train": {"sub_iterations": 8}},
+    "LoRA+center-clicks": {"train": {"click_sampling": "center"}},
+    "LoRA+eval-matched": {"train": {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0,
+                                    "sub_iterations": 4}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -224,7 +227,13 @@ def _variants(kinds) -> str:
             "LoRA+click-bce": "LoRA+click-bce = the same LoRA run with `loss.click_bce=1` (cross-entropy on the clicked "
                               "disks; training clicks uniform as in LoRA; its only change)",
             "LoRA+8-sub-iterations": "LoRA+8-sub-iterations = the same LoRA run with `train.sub_iterations=8` "
-                                     "(MedicoSAM's 8 click rounds per step instead of 3; its only change)"}
+                                     "(MedicoSAM's 8 click rounds per step instead of 3; its only change)",
+            "LoRA+center-clicks": "LoRA+center-clicks = the same LoRA run with `train.click_sampling=center` (one "
+                                  "training click per sub-iteration at the centre of the deeper error, where "
+                                  "evaluation clicks; its only change)",
+            "LoRA+eval-matched": "LoRA+eval-matched = the same LoRA run trained on the evaluation's own sequence: "
+                                 "`train.click_sampling=center`, `train.prompt=box`, `train.mask_feed_prob=1`, "
+                                 "`train.sub_iterations=4`"}
     return "; ".join(said[k] for k in kinds if k in said) or "no click-training variant"
 
 

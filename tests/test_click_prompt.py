@@ -305,3 +305,33 @@ def test_click_training_options_are_checked_at_the_edge_by_name():
         TrainConfig.from_dict({**base, "train": {"click_sampling": "edges"}})
     with pytest.raises(ConfigError, match="click_bce"):
         TrainConfig.from_dict({**base, "loss": {"click_bce": -1}})
+
+
+def test_center_click_sampling_trains_on_the_evaluation_protocols_click():
+    """`train.click_sampling=center`: one click per object and sub-iteration, the one evaluation places (the centre
+    of the deeper error region, computed independently here with scipy's distance transform), even though
+    training hands add_clicks a random generator; the other samplings add two clicks."""
+    from scipy.ndimage import distance_transform_edt
+
+    from medico_peft.training import TrainConfig
+    from medico_peft.training.interactive_step import add_clicks
+
+    gt = torch.zeros(2, 32, 32, dtype=torch.bool)
+    pred = torch.zeros(2, 32, 32, dtype=torch.bool)
+    gt[0, 4:20, 4:20] = True            # object 0: the answer misses a 16×16 square -> positive click inside it
+    pred[1, 2:30, 2:30] = True          # object 1: the answer is a 28×28 square around a 6×6 truth -> negative
+    gt[1, 13:19, 13:19] = True
+    prompt = {"points": None, "point_labels": None, "boxes": torch.zeros(2, 4), "multimask": False}
+    out = add_clicks(prompt, pred, gt, torch.Generator().manual_seed(0), "center", depth=5.0)
+    assert out["points"].shape == (2, 1, 2) and out["point_labels"].tolist() == [[1], [0]]
+    for j, (region, label) in enumerate([(gt[0] & ~pred[0], 1), (pred[1] & ~gt[1], 0)]):
+        dist = distance_transform_edt(np.pad(region.numpy(), 1))[1:-1, 1:-1]
+        x, y = out["points"][j, 0].tolist()
+        assert dist[int(y), int(x)] == dist.max()  # a deepest pixel of the error region
+    again = add_clicks(prompt, pred, gt, torch.Generator().manual_seed(7), "center", depth=5.0)
+    assert torch.equal(again["points"], out["points"])  # deterministic: the generator is not used
+    two = add_clicks(prompt, pred, gt, torch.Generator().manual_seed(0), "uniform", depth=5.0)
+    assert two["points"].shape == (2, 2, 2)
+    cfg = TrainConfig.from_dict({"model": {"name": "vit_tiny"}, "data": {"manifest": "m.json"},
+                                 "train": {"click_sampling": "center"}})
+    assert cfg.train.click_sampling == "center"

@@ -131,3 +131,9 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
     assert {k: v for k, v in bce.items() if lora.get(k) != v} == {("loss", "click_bce"): 1.0}
     eight = flat(seen[str(tmp_path / "LoRA+8-sub-iterations")])
     assert {k: v for k, v in eight.items() if lora.get(k) != v} == {("train", "sub_iterations"): 8}
+    center = flat(seen[str(tmp_path / "LoRA+center-clicks")])
+    assert {k: v for k, v in center.items() if lora.get(k) != v} == {("train", "click_sampling"): "center"}
+    matched = flat(seen[str(tmp_path / "LoRA+eval-matched")])
+    assert {k: v for k, v in matched.items() if lora.get(k) != v} == {
+        ("train", "click_sampling"): "center", ("train", "prompt"): "box", ("train", "mask_feed_prob"): 1.0,
+        ("train", "sub_iterations"): 4}

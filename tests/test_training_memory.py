@@ -220,6 +220,21 @@ def test_click_training_adds_the_click_loss_and_keeps_both_backward_paths_equal(
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * scale_, msg=n)
 
 
+def test_center_click_training_keeps_both_backward_paths_equal():
+    """train.click_sampling=center (one click per sub-iteration, evaluation's placement) through a whole step:
+    the per-iteration backward equals the single backward of the summed loss."""
+    torch.manual_seed(0)
+    model = _model("vit_tiny", method="lora")
+    _randomise_trainable(model)
+    enc = SegmentedEncoder(model, True, False, None)
+    (loss_a, ga), (loss_b, gb) = _both_paths(model, enc, _batch(model.img_size), "box", sub_iterations=3,
+                                             click_sampling="center")
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    for n in ga:
+        scale_ = ga[n].abs().max().item() + 1e-12
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-5, atol=1e-6 * scale_, msg=n)
+
+
 def test_per_iteration_backward_under_bf16_autocast_matches_closely():
     torch.manual_seed(0)
     model = _model(method="lora", blocks=2)

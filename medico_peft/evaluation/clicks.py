@@ -23,7 +23,9 @@ import torch
 from ..data.prompts import deepest_pixel
 
 
-CLICK_SAMPLINGS = ("uniform", "interior")  # training's random clicks: `random_corrections`, `interior_corrections`
+# training's corrective clicks: `random_corrections`, `interior_corrections` (two random clicks per sub-iteration)
+# or `center_corrections` (one click per sub-iteration, placed exactly as the evaluation protocol places it)
+CLICK_SAMPLINGS = ("uniform", "interior", "center")
 
 
 def _random_pixel(region: torch.Tensor, generator: torch.Generator | None):

@@ -85,9 +85,12 @@ class TrainLoopConfig(_Section):
                                       "mask prompt (models/click_prompt.py); 0 = clicks as point tokens only. "
                                       "Evaluate and predict with the same radius")
     click_sampling: str = option("uniform", choices=CLICK_SAMPLINGS,
-                                 help="where training's random corrective clicks land: uniform over each error "
-                                      "region, or interior = only pixels at least click_radius inside it (the "
-                                      "painted disk then lies inside the error it corrects)")
+                                 help="where training's corrective clicks land: uniform = one random positive "
+                                      "and one random negative click per sub-iteration, anywhere in their error "
+                                      "region; interior = the same, only pixels at least click_radius inside it "
+                                      "(the painted disk then lies inside the error it corrects); center = one "
+                                      "click per sub-iteration where evaluation puts it (the centre of the deeper "
+                                      "error region)")
     click_merge: str = option(CLICK_MERGE, choices=CLICK_MERGES,
                               help="how validation accepts a click's answer, as evaluation and the Predictor do: "
                                    "local = only the change the click asked for, in the regions touching it; "

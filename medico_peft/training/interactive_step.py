@@ -4,7 +4,8 @@ Per batch the images are encoded once. Every valid object starts from a single p
 output; the loss takes the best of the three masks, since one point is ambiguous) or from its box
 (one mask), alternating per iteration. Then `sub_iterations` times: a random positive click in the
 false negatives and a negative click in the false positives of the current best mask are appended
-to the prompt, and with probability `mask_feed_prob` the previous low-res logits are fed back as
+to the prompt (`click_sampling="center"`: instead the one click evaluation places, at the centre of
+the deeper error region), and with probability `mask_feed_prob` the previous low-res logits are fed back as
 mask input with every click so far painted into them (`click_radius`, models/click_prompt.py: the
 same painting evaluation and the Predictor do, so clicks reach the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
 sub-iterations.
@@ -61,8 +62,9 @@ def add_clicks(prompt: dict, pred: torch.Tensor, gt: torch.Tensor, generator: to
     """Append corrective clicks per object: with a generator (training) one random positive and one random
     negative click (on CPU: the generator lives there), uniform over each error region or, with
     `sampling="interior"`, only from pixels at least `depth` (pred pixels) inside it; without a generator
-    (validation) the evaluation protocol's one click at the centre of the deeper error (`center_corrections`)."""
-    if generator is None:
+    (validation) or with `sampling="center"` the evaluation protocol's one click at the centre of the deeper
+    error (`center_corrections`)."""
+    if generator is None or sampling == "center":
         pts, lbl = center_corrections(pred.cpu(), gt.cpu())
     elif sampling == "interior":
         pts, lbl = interior_corrections(pred.cpu(), gt.cpu(), depth, generator)
