@@ -271,3 +271,62 @@ def test_export_onnx_int8_uses_builtin_colin27_without_calibration_and_in_graph_
     pred = Predictor.from_onnx(tmp_path / "pre", threads=1).set_image(image).predict(box=[10, 10, 90, 80])
     assert pred.masks.shape == (1, 100, 128)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_output_sensitivity_ranks_by_output_error_per_work_and_matches_a_real_int8_layer(work, tmp_path):
+    """Each layer's end-to-end error, emulated in the fp32 graph, against an independent reference: onnxruntime's
+    own dynamic quantization of that one layer (every other layer excluded), run on the same feeds."""
+    import onnxruntime as ort
+
+    from medico_peft.export.quantize import calibration_feeds, output_sensitivity, quantize_graph, sensitivity
+    from medico_peft.runtime.ort_backend import OrtBackend
+
+    cal, _, _ = load_slices(work / "shards", 128, 2, 1)
+    feeds = calibration_feeds(OrtBackend(work / "fp32", threads=1), cal)["encoder"]
+    src = work / "fp32" / "encoder.onnx"
+    ranked = output_sensitivity(src, feeds, work_dir=tmp_path, threads=1)
+    assert set(ranked) == set(sensitivity(src, feeds, work_dir=tmp_path))  # the same layers, same (pre-processed) names
+    scores = [v["output_error"] ** 2 / v["macs"] for v in ranked.values()]
+    assert scores == sorted(scores, reverse=True)
+    assert all(0 < v["output_error"] < 1 and v["macs"] > 0 for v in ranked.values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    first, *others = list(ranked)
+    one = quantize_graph(src, tmp_path / "one" / "encoder.onnx", "dynamic", keep_fp32=others)
+    assert _ops(one).get("MatMulInteger", 0) == 1
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(one), providers=["CPUExecutionProvider"])
+    errs = []
+    for feed in feeds[:2]:
+        for a, b in zip(ref.run(None, feed), q.run(None, feed)):
+            errs.append(np.linalg.norm(b.astype(np.float64) - a) / np.linalg.norm(a))
+    assert 0.5 < ranked[first]["output_error"] / np.mean(errs) < 2.0
+
+
+def test_auto_ladder_leaves_the_ranked_layers_fp32_in_the_written_graph(work):
+    import onnx
+    from onnx import TensorProto
+
+    meta = quantize_export(work / "fp32", work / "half", mode="dynamic", calibration=work / "shards",
+                           calibration_slices=2, gate_slices=2, gate=LOOSE, threads=1, fp32_fractions=(0.5,))
+    for part, g in meta["quantization"]["graphs"].items():
+        ranking = list(g["sensitivity"])
+        assert g["keep_fp32"] == ranking[:round(0.5 * len(ranking))] and g["keep_fp32"]
+        graph = onnx.load(str(work / "half" / f"{part}.onnx")).graph
+        floats = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT}
+        by_name = {n.name: n for n in graph.node}
+        for name in g["keep_fp32"]:  # still a float MatMul/Gemm on its float weight (onnxruntime writes a Gemm
+            # as MatMul "<name>_MatMul" + Add), and no int8 twin ("<...>_quant")
+            node = by_name.get(name) or by_name[f"{name}_MatMul"]
+            assert node.op_type in ("MatMul", "Gemm") and node.input[1] in floats, name
+            assert f"{name}_MatMul_quant" not in by_name and f"{name}_quant" not in by_name
+        assert _ops(work / "half" / f"{part}.onnx")["MatMulInteger"] == len(ranking) - len(g["keep_fp32"])
+    assert meta["quantization"]["keep_fp32_fraction"] == 0.5
+
+
+def test_bad_fp32_fractions_are_refused_naming_the_option(work):
+    for bad in ((1.0,), (0.0, -0.25), ()):
+        with pytest.raises(ExportError, match=r"fp32_fractions: expected shares of int8 layers kept fp32, each in "
+                                              r"\[0, 1\), got"):
+            quantize_export(work / "fp32", work / "never_frac", mode="dynamic", calibration=work / "shards",
+                            gate=LOOSE, fp32_fractions=bad)
+        assert not (work / "never_frac").exists()
