@@ -72,6 +72,10 @@ CHANGES = {
     "LoRA+center-clicks": {"train": {"click_sampling": "center"}},
     "LoRA+eval-matched": {"train": {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0,
                                     "sub_iterations": 4}},
+    "LoRA+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
+    "LoRA+eval-matched+prompt-encoder": {"train": {"click_sampling": "center", "prompt": "box",
+                                                   "mask_feed_prob": 1.0, "sub_iterations": 4},
+                                         "peft": {"train_prompt_encoder": True}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -233,7 +237,12 @@ def _variants(kinds) -> str:
                                   "evaluation clicks; its only change)",
             "LoRA+eval-matched": "LoRA+eval-matched = the same LoRA run trained on the evaluation's own sequence: "
                                  "`train.click_sampling=center`, `train.prompt=box`, `train.mask_feed_prob=1`, "
-                                 "`train.sub_iterations=4`"}
+                                 "`train.sub_iterations=4`",
+            "LoRA+prompt-encoder": "LoRA+prompt-encoder = the same LoRA run with `peft.train_prompt_encoder=true` "
+                                   "(the mask-prompt pathway that carries the painted clicks trains too; its only "
+                                   "change)",
+            "LoRA+eval-matched+prompt-encoder": "LoRA+eval-matched+prompt-encoder = LoRA+eval-matched with "
+                                                "`peft.train_prompt_encoder=true`"}
     return "; ".join(said[k] for k in kinds if k in said) or "no click-training variant"
 
 
