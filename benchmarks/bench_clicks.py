@@ -73,6 +73,7 @@ CHANGES = {
     "LoRA+eval-matched": {"train": {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0,
                                     "sub_iterations": 4}},
     "LoRA+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
+    "decoder-only+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
     "LoRA+eval-matched+prompt-encoder": {"train": {"click_sampling": "center", "prompt": "box",
                                                    "mask_feed_prob": 1.0, "sub_iterations": 4},
                                          "peft": {"train_prompt_encoder": True}},
@@ -238,6 +239,8 @@ def _variants(kinds) -> str:
             "LoRA+eval-matched": "LoRA+eval-matched = the same LoRA run trained on the evaluation's own sequence: "
                                  "`train.click_sampling=center`, `train.prompt=box`, `train.mask_feed_prob=1`, "
                                  "`train.sub_iterations=4`",
+            "decoder-only+prompt-encoder": "decoder-only+prompt-encoder = the decoder-only run with "
+                                           "`peft.train_prompt_encoder=true` (its only change)",
             "LoRA+prompt-encoder": "LoRA+prompt-encoder = the same LoRA run with `peft.train_prompt_encoder=true` "
                                    "(the mask-prompt pathway that carries the painted clicks trains too; its only "
                                    "change)",

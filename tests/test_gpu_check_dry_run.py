@@ -133,6 +133,9 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
     assert {k: v for k, v in eight.items() if lora.get(k) != v} == {("train", "sub_iterations"): 8}
     center = flat(seen[str(tmp_path / "LoRA+center-clicks")])
     assert {k: v for k, v in center.items() if lora.get(k) != v} == {("train", "click_sampling"): "center"}
+    for kind, base in (("LoRA+prompt-encoder", lora), ("decoder-only+prompt-encoder", decoder)):
+        pe = flat(seen[str(tmp_path / kind)])
+        assert {k: v for k, v in pe.items() if base.get(k) != v} == {("peft", "train_prompt_encoder"): True}
     matched = flat(seen[str(tmp_path / "LoRA+eval-matched")])
     assert {k: v for k, v in matched.items() if lora.get(k) != v} == {
         ("train", "click_sampling"): "center", ("train", "prompt"): "box", ("train", "mask_feed_prob"): 1.0,
