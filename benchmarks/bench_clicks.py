@@ -60,6 +60,9 @@ RULE_TEXT = {  # the report describes only the rules a run evaluated
     "painted+near": "painted+near = painted+local within 3 click radii of the click",
     "oracle": "oracle = the clicked error region set to the truth (upper bound, no model)",
 }
+# training on the evaluation's own sequence: one click per round where evaluation clicks, box start, the answer
+# always fed back, as many rounds as evaluation's clicks
+EVAL_MATCHED = {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0, "sub_iterations": 4}
 # finetune kind -> its one change against the demo recipe (decoder-only: the encoder frozen instead of LoRA)
 CHANGES = {
     "decoder-only": {},
@@ -70,13 +73,10 @@ CHANGES = {
     "LoRA+click-bce": {"loss": {"click_bce": 1.0}},
     "LoRA+8-sub-iterations": {"train": {"sub_iterations": 8}},
     "LoRA+center-clicks": {"train": {"click_sampling": "center"}},
-    "LoRA+eval-matched": {"train": {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0,
-                                    "sub_iterations": 4}},
+    "LoRA+eval-matched": {"train": EVAL_MATCHED},
     "LoRA+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
     "decoder-only+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
-    "LoRA+eval-matched+prompt-encoder": {"train": {"click_sampling": "center", "prompt": "box",
-                                                   "mask_feed_prob": 1.0, "sub_iterations": 4},
-                                         "peft": {"train_prompt_encoder": True}},
+    "LoRA+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
