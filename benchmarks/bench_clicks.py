@@ -77,6 +77,7 @@ CHANGES = {
     "LoRA+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
     "decoder-only+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
     "LoRA+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True}},
+    "decoder-only+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -245,7 +246,10 @@ def _variants(kinds) -> str:
                                    "(the mask-prompt pathway that carries the painted clicks trains too; its only "
                                    "change)",
             "LoRA+eval-matched+prompt-encoder": "LoRA+eval-matched+prompt-encoder = LoRA+eval-matched with "
-                                                "`peft.train_prompt_encoder=true`"}
+                                                "`peft.train_prompt_encoder=true`",
+            "decoder-only+eval-matched+prompt-encoder": "decoder-only+eval-matched+prompt-encoder = the decoder-only "
+                                                        "run with the same two changes (the control that isolates "
+                                                        "the encoder LoRA)"}
     return "; ".join(said[k] for k in kinds if k in said) or "no click-training variant"
 
 
@@ -267,6 +271,10 @@ def report(args, table, notes, slices, done, seeds_done) -> str:
         g = f"{gain.mean():+.3f}" + (f" ± {gain.std():.3f}" if len(gain) > 1 else "")
         name = f"**{rule}**" if rule == "painted+local" else rule
         lines.append(f"| {task} | {kind} | {name} | " + " | ".join(_fmt(runs)) + f" | {g} |")
+    per_seed = [f"{task} {kind}: " + ", ".join(f"seed {s} {run[-1] - run[0]:+.3f}" for s, run in zip(seeds_done, runs))
+                for (task, kind, rule), runs in table.items() if rule == "painted+local" and kind != "zero-shot"]
+    if per_seed:
+        lines += ["", "Per seed, painted+local, +4 − box: " + "; ".join(per_seed) + "."]
     lines += ["", "Rules: " + "; ".join(RULE_TEXT[r] for r in args.rules) + ".", "",
               "Times: " + "; ".join(notes) + "."]
     if len(done) < len(args.tasks) or len(seeds_done) < len(args.seeds):

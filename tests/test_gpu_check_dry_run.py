@@ -140,3 +140,9 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
     assert {k: v for k, v in matched.items() if lora.get(k) != v} == {
         ("train", "click_sampling"): "center", ("train", "prompt"): "box", ("train", "mask_feed_prob"): 1.0,
         ("train", "sub_iterations"): 4}
+    for kind, base in (("LoRA+eval-matched+prompt-encoder", lora),
+                       ("decoder-only+eval-matched+prompt-encoder", decoder)):
+        both = flat(seen[str(tmp_path / kind)])
+        assert {k: v for k, v in both.items() if base.get(k) != v} == {
+            ("train", "click_sampling"): "center", ("train", "prompt"): "box", ("train", "mask_feed_prob"): 1.0,
+            ("train", "sub_iterations"): 4, ("peft", "train_prompt_encoder"): True}
