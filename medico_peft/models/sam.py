@@ -45,6 +45,7 @@ def flush_subnormal_grads(x: torch.Tensor) -> torch.Tensor:
         x.register_hook(_flush_subnormal)
     return x
 
+from .mask_decoding import two_way_transformer, upscaled_mask_logits
 from .postprocess import upscale_logits
 from .specs import ModelSpec
 
@@ -140,16 +141,11 @@ class MedSam(nn.Module):
         else:
             src = embeddings[image_index]
         src = src + dense
-        pe = self.prompt_encoder.get_dense_pe()
-        pos = pe.expand(k, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = md.transformer(src, pos, tokens)
+        hs, keys = two_way_transformer(md.transformer, src, self.prompt_encoder.get_dense_pe(), tokens)
         iou_out = hs[:, 0, :]
         mask_out = hs[:, 1:1 + md.num_mask_tokens, :]
-        up = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
         hyper = torch.stack([mlp(mask_out[:, i, :]) for i, mlp in enumerate(md.output_hypernetworks_mlps)], dim=1)
-        b, c, h, w = up.shape
-        masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+        masks = upscaled_mask_logits(md.output_upscaling, keys, hyper, src.shape[-2:])
         return flush_subnormal_grads(masks), md.iou_prediction_head(iou_out)
 
     def decode(self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from .mask_decoding import two_way_transformer, upscaled_mask_logits
 from .sam import MedSam
 
 HEAD_KINDS = ("unetr", "samed")
@@ -190,11 +191,9 @@ class SamedHead(nn.Module):
         b, c, h, w = embedding.shape
         tokens = torch.cat([self.iou_token, self.class_tokens], dim=0).unsqueeze(0).expand(b, -1, -1)
         src = embedding + self.no_mask_embed.reshape(1, -1, 1, 1)
-        hs, src = self.transformer(src, image_pe.expand(b, -1, -1, -1), tokens)
-        up = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
+        hs, keys = two_way_transformer(self.transformer, src, image_pe, tokens)
         hyper = torch.stack([mlp(hs[:, 1 + i, :]) for i, mlp in enumerate(self.hypernetworks)], dim=1)
-        _, cu, hu, wu = up.shape
-        return (hyper @ up.reshape(b, cu, hu * wu)).reshape(b, -1, hu, wu)
+        return upscaled_mask_logits(self.output_upscaling, keys, hyper, (h, w))
 
 
 # --- the model -----------------------------------------------------------------------------------
