@@ -1,11 +1,14 @@
 """Training step time: LoRA / full finetune side by side, and what the decoder fixes saved (before vs after).
 
-Two fixes are measured, both on by default in the library:
+Three fixes are measured, all on by default in the library:
 - subnormal gradients flushed at the logits (`models.sam.flush_subnormal_grads`): sigmoid' of large
   negative logits underflows, and x86 arithmetic on subnormals is ~100× slower;
 - `OMP_WAIT_POLICY=PASSIVE` set by `import medico_peft` (idle OpenMP threads sleep instead of spinning,
-  which on a shared CPU made every small op wait for a descheduled thread).
-*before* runs with both off (`MEDICO_PEFT_OMP_DEFAULTS=0`, `FLUSH_SUBNORMAL_GRADS=False`), *after* with both on.
+  which on a shared CPU made every small op wait for a descheduled thread);
+- the eager mask decoder (`models/mask_decoding.py`: contiguous image tokens, SDPA decoder attention,
+  channels-last upscaling as matmuls) instead of segment_anything's modules as they are.
+*before* runs with all three off (`MEDICO_PEFT_OMP_DEFAULTS=0`, `FLUSH_SUBNORMAL_GRADS=False`,
+`mask_decoding.FAST_EAGER=False`), *after* with all on.
 Each (variant, round) is a fresh subprocess (the wait policy is fixed when torch loads); rounds alternate
 before/after so load changes hit both. Inside one process LoRA and full steps alternate (interleaved), and
 the ratio is the median of per-pair ratios. The decoder latency row compares torch eager (`MedSam.decode`,
@@ -52,10 +55,12 @@ GOAL_DEMO = 0.5  # demo step after / before
 def worker(args) -> None:
     import torch  # loads OpenMP with whatever OMP_WAIT_POLICY the parent set
 
+    import medico_peft.models.mask_decoding as mask_decoding
     import medico_peft.models.sam as sam
 
     torch.set_num_threads(args.threads)
     sam.FLUSH_SUBNORMAL_GRADS = args.variant == "after"
+    mask_decoding.FAST_EAGER = args.variant == "after"
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
     from _step import build
@@ -171,8 +176,9 @@ def table(rows: list[dict], args) -> str:
     lines = [
         f"CPU, {args.threads} torch/onnxruntime threads; {args.rounds} round(s) × (before, after) subprocesses, "
         f"{args.repeats} timed repeat(s) per method after {args.warmup} warm-up; medians in seconds.",
-        "*before*: torch's OpenMP default wait policy and subnormal logit gradients kept; *after*: the library "
-        "defaults (OMP_WAIT_POLICY=PASSIVE, subnormal gradients flushed at the logits). Inside one process the "
+        "*before*: torch's OpenMP default wait policy, subnormal logit gradients kept and segment_anything's "
+        "decoder modules as they are; *after*: the library defaults (OMP_WAIT_POLICY=PASSIVE, subnormal gradients "
+        "flushed at the logits, the eager mask decoder of `models/mask_decoding.py`). Inside one process the "
         "methods alternate step by step. A CPU shared with other jobs (see the header's load average) makes "
         "*before* look worse than on a quiet machine: spinning OpenMP threads are what suffers from sharing.", ""]
     if "decoder" in configs:

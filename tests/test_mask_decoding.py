@@ -123,3 +123,20 @@ def test_a_wrapped_upscaling_runs_through_its_own_modules(model):
         got = upscaled_mask_logits(upscaling, keys, hyper, (16, 16))
         up = upscaling(keys.transpose(1, 2).reshape(1, 256, 16, 16))
     torch.testing.assert_close(got, (hyper @ up.reshape(1, 32, -1)).reshape(1, 4, 64, 64))
+
+
+def test_fast_eager_off_runs_the_official_modules(model, monkeypatch):
+    """The switch bench_step_time's *before* uses: no SDPA, ConvTranspose upscaling (outputs equal)."""
+    import medico_peft.models.mask_decoding as mask_decoding
+
+    emb, sparse, dense = _inputs(model, k=1)
+    calls = []
+    monkeypatch.setattr(torch.nn.ConvTranspose2d, "forward",
+                        lambda self, x, _f=torch.nn.ConvTranspose2d.forward: calls.append(1) or _f(self, x))
+    with torch.no_grad():
+        fast = model.decode_all_tokens(emb, sparse, dense)[0]
+        assert not calls
+        monkeypatch.setattr(mask_decoding, "FAST_EAGER", False)
+        slow = model.decode_all_tokens(emb, sparse, dense)[0]
+    assert len(calls) == 2
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)

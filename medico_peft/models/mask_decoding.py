@@ -29,9 +29,13 @@ from segment_anything.modeling.transformer import Attention
 from torch import nn
 
 
+# False runs the official modules everywhere (benchmarks/bench_step_time.py measures before / after with it).
+FAST_EAGER = True
+
+
 def tracing() -> bool:
-    """True while torch traces or exports a graph: the official modules run then (module doc)."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    """True while torch traces or exports a graph (or FAST_EAGER is off): the official modules run then."""
+    return not FAST_EAGER or torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
 
 
 class DecoderSdpaAttention(Attention):
