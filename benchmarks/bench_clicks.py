@@ -63,7 +63,13 @@ RULE_TEXT = {  # the report describes only the rules a run evaluated
 # training on the evaluation's own sequence: one click per round where evaluation clicks, box start, the answer
 # always fed back, as many rounds as evaluation's clicks
 EVAL_MATCHED = {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0, "sub_iterations": 4}
-# finetune kind -> its one change against the demo recipe (decoder-only: the encoder frozen instead of LoRA)
+# The recipe every kind changes: the demo's `lora_config` as it was before its click-training switch (3 click
+# sub-iterations with uniform random clicks, alternating box / point starts, the answer fed back with p = 0.5, the
+# prompt encoder frozen), pinned here so that every results file stays reproducible. The demo's recipe now is
+# LoRA+eval-matched+prompt-encoder (tests/test_gpu_check_dry_run.py checks it key by key).
+BASE = {"train": {"sub_iterations": 3, "click_sampling": "uniform", "prompt": "alternate", "mask_feed_prob": 0.5},
+        "peft": {"train_prompt_encoder": False}}
+# finetune kind -> its one change against BASE (decoder-only: the encoder frozen instead of LoRA)
 CHANGES = {
     "decoder-only": {},
     "decoder-only+interior": {"train": {"click_sampling": "interior"}},
@@ -103,7 +109,7 @@ def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device
     peft = decoder_only_config() if kind.startswith("decoder-only") else demo_peft_config(rank=8, blocks=2)
     raw = lora_config(manifest, out, LR, peft, progress=False)
     raw["train"].update({"max_steps": steps, "seed": seed, "device": device})
-    for section, values in CHANGES[kind].items():
+    for section, values in (*BASE.items(), *CHANGES[kind].items()):
         raw.setdefault(section, {}).update(values)
     result = train(TrainConfig.from_dict(raw), overwrite=True)
     return Path(result.adapter_path)
@@ -255,9 +261,10 @@ def _variants(kinds) -> str:
 
 def report(args, table, notes, slices, done, seeds_done) -> str:
     lines = [
-        f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's recipe (`workflows/demo.py` "
-        f"`lora_config`: batch 2, 2 objects, 3 click sub-iterations with random clicks, mask fed back with p = 0.5, "
-        f"clicks painted, lr {LR:g} constant, val every 20 steps, adapter selected on the val slab) for {args.steps} "
+        f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's former recipe (`workflows/demo.py` "
+        f"`lora_config` with bench_clicks' `BASE`: batch 2, 2 objects, 3 click sub-iterations with random clicks, "
+        f"box or point start, mask fed back with p = 0.5, clicks painted, prompt encoder frozen, lr {LR:g} constant, "
+        f"val every 20 steps, adapter selected on the val slab) for {args.steps} "
         f"optimiser steps each; {_variants(args.kinds)}; seeds {', '.join(map(str, seeds_done))}. Evaluation: held-out test slices evenly "
         f"spaced over the test slab ({', '.join(f'{t} {slices[t]}' for t in args.tasks)}), one tight box then "
         f"{CLICKS} clicks at the centre of "

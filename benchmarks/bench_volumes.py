@@ -11,8 +11,8 @@ middle slice, propagated through the volume by the VolumePredictor, then 5 corre
 the slice with the most wrong voxels, in its larger error region); 3D Dice and NSD at 2 mm after the box
 and after rounds 1, 3 and 5; along axes 0, 1 and 2 of the NIfTI arrays (sagittal, coronal, axial).
 
-LoRA adapter: the demo's recipe (r=8 on q,v of the last 2 TinyViT blocks + the mask decoder, 3 click
-sub-iterations, selected on the val slab), trained with the library's Trainer on axial 2D slices of the Colin27
+LoRA adapter: the demo's recipe (r=8 on q,v of the last 2 TinyViT blocks + the mask decoder and prompt
+encoder, click-trained as evaluated (`workflows/demo.py` `CLICK_TRAINING`), selected on the val slab), trained with the library's Trainer on axial 2D slices of the Colin27
 training slab (lowest 50 % of the labelled extent) with every AAL label EXCEPT the 14 evaluated structures' labels (Thalamus, Caudate, Putamen,
 Pallidum, Hippocampus, Amygdala, Cerebelum_*): those are held out as objects (their pixels are unlabelled
 background during training; the adapter did see the same subject's image). MNI152 is a different image and
@@ -115,8 +115,8 @@ def train_lora(work: Path, args) -> tuple[Path, dict]:
         build_colin27_aal_shards(shards, size=256, labels=keep)
     from medico_peft.workflows.demo import demo_peft_config, lora_config
 
-    # the recipe the demo and bench_clicks use: LoRA on q, v of the last 2 TinyViT blocks + the mask decoder,
-    # 3 click sub-iterations, adapter selected on the val slab (Colin27's own: the slab split of the shards)
+    # the demo's recipe: LoRA on q, v of the last 2 TinyViT blocks + the mask decoder and prompt encoder,
+    # click-trained as evaluated, adapter selected on the val slab (Colin27's own: the slab split of the shards)
     raw = lora_config(shards / "manifest.json", work / "runs" / "lora", 5e-4, demo_peft_config(rank=8, blocks=2),
                       progress=False, max_minutes=args.train_minutes)
     raw["train"]["max_steps"] = args.train_steps
@@ -128,7 +128,8 @@ def train_lora(work: Path, args) -> tuple[Path, dict]:
             "max_minutes": args.train_minutes, "held_out": [names[i] for i in held],
             "kept": len(keep), "selected": result.best_step,
             "recipe": f"batch {cfg.train.batch_size} slices × {cfg.data.n_objects} objects, {cfg.train.sub_iterations} "
-                      f"click sub-iterations, lr {cfg.optim.lr:g} {cfg.schedule.kind}"}
+                      f"click sub-iterations ({cfg.train.prompt} start, click sampling `{cfg.train.click_sampling}`, "
+                      f"answer fed back with p = {cfg.train.mask_feed_prob:g}), lr {cfg.optim.lr:g} {cfg.schedule.kind}"}
     return Path(result.adapter_path), info
 
 
@@ -209,7 +210,7 @@ def write_report(out: Path, rows: list[dict], args, record: Results, train_info:
     if train_info:
         lines += [
             "LoRA: the demo's recipe (`workflows/demo.py` `lora_config`: r=8 on q,v of the last 2 TinyViT blocks + "
-            f"mask decoder, {train_info['recipe']}, adapter selected on the val slab), trained with the library Trainer on axial 2D slices of the Colin27 training slab (lowest "
+            f"mask decoder + prompt encoder, {train_info['recipe']}, adapter selected on the val slab), trained with the library Trainer on axial 2D slices of the Colin27 training slab (lowest "
             f"50 % of the labelled extent; val = the next 15 %) for {train_info['steps']} steps "
             f"({train_info['train_s']:.0f} s CPU; `--train-steps` {train_info['max_steps']}"
             + (f", capped at `--train-minutes` {train_info['max_minutes']:g}" if train_info["max_minutes"] else

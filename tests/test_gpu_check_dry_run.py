@@ -146,3 +146,12 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
         assert {k: v for k, v in both.items() if base.get(k) != v} == {
             ("train", "click_sampling"): "center", ("train", "prompt"): "box", ("train", "mask_feed_prob"): 1.0,
             ("train", "sub_iterations"): 4, ("peft", "train_prompt_encoder"): True}
+    # The demo's recipe now is the measured LoRA+eval-matched+prompt-encoder kind, key by key (and its
+    # decoder-only baseline the decoder-only control), so the demo trains what the results files measured.
+    from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
+
+    for kind, peft in (("LoRA+eval-matched+prompt-encoder", demo_peft_config(rank=8, blocks=2)),
+                       ("decoder-only+eval-matched+prompt-encoder", decoder_only_config())):
+        demo = lora_config(tmp_path / "manifest.json", tmp_path / kind, bench_clicks.LR, peft, progress=False)
+        demo["train"].update({"max_steps": 12, "seed": 3, "device": "cpu"})
+        assert flat(demo) == flat(seen[str(tmp_path / kind)]), kind

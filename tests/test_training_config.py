@@ -27,6 +27,18 @@ def test_recipe_parses_validates_and_round_trips(path):
     assert cfg.model.img_size == size
 
 
+@pytest.mark.parametrize("name", ["litemedsam_lora.yaml", "litemedsam_adapter.yaml", "litemedsam_full.yaml"])
+def test_litemedsam_recipes_click_train_as_measured(name):
+    """The LiteMedSAM recipes carry the click training the benchmark measured (the demo's `CLICK_TRAINING`)
+    and train the prompt encoder's mask pathway (`full` trains it anyway)."""
+    from medico_peft.workflows.demo import CLICK_TRAINING
+
+    cfg = TrainConfig.from_yaml(REPO / "configs" / name)
+    assert {key: getattr(cfg.train, key) for key in CLICK_TRAINING} == CLICK_TRAINING
+    peft = cfg.peft_config()
+    assert peft.method == "full" or peft.train_prompt_encoder
+
+
 def test_overrides_apply_with_yaml_values():
     cfg = TrainConfig.from_yaml(TINY, overrides=["optim.lr=3e-4", "train.epochs=7", "memory.checkpointing=true",
                                                  "optim.betas=[0.8, 0.9]", "peft.rank=2"])

@@ -30,11 +30,18 @@ VAL_EVERY_STEPS = 20
 VAL_RESERVE_SECONDS = 10.0
 PATIENCE = 4
 MNI152_TISSUES_DEMO = ("grey_matter", "white_matter")
+# Click training on the evaluation's own sequence: a box start, the previous answer always fed back, one
+# click per sub-iteration at the centre of the deeper error region (where evaluation and the annotator
+# click), as many rounds as evaluation's clicks. With the prompt encoder's mask pathway trained too
+# (`train_prompt_encoder`: it reads the painted clicks), this is what made clicks help after finetuning on
+# MNI152 grey/white matter (benchmarks/results/clicks_eval_matched.md).
+CLICK_TRAINING = {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0, "sub_iterations": 4}
 
 
 def lora_config(manifest, out_dir, lr: float, peft, progress: bool, max_minutes: float | None = None) -> dict:
-    """LoRA (q, v) on late encoder blocks + trained mask decoder: the fastest useful CPU recipe (also
-    used with `decoder_only_config()` as `peft`).
+    """LoRA (q, v) on late encoder blocks + trained mask decoder and prompt encoder: the fastest useful
+    CPU recipe (also used with `decoder_only_config()` as `peft`), click-trained as evaluated
+    (`CLICK_TRAINING`).
 
     Late blocks let the frozen prefix (TinyViT's conv stage and early blocks) be cached once per
     image; a constant LR suits a run whose length is set by the clock (`train.max_minutes`) rather
@@ -46,7 +53,7 @@ def lora_config(manifest, out_dir, lr: float, peft, progress: bool, max_minutes:
         "model": {"name": "litemedsam"},
         "peft": peft.to_dict(),
         "data": {"manifest": str(manifest), "n_objects": 2, "max_val_samples": VAL_SLICES},
-        "train": {"epochs": 50, "batch_size": 2, "sub_iterations": 3, "device": "cpu", "max_minutes": max_minutes,
+        "train": {"epochs": 50, "batch_size": 2, **CLICK_TRAINING, "device": "cpu", "max_minutes": max_minutes,
                   "val_every_steps": VAL_EVERY_STEPS, "val_clicks": 3, "select_by": "mean",
                   "early_stop_patience": PATIENCE},
         "optim": {"lr": lr},
@@ -56,17 +63,19 @@ def lora_config(manifest, out_dir, lr: float, peft, progress: bool, max_minutes:
 
 
 def decoder_only_config():
-    """The demo's baseline: the mask decoder trained, the image encoder frozen."""
+    """The demo's baseline: the mask decoder and the prompt encoder trained, the image encoder frozen (the
+    LoRA recipe without its LoRA: the control that isolates the encoder adaptation)."""
     from ..tuners import PeftConfig
 
-    return PeftConfig(method="decoder_only")
+    return PeftConfig(method="decoder_only", train_prompt_encoder=True)
 
 
 def demo_peft_config(**options):
-    """The demo's PeftConfig: LoRA on q, v; `options` are PeftConfig fields from the command line."""
+    """The demo's PeftConfig: LoRA on q, v + mask decoder + prompt encoder; `options` are PeftConfig fields
+    from the command line."""
     from ..tuners import PeftConfig
 
-    return PeftConfig(**{"method": "lora", "targets": ("q", "v"), **options})
+    return PeftConfig(**{"method": "lora", "targets": ("q", "v"), "train_prompt_encoder": True, **options})
 
 
 def _say(text: str) -> None:
@@ -175,8 +184,10 @@ def write_demo_report(out: Path, before, after: dict, runs: dict, times: dict) -
     lines += ["", f"![Dice vs clicks]({rel(curves_png)})", "", "## Training", ""]
     for name, (result, cfg) in runs.items():
         peft = cfg.peft
-        what = ("mask decoder only, image encoder frozen" if peft["method"] == "decoder_only" else
+        what = ("mask decoder" if peft["method"] == "decoder_only" else
                 f"LoRA rank {peft['rank']} on q,v of the last {peft['blocks']} encoder blocks + mask decoder")
+        what += (" + prompt encoder" if peft["train_prompt_encoder"] else "") + (
+            ", image encoder frozen" if peft["method"] == "decoder_only" else "")
         n_steps = len(result.steps)
         per_step = sum(r["step_time"] for r in result.steps) / max(1, n_steps)
         adapter = Path(result.adapter_path)
@@ -184,7 +195,9 @@ def write_demo_report(out: Path, before, after: dict, runs: dict, times: dict) -
         png = _plot_training(result.steps, out / f"training_curve_{cfg.peft['method']}.png")
         lines += [
             f"**{name}** ({what}): lr {cfg.optim.lr:g}, batch {cfg.train.batch_size}, "
-            f"{cfg.train.sub_iterations} click sub-iterations; {n_steps} optimiser steps in "
+            f"{cfg.train.sub_iterations} click sub-iterations ({cfg.train.prompt} start, click sampling "
+            f"`{cfg.train.click_sampling}`, answer fed back with p = {cfg.train.mask_feed_prob:g}); "
+            f"{n_steps} optimiser steps in "
             f"{result.train_seconds:.0f} s ({per_step:.1f} s/step). Stopped: {stop_reason(result, cfg)}. "
             f"Validations (step: val Dice box/+{cfg.train.val_clicks} clicks): {vals or 'none'}; "
             f"adapter = step {result.best_step}.", "",
