@@ -84,6 +84,11 @@ CHANGES = {
     "decoder-only+prompt-encoder": {"peft": {"train_prompt_encoder": True}},
     "LoRA+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True}},
     "decoder-only+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True}},
+    # where the encoder LoRA goes, on top of the recommended recipe (LoRA+eval-matched+prompt-encoder)
+    "LoRA-all-blocks+eval-matched+prompt-encoder": {"train": EVAL_MATCHED,
+                                                    "peft": {"train_prompt_encoder": True, "blocks": "all"}},
+    "LoRA-all-linears+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {
+        "train_prompt_encoder": True, "targets": ["qkv", "proj", "mlp"]}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -253,6 +258,13 @@ def _variants(kinds) -> str:
                                    "change)",
             "LoRA+eval-matched+prompt-encoder": "LoRA+eval-matched+prompt-encoder = LoRA+eval-matched with "
                                                 "`peft.train_prompt_encoder=true`",
+            "LoRA-all-blocks+eval-matched+prompt-encoder": "LoRA-all-blocks+eval-matched+prompt-encoder = "
+                                                           "LoRA+eval-matched+prompt-encoder with LoRA in all 10 "
+                                                           "TinyViT attention blocks (`peft.blocks=all`)",
+            "LoRA-all-linears+eval-matched+prompt-encoder": "LoRA-all-linears+eval-matched+prompt-encoder = "
+                                                            "LoRA+eval-matched+prompt-encoder with LoRA on every "
+                                                            "linear of the last 2 blocks (`peft.targets=[qkv, proj, "
+                                                            "mlp]`)",
             "decoder-only+eval-matched+prompt-encoder": "decoder-only+eval-matched+prompt-encoder = the decoder-only "
                                                         "run with the same two changes (the control that isolates "
                                                         "the encoder LoRA)"}

@@ -146,6 +146,11 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
         assert {k: v for k, v in both.items() if base.get(k) != v} == {
             ("train", "click_sampling"): "center", ("train", "prompt"): "box", ("train", "mask_feed_prob"): 1.0,
             ("train", "sub_iterations"): 4, ("peft", "train_prompt_encoder"): True}
+    recommended = flat(seen[str(tmp_path / "LoRA+eval-matched+prompt-encoder")])
+    for kind, change in (("LoRA-all-blocks+eval-matched+prompt-encoder", {("peft", "blocks"): "all"}),
+                         ("LoRA-all-linears+eval-matched+prompt-encoder",
+                          {("peft", "targets"): ["qkv", "proj", "mlp"]})):
+        assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if recommended.get(k) != v} == change
     # The demo's recipe now is the measured LoRA+eval-matched+prompt-encoder kind, key by key (and its
     # decoder-only baseline the decoder-only control), so the demo trains what the results files measured.
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
