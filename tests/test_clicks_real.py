@@ -1,7 +1,7 @@
 """Corrective clicks help on held-out real slices after brief finetuning (issue: clicks must help).
 
-LiteMedSAM (real weights) is finetuned decoder-only for a few steps on the Colin27 + AAL training slab,
-then evaluated on held-out slices of the upper (test) slab with the interactive protocol: a tight box,
+LiteMedSAM (real weights) is finetuned decoder-only for a few steps on the Colin27 + AAL training slab with
+the recommended click training (the demo's `CLICK_TRAINING` and a trained prompt encoder), then evaluated on held-out slices of the upper (test) slab with the interactive protocol: a tight box,
 then 4 corrective clicks at the centre of the deeper error, every click painted into the fed-back mask
 prompt and its answer accepted locally (the library defaults: `paint_clicks`, `merge_click`). Dice must
 not fall from one round to the next and must end at least 0.05 above the box start (the issue's bar).
@@ -22,15 +22,15 @@ pytestmark = [pytest.mark.slow, requires_mricron]
 def brief_adapter(tmp_path_factory):
     from medico_peft.data.real_data import build_colin27_aal_shards
     from medico_peft.training import TrainConfig, train
+    from medico_peft.workflows.demo import CLICK_TRAINING
 
     work = tmp_path_factory.mktemp("clicks_real")
     report = build_colin27_aal_shards(work / "shards", size=256)
     cfg = TrainConfig.from_dict({
         "model": {"name": "litemedsam"},
-        "peft": {"method": "decoder_only"},
+        "peft": {"method": "decoder_only", "train_prompt_encoder": True},
         "data": {"manifest": str(report.manifest_path), "n_objects": 3, "verify": False},
-        "train": {"epochs": 1, "max_steps": 12, "batch_size": 2, "sub_iterations": 2, "prompt": "box",
-                  "device": "cpu", "seed": 0},
+        "train": {"epochs": 1, "max_steps": 12, "batch_size": 2, **CLICK_TRAINING, "device": "cpu", "seed": 0},
         "optim": {"lr": 3e-4},
         "schedule": {"kind": "constant", "warmup_steps": 2},
         "output": {"dir": str(work / "run"), "tensorboard": False, "progress": False},
