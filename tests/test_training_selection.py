@@ -114,12 +114,17 @@ def test_resumed_run_keeps_best_and_patience(tmp_path):
     assert assert_same_metrics(tmp_path / "b" / VALIDATIONS_CSV, tmp_path / "a" / VALIDATIONS_CSV) == 4 * 6
 
 
-def test_real_validation_every_n_steps_resumes_identically(tmp_path):
+def test_real_validation_every_n_steps_resumes_identically(tmp_path, capsys):
     from safetensors.torch import load_file
 
     extra = ["train.epochs=2", "train.val_every_steps=3", "memory.cache_dtype=float16", "train.select_by=mean"]
     a = train(tiny_cfg(tmp_path / "a", *extra))
     assert [v["step"] for v in a.validations] == [3, 6, 8]  # every 3 steps and at the run's end
+    # The epoch lines name the latest step validation instead of printing the epoch row's NaN.
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[medico-peft] epoch")]
+    assert len(epochs) == 2 and not any("nan" in line for line in epochs), epochs
+    first = a.validations[0]
+    assert f"latest validation (step 3): val Dice box {first['val_dice_box']:.3f} / +" in epochs[0], epochs
     assert all(0.0 <= v["val_dice_box"] <= 1.0 and 0.0 <= v["val_dice"] <= 1.0 for v in a.validations)
     best = max(a.validations, key=lambda v: v["score"])
     assert a.best_step == best["step"] and a.best_val_dice == pytest.approx(best["score"])

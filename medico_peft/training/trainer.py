@@ -801,8 +801,19 @@ class Trainer:
         what = "CUDA peak" if "cuda_peak_allocated_mb" in row else "process peak RSS"
         partial = " (partial)" if row.get("partial_epoch") else ""
         print(f"[medico-peft] epoch {row['epoch']}{partial}: loss {row['train_loss']:.4f}, train Dice "
-              f"{row['train_dice']:.3f}, {self.val_summary(row)}, {row['step_seconds']:.2f} s/step, {what} "
+              f"{row['train_dice']:.3f}, {self.epoch_val_text(row)}, {row['step_seconds']:.2f} s/step, {what} "
               f"{peak:.0f} MiB, skipped samples {self.skipped}", flush=True)
+
+    def epoch_val_text(self, row: dict) -> str:
+        """`val_summary` of the epoch's validation; when the run validates every N steps instead (the epoch
+        row then holds NaN), that of its latest validation, named by step; 'not validated' when none ran."""
+        keys = list(self.empty_validation())
+        if not all(math.isnan(row.get(k, math.nan)) for k in keys):
+            return self.val_summary(row)
+        last = self.validations[-1] if self.validations else None
+        if last is None or any(math.isnan(last.get(k, math.nan)) for k in keys):
+            return "not validated"
+        return f"latest validation (step {last['step']}): " + self.val_summary({**row, **{k: last[k] for k in keys}})
 
     def val_summary(self, row: dict) -> str:
         """The validation part of the epoch line (a hook: the semantic trainer reports class Dice)."""
