@@ -107,12 +107,12 @@ def build_shards(task: str, out: Path, compression: str | None = None) -> Path:
     return Path(report.manifest_path)
 
 
-def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device: str = "cpu") -> Path:
+def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device: str = "cpu", lr: float = LR) -> Path:
     from medico_peft.training import TrainConfig, train
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
 
     peft = decoder_only_config() if kind.startswith("decoder-only") else demo_peft_config(rank=8, blocks=2)
-    raw = lora_config(manifest, out, LR, peft, progress=False)
+    raw = lora_config(manifest, out, lr, peft, progress=False)
     raw["train"].update({"max_steps": steps, "seed": seed, "device": device})
     for section, values in (*BASE.items(), *CHANGES[kind].items()):
         raw.setdefault(section, {}).update(values)
@@ -187,6 +187,7 @@ def main(argv=None) -> int:
                     help="finetunes to run per seed (+interior: interior training clicks, no click loss)")
     ap.add_argument("--rules", nargs="+", default=[*RULES, "oracle"], choices=(*RULES, "oracle"),
                     help="click rules to evaluate every model with")
+    ap.add_argument("--lr", type=float, default=LR, help=f"constant learning rate of every finetune (default {LR:g})")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where training and evaluation run")
     ap.add_argument("--compression", help="shard compression (default: the library's; lzf where hdf5plugin is absent)")
     ap.add_argument("--work", type=Path, default=Path("benchmarks/work/clicks"))
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
             for kind in args.kinds:
                 t0 = time.monotonic()
                 adapter = finetune(kind, manifest, args.work / task / f"{kind}_seed{seed}", args.steps, seed,
-                                   args.device)
+                                   args.device, args.lr)
                 t1 = time.monotonic()
                 model = load_adapter(load_model("litemedsam"), adapter).to(args.device).eval()
                 for rule, dice in evaluate_rules(model, manifest, slices[task], args.rules).items():
@@ -275,7 +276,7 @@ def report(args, table, notes, slices, done, seeds_done) -> str:
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's former recipe (`workflows/demo.py` "
         f"`lora_config` with bench_clicks' `BASE`: batch 2, 2 objects, 3 click sub-iterations with random clicks, "
-        f"box or point start, mask fed back with p = 0.5, clicks painted, prompt encoder frozen, lr {LR:g} constant, "
+        f"box or point start, mask fed back with p = 0.5, clicks painted, prompt encoder frozen, lr {args.lr:g} constant, "
         f"val every 20 steps, adapter selected on the val slab) for {args.steps} "
         f"optimiser steps each; {_variants(args.kinds)}; seeds {', '.join(map(str, seeds_done))}. Evaluation: held-out test slices evenly "
         f"spaced over the test slab ({', '.join(f'{t} {slices[t]}' for t in args.tasks)}), one tight box then "

@@ -71,7 +71,7 @@ def test_bench_clicks_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, 
     monkeypatch.setattr(bench_clicks, "evaluate_rules",
                         lambda model, manifest, n, chosen: {r: [0.5, 0.6, 0.7, 0.7, 0.8] for r in chosen})
 
-    def finetune(kind, manifest, out, steps, seed, device="cpu"):
+    def finetune(kind, manifest, out, steps, seed, device="cpu", lr=None):
         if seed == 1:
             raise KeyboardInterrupt("time limit")
         return out / "adapter.safetensors"
@@ -110,12 +110,15 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
     monkeypatch.setattr(medico_peft.training, "train", fake_train)
     for kind in bench_clicks.CHANGES:
         bench_clicks.finetune(kind, tmp_path / "manifest.json", tmp_path / kind, 12, 3)
+    bench_clicks.finetune("LoRA", tmp_path / "manifest.json", tmp_path / "LoRA-lr", 12, 3, lr=2e-4)
 
     def flat(raw):
         return {(section, key): value for section, values in raw.items() for key, value in values.items()
                 if not (section == "output" and key == "dir")}
 
     lora, decoder = flat(seen[str(tmp_path / "LoRA")]), flat(seen[str(tmp_path / "decoder-only")])
+    assert {k: v for k, v in flat(seen[str(tmp_path / "LoRA-lr")]).items() if lora.get(k) != v} == {
+        ("optim", "lr"): 2e-4}  # --lr changes the learning rate only
     assert (lora[("train", "max_steps")], lora[("train", "seed")]) == (12, 3)
     differ = {k for k in set(lora) | set(decoder) if lora.get(k) != decoder.get(k)}
     assert differ and {section for section, _ in differ} == {"peft"}  # decoder-only vs LoRA: the PEFT method only
