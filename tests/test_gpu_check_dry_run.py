@@ -154,6 +154,11 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
                          ("LoRA-all-linears+eval-matched+prompt-encoder",
                           {("peft", "targets"): ["qkv", "proj", "mlp"]})):
         assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if recommended.get(k) != v} == change
+    for kind, base in (("LoRA+eval-matched+prompt-encoder+cosine", recommended),
+                       ("decoder-only+eval-matched+prompt-encoder+cosine",
+                        flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]))):
+        assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if base.get(k) != v} == {
+            ("schedule", "kind"): "cosine", ("schedule", "total_steps"): 12}  # the schedule only, over the run
     # The demo's recipe now is the measured LoRA+eval-matched+prompt-encoder kind, key by key (and its
     # decoder-only baseline the decoder-only control), so the demo trains what the results files measured.
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
