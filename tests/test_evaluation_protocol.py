@@ -179,3 +179,28 @@ def test_local_click_merge_keeps_the_drift_away_from_the_click_and_none_takes_it
     assert whole.dice[0, 1] < local.dice[0, 1]
     with pytest.raises(ConfigError, match="click_merge"):
         run_protocol(DriftingClicks(), _image(), gt, (S, S), "box", n_clicks=1, click_merge="global")
+
+
+def test_a_slice_is_encoded_once_whatever_its_object_batches():
+    """Objects beyond `max_objects_per_batch` run in several protocol batches against one embedding:
+    the encoder runs once per slice and the Dice is the same as with every object in one batch."""
+    from medico_peft.evaluation.interactive import _run_slice
+
+    class Counting(BoxAndClicks):
+        embeds = 0
+
+        def embed(self, image):
+            Counting.embeds += 1
+            return image
+
+    label_map = torch.zeros(S, S, dtype=torch.long)
+    label_map[2:9, 3:7] = 1
+    label_map[12:20, 4:30] = 2
+    label_map[22:30, 10:14] = 3
+    item = {"input_size": (S, S), "label_map": label_map, "label_ids": [1, 2, 3], "image": _image()}
+    rule = {"use_mask_input": True, "click_radius": 0.0, "click_merge": "none"}
+    _, traces, one_batch = _run_slice(Counting(), item, "box", 2, 16, rule)
+    assert Counting.embeds == 1 and len(traces) == 1
+    _, traces, per_object = _run_slice(Counting(), item, "box", 2, 1, rule)
+    assert Counting.embeds == 2 and len(traces) == 3  # three object batches, one more encoder pass in all
+    np.testing.assert_array_equal(one_batch, per_object)

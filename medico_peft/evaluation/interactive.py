@@ -66,24 +66,31 @@ class SliceTrace:
     boxes: np.ndarray | None  # (K, 4) for start="box"
 
 
+def embed_image(segmenter: Segmenter, image: torch.Tensor, input_size: tuple[int, int]):
+    """The segmenter's embeddings of one image (with its content size where the segmenter takes it)."""
+    if getattr(segmenter, "embed_takes_input_size", False):
+        return segmenter.embed(image, input_size=input_size)
+    return segmenter.embed(image)
+
+
 def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, input_size: tuple[int, int],
                  start: str = "box", n_clicks: int = 7, use_mask_input: bool = True,
-                 click_radius: float = CLICK_RADIUS, click_merge: str = CLICK_MERGE) -> SliceTrace:
+                 click_radius: float = CLICK_RADIUS, click_merge: str = CLICK_MERGE,
+                 embeddings=None) -> SliceTrace:
     """Run the protocol for K objects of one image; gt is (K, H, W) bool at the cropped input size.
 
     The fed-back logits carry every click so far painted in (`click_radius`, models/click_prompt.py,
     as in training and the Predictor; 0 = points only). `use_mask_input=False` drops the fed-back
     logits (a diagnostic: box-only models such as zero-shot LiteMedSAM never saw mask inputs).
+    `embeddings`: the image's `embed_image` result when the caller already has it (one encoder
+    pass for every object batch of a slice).
     """
     if start not in STARTS:
         raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
     check_click_merge(click_merge)
     k = gt.shape[0]
     gt_t = torch.from_numpy(gt)
-    if getattr(segmenter, "embed_takes_input_size", False):
-        emb = segmenter.embed(image, input_size=input_size)
-    else:
-        emb = segmenter.embed(image)
+    emb = embed_image(segmenter, image, input_size) if embeddings is None else embeddings
     size = segmenter.img_size
 
     points = torch.zeros((k, 0, 2), dtype=torch.float32)
@@ -309,9 +316,10 @@ def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per
     label_map = item["label_map"][:h, :w].numpy()
     gt = np.stack([label_map == i for i in item["label_ids"]])
     traces = []
+    emb = embed_image(segmenter, item["image"], (h, w))  # once per slice, whatever the number of object batches
     for lo in range(0, gt.shape[0], max_objects_per_batch):
         trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w), start, n_clicks,
-                             **click_rule)
+                             embeddings=emb, **click_rule)
         traces.append((lo, trace))
     return gt, traces, np.concatenate([trace.dice for _, trace in traces], axis=0)
 
