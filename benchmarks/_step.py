@@ -75,3 +75,36 @@ def build(model_name: str, method: str, *, img_size: int | None = None, batch: i
     b = torch.utils.data.default_collate([data[i] for i in range(batch)])
     b["object_valid"][:] = True
     return StepRig(model, encoder, step_fn, optim, b, b["image"].to(device), params)
+
+
+def measured_step(rig: StepRig, device: str = "cpu") -> dict:
+    """One optimiser step under `TensorMemoryTracker`, once AdamW's state exists and the feature cache is
+    warm (their bytes count, as in every later step of a run): {"peak": bytes, "by_category": {category:
+    bytes at the peak}, "seconds": the tracked step's wall time}."""
+    import time
+
+    from medico_peft.utils.tensor_memory import TensorMemoryTracker
+
+    for p in rig.params:  # create AdamW's state (moments, step) before the measured step
+        p.grad = torch.zeros_like(p)
+    rig.optim.step()
+    rig.optim.zero_grad(set_to_none=True)
+    cache = rig.encoder.cache
+    if cache is not None:
+        with torch.no_grad():
+            rig.encoder(rig.images)
+    tracker = TensorMemoryTracker(device)
+    tracker.register_model(rig.model)
+    tracker.register_optimizer(rig.optim)
+    if cache is not None:
+        tracker.register(list(cache.store.values()), "cached_features")
+    tracker.register([v for v in rig.batch.values() if isinstance(v, torch.Tensor)] + [rig.images], "activations")
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with tracker:
+        rig.step()
+    seconds = time.perf_counter() - t0
+    tracker.remove_hooks()
+    return {"peak": tracker.peak, "by_category": dict(tracker.peak_by_category), "seconds": seconds}

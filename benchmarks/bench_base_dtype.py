@@ -10,8 +10,8 @@ Two parts, each a table in benchmarks/results/base_dtype.md:
    live bytes allocated since profiling began). This is what `torch.cuda.max_memory_allocated` counts on a
    GPU, minus the CUDA caching allocator's rounding; oneDNN scratch buffers outside torch's allocator are
    not counted. The tracker is checked on a hand-computed case before it is used.
-2. *realdata*: LoRA r=8 q,v (all blocks) + decoder on the Colin27 + AAL training slab (as
-   bench_realdata.py's `lora_qv`), fp32 base vs bf16 base, same seed, same number of optimiser steps; the
+2. *realdata*: LoRA r=8 q,v (all blocks) + decoder on the Colin27 + AAL training slab (bench_realdata.py's
+   `lora_qv_all_blocks` with its former recipe), fp32 base vs bf16 base, same seed, same number of optimiser steps; the
    adapters are loaded onto the fp32 base (the deployment path) and scored on the held-out slab (box, then
    corrective clicks). Step time is measured side by side: both trainers built in one process, the same
    batch, steps interleaved (fp32, bf16, fp32, ...), median of the repeats.

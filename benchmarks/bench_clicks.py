@@ -43,8 +43,10 @@ import numpy as np
 
 try:
     from benchmarks._results import RESULTS_DIR, Results, weights_source
+    from benchmarks._tasks import build_shards
 except ImportError:  # run as `python benchmarks/bench_clicks.py`
     from _results import RESULTS_DIR, Results, weights_source
+    from _tasks import build_shards
 
 RULES = {  # name -> evaluate_interactive options
     "tokens": {"click_radius": 0.0, "click_merge": "none"},
@@ -99,18 +101,6 @@ CHANGES = {
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
 LR = 5e-4
-
-
-def build_shards(task: str, out: Path, compression: str | None = None) -> Path:
-    from medico_peft.data.real_data import build_colin27_aal_shards, build_mni152_shards
-    from medico_peft.workflows.demo import MNI152_TISSUES_DEMO
-
-    options = {} if compression is None else {"compression": compression}  # lossless: the figures do not change
-    if task == "mni152":
-        report = build_mni152_shards(out, size=256, tissues=MNI152_TISSUES_DEMO, **options)
-    else:
-        report = build_colin27_aal_shards(out, size=256, **options)
-    return Path(report.manifest_path)
 
 
 def finetune(kind: str, manifest: Path, out: Path, steps: int, seed: int, device: str = "cpu", lr: float = LR) -> Path:

@@ -27,7 +27,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 try:
@@ -62,10 +61,9 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _step import build
+    from _step import build, measured_step
 
     from medico_peft.models.vit_attention import SdpaAttention
-    from medico_peft.utils.tensor_memory import TensorMemoryTracker
 
     label, method, opts = CONFIGS[args.worker_config]
     recipe = RECIPES[args.worker_model]
@@ -76,33 +74,12 @@ def worker(args) -> None:
     if opts.get("official_attention"):
         from segment_anything.modeling.image_encoder import Attention
 
-        for m in rig.model.modules():
-            if type(m) is SdpaAttention:
-                m.__class__ = Attention
-    for p in rig.params:  # create AdamW's state (moments, step) before the measured step
-        p.grad = torch.zeros_like(p)
-    rig.optim.step()
-    rig.optim.zero_grad(set_to_none=True)
-    cache = rig.encoder.cache
-    if cache is not None:
-        with torch.no_grad():
-            rig.encoder(rig.images)
-    tracker = TensorMemoryTracker(device)
-    tracker.register_model(rig.model)
-    tracker.register_optimizer(rig.optim)
-    if cache is not None:
-        tracker.register(list(cache.store.values()), "cached_features")
-    tracker.register([v for v in rig.batch.values() if isinstance(v, torch.Tensor)] + [rig.images], "activations")
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    with tracker:
-        rig.step()
-    seconds = time.perf_counter() - t0
-    tracker.remove_hooks()
-    row = {"model": args.worker_model, "config": args.worker_config, "label": label, "peak": tracker.peak,
-           "by_category": tracker.peak_by_category, "seconds": seconds,
+        for module in rig.model.modules():
+            if type(module) is SdpaAttention:
+                module.__class__ = Attention
+    m = measured_step(rig, device)
+    row = {"model": args.worker_model, "config": args.worker_config, "label": label, "peak": m["peak"],
+           "by_category": m["by_category"], "seconds": m["seconds"],
            "trainable": sum(p.numel() for p in rig.params),
            "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device == "cuda":

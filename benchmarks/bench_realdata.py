@@ -1,20 +1,34 @@
-"""Real-data result: Colin27 + AAL, LiteMedSAM zero-shot vs PEFT methods vs full finetuning, on CPU.
+"""Real-data benchmark: what each PEFT method buys over decoder-only training, on held-out real slices.
 
-One subject only, so the split is by axial slab: train on the lower ~60 % of the brain's axial
-extent, test on the upper ~30 % (gap >= 5 slices). The upper slab holds cortical structures
-(precentral, postcentral, superior frontal, precuneus, ...) that also appear, lower down, in the
-training slab; AAL labels are per structure and hemisphere.
+    python -m benchmarks.bench_realdata [--tasks colin27 mni152] [--methods ...] [--seeds 0 1 2]
+        [--budgets steps time] [--steps 40] [--minutes 10] [--lr-factors 0.4 1 2] [--max-slices 0]
+        [--out benchmarks/results/realdata.md]
 
-Every method trains for the same wall-clock budget (`--minutes-per-method`) from the same base,
-then all are scored with the same interactive protocol on the same held-out slices: one tight box,
-then `--clicks` corrective clicks. Results go to benchmarks/results/realdata.md (rewritten after
-each method, so an interrupted run keeps what it finished).
+Tasks (benchmarks/_tasks.py): colin27 (Colin27 T1 + AAL, every structure, hemispheres separate) and mni152 (MNI152
+template, grey and white matter), each its own subject, split by axial slab (train lowest 50 %, val next 15 %, test
+highest 30 %, 5-slice gaps); the test slab is never trained or validated on.
 
-    # quick check (minutes)
-    python benchmarks/bench_realdata.py --minutes-per-method 0.5 --max-slices 2 --methods zero_shot,lora_qv \\
-        --out /tmp/realdata.md
-    # final run (quiet machine)
-    python benchmarks/bench_realdata.py --minutes-per-method 30
+Every method trains with the recommended recipe (`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects,
+click training on the evaluation's own sequence (`CLICK_TRAINING`), the prompt encoder trained, validation on the val
+slab every 20 steps selecting the adapter, early stop after 4 validations without a gain); only the PEFT part and the
+learning rate differ. Budgets: `steps` = the same number of optimiser steps for every method (`--steps`); `time` = the
+same wall clock (`--minutes`; steps then differ). Each method's learning rate: its default (`METHODS`) times the
+`--lr-factors` candidate whose seed-`--seeds[0]` run scored best on the val slab (the trainer's selection score:
+mean of box Dice and Dice after 3 clicks); that run is reused as the seed's main run.
+
+Evaluation (the library default, `medico-peft evaluate --start box --clicks 4`): one tight box, then 4 clicks at the
+centre of the deeper error region, painted into the fed-back logits, the answer kept where the click asked for a
+change; Dice at 256² per round, mean over every object of the test slices (`--max-slices 0` = all of them), mean ±
+std over seeds. Objects are reported by group (data/real_data.py `object_group`): *visible* (MNI152 tissues, AAL deep
+grey nuclei and cerebellum: structures with image edges) and *cortical* (AAL cortical parcels: borders set by atlas
+convention). Peak memory = live tensor bytes of one training step at the recipe's shape (`TensorMemoryTracker`:
+what `torch.cuda.max_memory_allocated` reports on a GPU).
+
+CPU cost (2 quiet cores): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and ≈ 6 s a Colin27 test slice (~30
+objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min training + 4 min on the 43 test
+slices. The whole grid (2 tasks × 10 methods × 3 seeds × 2 budgets + the LR sweep) is a multi-hour run; `--tasks`,
+`--methods`, `--seeds`, `--budgets` and `--lr-factors 1` cut it down, and the file says what ran. The results file
+is rewritten after every evaluated model (marked partial until the last).
 """
 
 from __future__ import annotations
@@ -22,221 +36,342 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import sys
 import time
 from pathlib import Path
 
-import torch
-
-from medico_peft.adapters import load_adapter
-from medico_peft.data.real_data import build_colin27_aal_shards
-from medico_peft.evaluation.interactive import evaluate_interactive
-from medico_peft.models.click_prompt import CLICK_RADIUS
-from medico_peft.models import load_model
-from medico_peft.training import TrainConfig, train
-from medico_peft.utils.atomic import atomic_write_text
+import numpy as np
 
 try:
-    from benchmarks._results import Results
+    from benchmarks._results import RESULTS_DIR, Results, weights_source
+    from benchmarks._tasks import TASKS, build_shards
 except ImportError:  # run as `python benchmarks/bench_realdata.py`
-    from _results import Results
+    from _results import RESULTS_DIR, Results, weights_source
+    from _tasks import TASKS, build_shards
 
-HERE = Path(__file__).resolve().parent
-# name -> (table label, peft section, learning rate)
+TITLE = "Real data: PEFT methods vs decoder-only training, LiteMedSAM on CPU"
+CLICKS = 4
+# name -> (table label, PeftConfig fields or None for the untrained base, default learning rate). Every trained
+# method also trains the mask decoder and the prompt encoder (the recipe), except decoder_lora, whose decoder
+# is frozen under LoRA. Encoder PEFT sits in the last 2 TinyViT blocks (the recipe: the frozen prefix is cached)
+# unless the label says otherwise.
 METHODS = {
     "zero_shot": ("zero-shot LiteMedSAM", None, None),
-    "lora_qv": ("LoRA r=8 q,v (all blocks) + decoder", {"method": "lora", "rank": 8, "alpha": 8.0,
-                                                        "targets": ["q", "v"], "blocks": "all"}, 5e-4),
-    "lora_late": ("LoRA r=16 q,v (last 4 blocks) + decoder", {"method": "lora", "rank": 16, "alpha": 16.0,
-                                                              "targets": ["q", "v"], "blocks": 4}, 5e-4),
-    "adapter": ("Adapter parallel w=64 + decoder", {"method": "adapter", "adapter_kind": "parallel",
-                                                    "bottleneck": 64}, 5e-4),
-    "decoder_only": ("decoder only", {"method": "decoder_only"}, 3e-4),
-    "full": ("full finetune", {"method": "full"}, 1e-4),
+    "decoder_only": ("decoder only", {"method": "decoder_only", "train_prompt_encoder": True}, 5e-4),
+    "decoder_lora": ("LoRA r=8 on the decoder only", {"method": "decoder_only", "decoder_lora": True,
+                                                      "train_prompt_encoder": True}, 5e-4),
+    "lora_qv": ("LoRA r=8 q,v (last 2 blocks)", {"method": "lora", "rank": 8, "targets": ["q", "v"], "blocks": 2,
+                                                 "train_prompt_encoder": True}, 5e-4),
+    "lora_qv_all_blocks": ("LoRA r=8 q,v (all blocks)", {"method": "lora", "rank": 8, "targets": ["q", "v"],
+                                                         "blocks": "all", "train_prompt_encoder": True}, 5e-4),
+    "lora_all_linears": ("LoRA r=8 qkv,proj,mlp (last 2 blocks)", {"method": "lora", "rank": 8,
+                                                                   "targets": ["qkv", "proj", "mlp"], "blocks": 2,
+                                                                   "train_prompt_encoder": True}, 5e-4),
+    "dora": ("DoRA r=8 q,v (last 2 blocks)", {"method": "dora", "rank": 8, "targets": ["q", "v"], "blocks": 2,
+                                              "train_prompt_encoder": True}, 5e-4),
+    "adapter_parallel": ("Adapter parallel w=64 (last 2 blocks)", {"method": "adapter", "adapter_kind": "parallel",
+                                                                   "bottleneck": 64, "blocks": 2,
+                                                                   "train_prompt_encoder": True}, 5e-4),
+    "adapter_sequential": ("Adapter sequential w=64 (last 2 blocks)", {"method": "adapter",
+                                                                       "adapter_kind": "sequential", "bottleneck": 64,
+                                                                       "blocks": 2, "train_prompt_encoder": True},
+                           5e-4),
+    "full": ("full finetune", {"method": "full", "train_prompt_encoder": True}, 1e-4),
 }
-FEATURED = ["Precentral", "Postcentral", "Frontal_Sup", "Supp_Motor_Area", "Precuneus", "Parietal_Sup"]
+ENCODER_PEFT = ("lora_qv", "lora_qv_all_blocks", "lora_all_linears", "dora", "adapter_parallel", "adapter_sequential")
+BUDGETS = ("steps", "time")
+# issue 14's goals for the best encoder-PEFT method on a task's held-out slab
+GOAL_OVER_DECODER, GOAL_TO_FULL, GOAL_BOX, GOAL_CLICKS, GOAL_MINUTES = 0.02, 0.01, 0.85, 0.90, 30.0
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--minutes-per-method", type=float, default=30.0, help="CPU training budget per method")
-    p.add_argument("--steps-per-method", type=int, default=None,
-                   help="optimiser-step budget per method (fair on a shared CPU); the minutes budget still caps it")
-    p.add_argument("--max-slices", type=int, default=20, help="held-out slices evaluated (evenly spaced)")
-    p.add_argument("--clicks", type=int, default=4)
-    p.add_argument("--lr", type=float, help="one learning rate for every method (default: per method)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--n-objects", type=int, default=5, help="objects per training slice")
-    p.add_argument("--sub-iterations", type=int, default=2, help="corrective-click sub-iterations per step")
-    p.add_argument("--work", default="benchmarks/work/realdata", help="shards, runs and adapters")
-    p.add_argument("--out", default=str(HERE / "results" / "realdata.md"))
-    p.add_argument("--note", default="", help="free text for the report (e.g. 'CPU shared with other jobs')")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=tuple(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--budgets", nargs="+", default=["steps"], choices=BUDGETS,
+                   help="steps: equal optimiser steps; time: equal wall clock")
+    p.add_argument("--steps", type=int, default=40, help="optimiser steps per run (budget `steps`)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training minutes per run (budget `time`)")
+    p.add_argument("--lr-factors", type=float, nargs="+", default=[1.0],
+                   help="learning rates tried per method on the val slab, as multiples of its default")
+    p.add_argument("--max-slices", type=int, default=0, help="test slices evaluated, evenly spaced (0: all)")
+    p.add_argument("--work", type=Path, default=Path("benchmarks/work/realdata"))
+    p.add_argument("--out", type=Path, default=RESULTS_DIR / "realdata.md")
     args = p.parse_args(argv)
-    unknown = [m for m in args.methods.split(",") if m not in METHODS]
-    if unknown:
-        p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
+    if args.steps < 1 or args.minutes <= 0 or args.max_slices < 0 or any(f <= 0 for f in args.lr_factors):
+        p.error("--steps and --minutes must be positive, --max-slices ≥ 0, every --lr-factors value > 0")
     return args
 
 
-def train_method(name: str, peft: dict, lr: float, manifest: Path, work: Path, args) -> tuple:
-    cfg = TrainConfig.from_dict({
-        "model": {"name": "litemedsam"},
-        "peft": peft,
-        "data": {"manifest": str(manifest), "n_objects": args.n_objects},
-        "train": {"epochs": 200, "batch_size": args.batch_size, "sub_iterations": args.sub_iterations,
-                  "device": "cpu", "max_minutes": args.minutes_per_method,
-                  **({"max_steps": args.steps_per_method} if args.steps_per_method else {})},
-        "optim": {"lr": args.lr or lr},
-        "schedule": {"kind": "constant", "warmup_steps": 5},
-        "output": {"dir": str(work / "runs" / name), "tensorboard": False},
-    })
-    steps = f" or {args.steps_per_method} steps" if args.steps_per_method else ""
-    print(f"[bench] training {name} for {args.minutes_per_method:g} min{steps}", flush=True)
-    result = train(cfg, overwrite=True)  # the benchmark's own work folder: a rerun replaces its runs
-    return result, cfg
+# --- one run ----------------------------------------------------------------------------------------
+def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, budget: str, args) -> dict:
+    """The recommended recipe with this method's PEFT part, learning rate, seed and budget."""
+    from medico_peft.tuners import PeftConfig
+    from medico_peft.workflows.demo import lora_config
+
+    peft = PeftConfig(**METHODS[method][1])
+    raw = lora_config(manifest, out, lr, peft, progress=False,
+                      max_minutes=args.minutes if budget == "time" else None)
+    raw["train"].update({"seed": seed, "device": "cpu"})
+    if budget == "steps":
+        raw["train"]["max_steps"] = args.steps
+    else:
+        raw["train"]["epochs"] = 10_000  # the clock ends the run
+    return raw
 
 
-def adapter_stats(path: Path) -> tuple[int, float, float]:
-    """(parameters stored in the adapter file = everything trained, MB on disk, share of them in the mask
-    decoder): the share says how much of a method's trainable part is plain decoder training."""
+def train_run(method: str, manifest: Path, out: Path, lr: float, seed: int, budget: str, args) -> dict:
+    from medico_peft.training import TrainConfig, train
+
+    result = train(TrainConfig.from_dict(train_config(method, manifest, out, lr, seed, budget, args)),
+                   overwrite=True)  # the benchmark's own work folder
+    return {"adapter": str(result.adapter_path), "steps": len(result.steps), "train_s": result.train_seconds,
+            "best_step": result.best_step, "val": result.best_val_dice, "stop": result.stop_reason}
+
+
+def adapter_stats(path: Path) -> dict:
+    """Parameters stored in the adapter file (= everything trained), MB on disk, share in the mask decoder."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
         sizes = {k: math.prod(f.get_slice(k).get_shape()) for k in f.keys()}
     n = sum(sizes.values())
     decoder = sum(v for k, v in sizes.items() if k.startswith("mask_decoder."))
-    return n, path.stat().st_size / 1e6, decoder / max(1, n)
+    return {"params": n, "adapter_mb": path.stat().st_size / 1e6, "decoder_share": decoder / max(1, n)}
 
 
-def structure_means(result, clicks: int) -> dict[str, tuple[float, float]]:
-    """Mean Dice (box, after clicks) per structure, left and right hemispheres pooled."""
-    pooled: dict[str, list] = {}
-    for row in result.rows:
-        key = re.sub(r"_[LR]$", "", row["label_name"])
-        pooled.setdefault(key, []).append((row["dice_0"], row[f"dice_{clicks}"]))
-    return {k: (sum(a for a, _ in v) / len(v), sum(b for _, b in v) / len(v)) for k, v in pooled.items()}
+def step_peak_bytes(method: str) -> int:
+    """Peak live tensor bytes of one training step at the recipe's shape (batch 2, 2 objects, 4 sub-iterations,
+    frozen prefix cached), measured with TensorMemoryTracker (benchmarks/_step.py)."""
+    try:
+        from benchmarks._step import build, measured_step
+    except ImportError:
+        from _step import build, measured_step
+    from medico_peft.workflows.demo import CLICK_TRAINING
+
+    rig = build("litemedsam", "decoder", batch=2, objects=2, sub_iterations=CLICK_TRAINING["sub_iterations"],
+                cache=True, peft_overrides=METHODS[method][1])
+    return int(measured_step(rig)["peak"])
 
 
-TITLE = "Real data: Colin27 + AAL, LiteMedSAM on CPU"
+def evaluate(model, manifest: Path, args) -> dict:
+    """Dice per round over every object of the chosen test slices, overall and per object group."""
+    from medico_peft.data.real_data import object_group
+    from medico_peft.evaluation.interactive import evaluate_interactive
+
+    t = time.perf_counter()
+    res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=CLICKS,
+                               max_slices=args.max_slices or None, progress=False)
+    groups: dict[str, list] = {}
+    for row in res.rows:
+        groups.setdefault(object_group(row["label_name"]) or "other", []).append(
+            [row[f"dice_{i}"] for i in range(CLICKS + 1)])
+    return {"rounds": res.mean_dice, "n_slices": res.n_slices, "n_objects": res.n_objects,
+            "groups": {g: {"rounds": np.mean(v, 0).tolist(), "n": len(v)} for g, v in groups.items()},
+            "eval_s": time.perf_counter() - t}
 
 
-def write_report(out: Path, rows: list[dict], args, record: Results, n_test: int) -> None:
-    c = args.clicks
-    full = next((r for r in rows if r["method"] == "full"), None)
-    lines = [
-        "One subject (Debian `mricron-data`: Colin27 T1 `ch2.nii.gz` + AAL atlas, 116 labels). Axial slab split: "
-        "train = lower 60 % of the labelled extent, test = upper 30 %, 5-slice gap. The test slab holds "
-        "cortical structures that also occur, lower down, in the training slab. Objects = AAL labels present on "
-        "a slice (hemispheres separate).", "",
-        f"Protocol: tight box, then {c} corrective clicks, each at the centre of the deeper error region (the "
-        f"pixel farthest from its edges) with the previous logits fed back and every click painted into them (`medico-peft evaluate --start box --clicks {c}`); mean Dice over all objects of "
-        f"{rows[0]['n_slices'] if rows else '?'} evenly spaced test slices (of {n_test}); Dice at 256².", "",
-        f"Training: every method gets the same budget ({args.minutes_per_method:g} min of CPU wall clock"
-        + (f" or {args.steps_per_method} optimiser steps, whichever comes first" if args.steps_per_method else "")
-        + "), batch "
-        f"{args.batch_size} slices × {args.n_objects} objects, {args.sub_iterations} click sub-iterations, constant "
-        "LR (the *lr* column, one per method; `--lr` sets one for all) after 5 warm-up steps, no augmentation "
-        f"(frozen-prefix features cached); torch threads {torch.get_num_threads()}. "
-        "Weights: real LiteMedSAM weights for every row. CPU seconds depend on the other jobs sharing the CPU "
-        "(see the header's load average); the steps column is the comparable budget.", "",
-        *([args.note, ""] if args.note else []),
-        "*Decoder share* = part of the trainable parameters that sit in the mask decoder (trained by every "
-        "method here): compare each row with *decoder only* before crediting the encoder adapter.", "",
-        "| method | lr | trainable params | decoder share | adapter MB | CPU train s | steps | box Dice | "
-        f"+{c} clicks | Δ box vs full | Δ +{c} vs full |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        d_box = d_clk = "—"
-        if full and r["method"] != "full":
-            d_box = f"{r['box'] - full['box']:+.3f}"
-            d_clk = f"{r['clicks'] - full['clicks']:+.3f}"
-        params = f"{r['params']:,}" if r["params"] else "—"
-        size = f"{r['adapter_mb']:.1f}" if r["adapter_mb"] else "—"
-        secs = f"{r['train_s']:.0f}" if r["train_s"] else "—"
-        lr = f"{r['lr']:g}" if r.get("lr") else "—"
-        share = f"{100 * r['decoder_share']:.1f} %" if r.get("decoder_share") is not None else "—"
-        lines.append(f"| {r['label']} | {lr} | {params} | {share} | {size} | {secs} | {r['steps'] or '—'} | {r['box']:.3f} | "
-                     f"{r['clicks']:.3f} | {d_box} | {d_clk} |")
-    lines += ["", f"Dice after each corrective round (0 = box), clicks painted into the fed-back mask prompt "
-                  f"(`click_radius` {CLICK_RADIUS:g}, the default of training, evaluation and the Predictor) vs the "
-                  "same clicks as point tokens only (`--click-radius 0`, official SAM's feedback):", "",
-              "| method | clicks as | " + " | ".join(f"round {i}" for i in range(c + 1)) + " | rises every round |",
-              "|---|---|" + "---:|" * (c + 1) + "---|"]
-    for r in rows:
-        for kind, key in (("painted disks", "rounds"), ("point tokens", "rounds_tokens")):
-            vals = r[key]
-            rises = all(b >= a for a, b in zip(vals, vals[1:]))
-            lines.append(f"| {r['label']} | {kind} | " + " | ".join(f"{v:.3f}" for v in vals)
-                         + f" | {'yes' if rises else 'no'} |")
-    lines += ["", f"Per structure (L+R pooled): box / +{c} clicks", "",
-              "| method | " + " | ".join(FEATURED) + " |", "|---|" + "---:|" * len(FEATURED)]
-    for r in rows:
-        cells = [f"{r['structures'][s][0]:.2f} / {r['structures'][s][1]:.2f}" if s in r["structures"] else "—"
-                 for s in FEATURED]
-        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    lora = [r for r in rows if r["method"] in ("lora_qv", "lora_late")]
-    if lora and full:
-        best = max(lora, key=lambda r: r["box"])
-        ok = [best["box"] >= 0.85, best["clicks"] >= 0.90, full["box"] - best["box"] <= 0.02,
-              best["train_s"] <= 30 * 60]
-        lines += ["", f"Goal (adapter-only LoRA ≥ 0.85 box, ≥ 0.90 after 4 clicks, within 0.02 of full, ≤ 30 min "
-                      f"CPU training): best LoRA = {best['label']}: box {best['box']:.3f}, +{c} {best['clicks']:.3f}, "
-                      f"full {full['box']:.3f} → {'reached' if all(ok) else 'not reached'} "
-                      f"({', '.join(n for n, good in zip(['box', 'clicks', 'vs full', 'time'], ok) if not good) or 'all met'}"
-                      f"{'' if all(ok) else ' missed'})."]
-    lines += ["", "Reference (given, not measured here): zero-shot LiteMedSAM with tight boxes on 20 central axial "
-                  "slices of 9 deep and cortical structures scored mean Dice 0.613; this test slab is the upper brain "
-                  "(cortex only), so the zero-shot row is not the same number.", ""]
-    record.write(out, "\n".join(lines))
+# --- the grid --------------------------------------------------------------------------------------
+def run_task(task: str, args, state: dict, save) -> None:
+    from medico_peft.adapters import load_adapter
+    from medico_peft.data.real_data import describe_slabs
+    from medico_peft.models import load_model
+
+    work = args.work / task
+    manifest = build_shards(task, work / "shards")
+    info = state.setdefault("tasks", {}).setdefault(task, {"split": describe_slabs(manifest), "runs": []})
+    runs = info["runs"]
+
+    def record(method, budget, seed, lr, trained, scores):
+        runs.append({"method": method, "budget": budget, "seed": seed, "lr": lr, **trained, **scores})
+        save()
+
+    if "zero_shot" in args.methods:
+        record("zero_shot", None, None, None, {}, evaluate(load_model("litemedsam").eval(), manifest, args))
+    trained_methods = [m for m in args.methods if METHODS[m][1] is not None]
+    for method in trained_methods:
+        state.setdefault("peak", {}).setdefault(method, step_peak_bytes(method))
+    for budget in args.budgets:
+        for method in trained_methods:
+            default_lr = METHODS[method][2]
+            first, later = args.seeds[0], args.seeds[1:]
+            sweep = {}
+            for factor in args.lr_factors:  # seed `first` at every candidate; the best on val is its main run
+                lr = default_lr * factor
+                sweep[lr] = train_run(method, manifest, work / budget / f"{method}_lr{lr:g}_seed{first}", lr, first,
+                                      budget, args)
+            lr = max(sweep, key=lambda k: (sweep[k]["val"] if sweep[k]["val"] is not None else -1.0, -abs(k - default_lr)))
+            info.setdefault("sweeps", []).append({"method": method, "budget": budget, "seed": first, "chosen": lr,
+                                                  "val": {f"{k:g}": v["val"] for k, v in sweep.items()}})
+            for seed in [first, *later]:
+                trained = sweep[lr] if seed == first else train_run(
+                    method, manifest, work / budget / f"{method}_lr{lr:g}_seed{seed}", lr, seed, budget, args)
+                model = load_adapter(load_model("litemedsam"), trained["adapter"]).eval()
+                scores = evaluate(model, manifest, args)
+                record(method, budget, seed, lr, {**trained, **adapter_stats(Path(trained["adapter"]))}, scores)
+                print(f"[bench_realdata] {task} {budget} {method} seed {seed} lr {lr:g}: box "
+                      f"{scores['rounds'][0]:.3f}, +{CLICKS} {scores['rounds'][-1]:.3f} "
+                      f"({trained['steps']} steps, {trained['train_s']:.0f} s train, {scores['eval_s']:.0f} s eval)",
+                      flush=True)
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    record = Results(TITLE, argv=None if argv is None else [__file__, *argv])
-    work = Path(args.work)
-    shards = work / "shards"
-    manifest = shards / "manifest.json"
-    if not manifest.exists():
-        print("[bench] building Colin27 + AAL shards (slab split)", flush=True)
-        build_colin27_aal_shards(shards, size=256)
-    from medico_peft.data.manifest import load_manifest
+    import torch
 
-    n_test = sum(e.n_samples for e in load_manifest(manifest).shards_for("test"))
-    rows = []
-    for name in args.methods.split(","):
-        label, peft, lr = METHODS[name]
-        base = load_model("litemedsam")
-        params = steps = train_s = adapter_mb = decoder_share = None
-        if peft is None:
-            model = base
-        else:
-            result, cfg = train_method(name, peft, lr, manifest, work, args)
-            model = load_adapter(base, result.adapter_path)
-            params, adapter_mb, decoder_share = adapter_stats(Path(result.adapter_path))
-            steps, train_s = len(result.steps), result.train_seconds
-        t = time.perf_counter()
-        res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=args.clicks,
-                                   max_slices=args.max_slices, out_dir=work / "eval" / name,
-                                   title=f"{label} (Colin27 + AAL, upper slab)")
-        # Ablation of the click encoding: the same clicks as point tokens only (official SAM's feedback).
-        tokens = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=args.clicks,
-                                      max_slices=args.max_slices, click_radius=0.0, progress=False)
-        rows.append({"method": name, "label": label, "lr": (args.lr or lr) if peft is not None else None,
-                     "params": params, "decoder_share": decoder_share, "adapter_mb": adapter_mb, "steps": steps,
-                     "train_s": train_s, "box": res.mean_dice[0], "clicks": res.mean_dice[-1],
-                     "rounds": res.mean_dice, "rounds_tokens": tokens.mean_dice,
-                     "n_slices": res.n_slices, "eval_s": time.perf_counter() - t,
-                     "structures": structure_means(res, args.clicks)})
-        print(f"[bench] {name}: box {res.mean_dice[0]:.3f}, +{args.clicks} clicks {res.mean_dice[-1]:.3f}", flush=True)
-        atomic_write_text(work / "results.json", json.dumps(rows, indent=2))
-        write_report(Path(args.out), rows, args, record, n_test)
-    print(f"[bench] wrote {args.out}")
+    args = parse_args(argv)
+    torch.set_num_threads(2)
+    record = Results(TITLE, None if argv is None else [__file__, *argv])
+    args.work.mkdir(parents=True, exist_ok=True)
+    state: dict = {"done": False}
+
+    def save():
+        (args.work / "results.json").write_text(json.dumps(state, indent=1))
+        record.write(args.out, report(state, args))
+
+    for task in args.tasks:
+        run_task(task, args, state, save)
+    state["done"] = True
+    save()
+    print(f"[bench_realdata] wrote {args.out}")
     return 0
 
 
+# --- the report ------------------------------------------------------------------------------------
+def _ms(values: list[float], digits: int = 3, sign: str = "") -> str:
+    """mean ± std over seeds (just the value for one seed); sign "+" to sign the mean."""
+    if len(values) == 1:
+        return f"{values[0]:{sign}.{digits}f}"
+    return f"{np.mean(values):{sign}.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def summarise(runs: list[dict], budget: str | None) -> dict[str, dict]:
+    """Per method (in run order) for one budget (zero-shot under every budget): its runs' figures by seed."""
+    out: dict[str, dict] = {}
+    for r in runs:
+        if r["budget"] not in (budget, None):
+            continue
+        s = out.setdefault(r["method"], {"runs": []})
+        s["runs"].append(r)
+    for s in out.values():
+        rs = s["runs"]
+        s["box"] = [r["rounds"][0] for r in rs]
+        s["clicks"] = [r["rounds"][-1] for r in rs]
+        s["rounds"] = np.mean([r["rounds"] for r in rs], 0).tolist()
+        s["group"] = {g: (np.mean([r["groups"][g]["rounds"] for r in rs if g in r["groups"]], 0).tolist(),
+                          rs[0]["groups"][g]["n"]) for g in rs[0]["groups"]}
+    return out
+
+
+def goal_line(task: str, summary: dict, args) -> str:
+    dec, full = summary.get("decoder_only"), summary.get("full")
+    enc = {m: s for m, s in summary.items() if m in ENCODER_PEFT}
+    if not enc or dec is None:
+        return "Goals: not judged (needs decoder only and at least one encoder-PEFT method in the run)."
+    best_m = max(enc, key=lambda m: np.mean(enc[m]["box"]))
+    best = enc[best_m]
+    gain = np.mean(best["box"]) - np.mean(dec["box"])
+    apart = min(best["box"]) > max(dec["box"])
+    seeds = len(best["box"]) > 1 and len(dec["box"]) > 1
+    checks = [(f"≥ {GOAL_OVER_DECODER} box over decoder only with seed ranges apart", gain >= GOAL_OVER_DECODER
+               and apart and seeds, f"{gain:+.3f}, ranges {'apart' if apart else 'overlap'}"
+               + ("" if seeds else ", one seed: spread unknown"))]
+    if full is not None:
+        to_full = np.mean(full["box"]) - np.mean(best["box"])
+        checks.append((f"within {GOAL_TO_FULL} of full finetune", to_full <= GOAL_TO_FULL, f"full − best {to_full:+.3f}"))
+    else:
+        checks.append((f"within {GOAL_TO_FULL} of full finetune", False, "full finetune not run"))
+    vis = best["group"].get("visible")
+    if vis is None:
+        checks.append((f"≥ {GOAL_BOX} box and ≥ {GOAL_CLICKS} after {CLICKS} clicks on visible structures", False,
+                       "no visible structure on this test slab"))
+    else:
+        checks.append((f"≥ {GOAL_BOX} box and ≥ {GOAL_CLICKS} after {CLICKS} clicks on visible structures",
+                       vis[0][0] >= GOAL_BOX and vis[0][-1] >= GOAL_CLICKS, f"{vis[0][0]:.3f} / {vis[0][-1]:.3f}"))
+    minutes = max(r["train_s"] for r in best["runs"]) / 60
+    checks.append((f"≤ {GOAL_MINUTES:g} min of training", minutes <= GOAL_MINUTES, f"{minutes:.1f} min"))
+    met = all(ok for _, ok, _ in checks)
+    parts = "; ".join(f"{what}: {'met' if ok else 'NOT met'} ({why})" for what, ok, why in checks)
+    return f"Goals for the best encoder-PEFT method ({METHODS[best_m][0]}, by mean box Dice): {parts} → " \
+           f"{'all met' if met else 'not all met'}."
+
+
+def _method_row(method: str, s: dict, dec: dict | None, peak: int | None) -> str:
+    r0 = s["runs"][0]
+    gain = [c - b for b, c in zip(s["box"], s["clicks"])]
+    delta = "—" if dec is None or method == "decoder_only" else f"{np.mean(s['box']) - np.mean(dec['box']):+.3f}"
+    if METHODS[method][1] is None:
+        cells = ["—"] * 7
+    else:
+        cells = [f"{r0['lr']:g}", f"{r0['params']:,}", f"{100 * r0['decoder_share']:.1f} %", f"{r0['adapter_mb']:.1f}",
+                 f"{peak / 2**20:.0f}" if peak else "—", "/".join(str(r["steps"]) for r in s["runs"]),
+                 _ms([r["train_s"] for r in s["runs"]], 0)]
+    return (f"| {METHODS[method][0]} | " + " | ".join(cells)
+            + f" | {_ms(s['box'])} | {_ms(s['clicks'])} | {_ms(gain, sign='+')} | {delta} |")
+
+
+def report(state: dict, args) -> str:
+    budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
+    lines = [
+        f"LiteMedSAM ({weights_source('litemedsam')}). Every trained method: the recommended recipe "
+        "(`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects, click training on the evaluation's sequence, "
+        "prompt encoder trained, adapter selected on the val slab every 20 steps), only the PEFT part and the "
+        f"learning rate differ; seeds {', '.join(map(str, args.seeds))}; budgets: "
+        + ", ".join(budgets_text[b] for b in args.budgets) + ". Learning rate: the method's default × the best of "
+        f"{', '.join(f'{f:g}' for f in args.lr_factors)} on the val slab (seed {args.seeds[0]}). Evaluation: the test slab, "
+        f"{'every slice' if not args.max_slices else f'{args.max_slices} evenly spaced slices'}, one tight box then "
+        f"{CLICKS} corrective clicks (library default: painted, local merge); Dice at 256², mean over objects, "
+        "mean ± std over seeds. *Peak MB* = live tensor bytes of one training step at the recipe's shape "
+        "(TensorMemoryTracker, = `max_memory_allocated` on a GPU). *Decoder share* = part of the trained parameters "
+        "in the mask decoder. *Δ box* = box Dice − decoder only's (means).", ""]
+    if not state.get("done"):
+        lines += ["**Partial**: the run is still going or was cut short; the tables hold what finished.", ""]
+    for task, info in state.get("tasks", {}).items():
+        lines += [f"## {task}", "", "Split (axial slices): " + info["split"].replace("\n", "; "), ""]
+        for budget in args.budgets:
+            summary = summarise(info["runs"], budget)
+            if not summary:
+                continue
+            dec = summary.get("decoder_only")
+            lines += [f"### {budgets_text[budget]} per run", "",
+                      f"| method | lr | trainable params | decoder share | adapter MB | peak MB | steps | train s | "
+                      f"box Dice | +{CLICKS} clicks | +{CLICKS} − box | Δ box |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for m, s in summary.items():
+                lines.append(_method_row(m, s, dec, state.get("peak", {}).get(m)))
+            lines += ["", f"Dice per corrective round (mean over seeds) and by object group (box / +{CLICKS}):", "",
+                      "| method | " + " | ".join(f"round {i}" for i in range(CLICKS + 1))
+                      + " | rises every round | visible | cortical |", "|---|" + "---:|" * (CLICKS + 1) + "---|---:|---:|"]
+            for m, s in summary.items():
+                rises = all(b >= a for a, b in zip(s["rounds"], s["rounds"][1:]))
+                groups = [f"{s['group'][g][0][0]:.3f} / {s['group'][g][0][-1]:.3f} ({s['group'][g][1]})"
+                          if g in s["group"] else "—" for g in ("visible", "cortical")]
+                lines.append(f"| {METHODS[m][0]} | " + " | ".join(f"{v:.3f}" for v in s["rounds"])
+                             + f" | {'yes' if rises else 'no'} | " + " | ".join(groups) + " |")
+            per_seed = [f"{METHODS[m][0]}: " + ", ".join(f"seed {r['seed']} {r['rounds'][0]:.3f} / {r['rounds'][-1]:.3f}"
+                                                         for r in s["runs"])
+                        for m, s in summary.items() if METHODS[m][1] is not None and len(s["runs"]) > 1]
+            if per_seed:
+                lines += ["", f"Per seed (box / +{CLICKS}): " + "; ".join(per_seed) + "."]
+            lines += ["", goal_line(task, summary, args), ""]
+        sweeps = [s for s in info.get("sweeps", []) if len(s["val"]) > 1]
+        if sweeps:
+            lines += ["Learning-rate choice on the val slab (selection score: mean of box and +3-click Dice of the "
+                      "selected step):", "", "| method | budget | val score per lr | chosen |", "|---|---|---|---:|"]
+            for s in sweeps:
+                vals = ", ".join(f"{lr}: {v:.3f}" if v is not None else f"{lr}: —" for lr, v in s["val"].items())
+                lines.append(f"| {METHODS[s['method']][0]} | {s['budget']} | {vals} | {s['chosen']:g} |")
+            lines.append("")
+        if info["runs"]:
+            first = info["runs"][0]
+            times = []
+            for r in info["runs"]:
+                name = r["method"] + ("" if r["seed"] is None else f" seed {r['seed']} ({r['budget']})")
+                times.append(f"{name}: {r.get('train_s', 0):.0f} / {r['eval_s']:.0f}")
+            lines += [f"Test objects: {first['n_objects']} on {first['n_slices']} slices. Times (s, train / evaluate): "
+                      + "; ".join(times) + ".", ""]
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

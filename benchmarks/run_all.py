@@ -21,7 +21,7 @@ FULL = [
     ["benchmarks/bench_memory.py"],
     ["benchmarks/bench_step_time.py"],
     ["benchmarks/bench_hash.py"],
-    ["benchmarks/bench_realdata.py", "--minutes-per-method", "30"],
+    ["-m", "benchmarks.bench_realdata", "--budgets", "steps", "time", "--lr-factors", "0.4", "1", "2"],
     ["benchmarks/bench_base_dtype.py", "--parts", "realdata"],
     ["benchmarks/bench_base_dtype.py", "--parts", "memory", "--sub-iterations", "1", "--variants", "0,1",
      "--out", "benchmarks/results/base_dtype_memory.md"],

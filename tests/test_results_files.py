@@ -149,24 +149,6 @@ def test_random_weights_are_stated(results_module):
     assert "real LiteMedSAM" in results_module.weights_source("litemedsam")
 
 
-def test_realdata_rows_carry_the_learning_rate(results_module, tmp_path):
-    from benchmarks import bench_realdata as br
-
-    args = br.parse_args(["--steps-per-method", "40"])
-    rows = [dict(method="zero_shot", label="zero-shot", lr=None, params=None, decoder_share=None, adapter_mb=None,
-                 steps=None, train_s=None, box=0.5, clicks=0.4, n_slices=6, structures={},
-                 rounds=[0.5, 0.45, 0.4], rounds_tokens=[0.5, 0.5, 0.5]),
-            dict(method="lora_qv", label="LoRA", lr=5e-4, params=4117732, decoder_share=0.986, adapter_mb=16.5,
-                 steps=40, train_s=600, box=0.76, clicks=0.73, n_slices=6, structures={},
-                 rounds=[0.76, 0.75, 0.73], rounds_tokens=[0.76, 0.77, 0.78])]
-    out = tmp_path / "realdata.md"
-    br.write_report(out, rows, args, results_module.Results(br.TITLE, argv=["benchmarks/bench_realdata.py"]), 43)
-    text = out.read_text()
-    assert header_problem(text) is None
-    assert "| method | lr | trainable params | decoder share |" in text
-    assert "| LoRA | 0.0005 | 4,117,732 | 98.6 % |" in text and "| zero-shot | — | — | — |" in text
-
-
 def test_demo_results_file_is_written_by_the_demo_run(results_module, tmp_path, monkeypatch):
     """bench_demo runs `medico-peft demo` and writes its report whole under the header, links fixed."""
     from benchmarks import bench_demo

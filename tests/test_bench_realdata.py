@@ -1,0 +1,144 @@
+"""benchmarks/bench_realdata.py without training: the configs it hands the trainer, the learning-rate choice,
+the seed bookkeeping and the report (training, evaluation and the memory probe are replaced by fakes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def br(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    from benchmarks import bench_realdata
+
+    return bench_realdata
+
+
+def _flat(raw):
+    return {(section, key): value for section, values in raw.items() for key, value in values.items()
+            if not (section == "output" and key == "dir")}
+
+
+def test_every_method_trains_the_recommended_recipe_and_differs_in_its_peft_part_only(br, tmp_path):
+    """The fair-comparison claim: each method's config is the demo's recipe (workflows/demo.py `lora_config`)
+    with its own PEFT section, lr, seed and budget; `lora_qv` is exactly the demo's LoRA run."""
+    from medico_peft.tuners import PeftConfig
+    from medico_peft.workflows.demo import demo_peft_config, lora_config
+
+    args = br.parse_args(["--steps", "12", "--minutes", "3"])
+    configs = {m: _flat(br.train_config(m, tmp_path / "manifest.json", tmp_path / m, 5e-4, 7, "steps", args))
+               for m, (_, peft, _) in br.METHODS.items() if peft is not None}
+    demo = lora_config(tmp_path / "manifest.json", tmp_path / "x", 5e-4, demo_peft_config(rank=8, blocks=2),
+                       progress=False)
+    demo["train"].update({"seed": 7, "device": "cpu", "max_steps": 12})
+    assert configs["lora_qv"] == _flat(demo)
+    for method, cfg in configs.items():
+        differ = {k for k in set(cfg) | set(configs["lora_qv"]) if cfg.get(k) != configs["lora_qv"].get(k)}
+        assert {section for section, _ in differ} <= {"peft"}, (method, differ)
+        PeftConfig(**br.METHODS[method][1])  # every method is a valid PeftConfig
+        assert cfg[("peft", "train_prompt_encoder")] is True
+    assert configs["decoder_lora"][("peft", "decoder_lora")] is True
+    timed = _flat(br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "t", 5e-4, 7, "time", args))
+    assert timed[("train", "max_minutes")] == 3 and ("train", "max_steps") not in timed  # the clock ends it
+    assert {k for k in timed if timed[k] != configs["lora_qv"].get(k)} == {
+        ("train", "max_minutes"), ("train", "epochs")}
+
+
+def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(br, tmp_path, monkeypatch):
+    import medico_peft.adapters
+    import medico_peft.data.real_data
+    import medico_peft.models
+
+    calls = []
+    val_by_factor = {0.5: 0.60, 1.0: 0.65, 2.0: 0.62}
+
+    def fake_train(method, manifest, out, lr, seed, budget, args):
+        calls.append((method, round(lr / br.METHODS[method][2], 3), seed, budget))
+        val = val_by_factor[round(lr / br.METHODS[method][2], 3)] + (0.1 if method == "full" else 0.0)
+        return {"adapter": str(out / "adapter.safetensors"), "steps": 12, "train_s": 60.0 + seed, "best_step": 10,
+                "val": val, "stop": None}
+
+    def fake_eval(model, manifest, args):
+        method, seed = model
+        box = {"zero_shot": 0.5, "decoder_only": 0.70, "lora_qv": 0.73, "full": 0.745}[method] + 0.002 * seed
+        rounds = [box + 0.02 * i for i in range(br.CLICKS + 1)]
+        return {"rounds": rounds, "n_slices": 43, "n_objects": 1200, "eval_s": 5.0,
+                "groups": {"cortical": {"rounds": rounds, "n": 1200}}}
+
+    class Model:
+        def __init__(self, method, seed):
+            self.key = (method, seed)
+
+        def eval(self):
+            return self.key
+
+    def fake_load_adapter(base, path):  # the run folder names method and seed: work/<budget>/<m>_lr<lr>_seed<s>
+        name = Path(path).parent.name
+        return Model(name.split("_lr")[0], int(name.rsplit("seed", 1)[1]))
+
+    monkeypatch.setattr(br, "train_run", fake_train)
+    monkeypatch.setattr(br, "evaluate", fake_eval)
+    monkeypatch.setattr(br, "step_peak_bytes", lambda method: 300 * 2**20)
+    monkeypatch.setattr(br, "adapter_stats", lambda path: {"params": 4_000_000, "adapter_mb": 16.2,
+                                                           "decoder_share": 0.99})
+    monkeypatch.setattr(br, "build_shards", lambda task, out: tmp_path / "manifest.json")
+    monkeypatch.setattr(medico_peft.data.real_data, "describe_slabs", lambda m: "colin27: train 1–50 (50 slices)")
+    monkeypatch.setattr(medico_peft.models, "load_model", lambda name: Model("zero_shot", 0))
+    monkeypatch.setattr(medico_peft.adapters, "load_adapter", fake_load_adapter)
+    out = tmp_path / "realdata.md"
+    assert br.main(["--tasks", "colin27", "--methods", "zero_shot", "decoder_only", "lora_qv", "full",
+                    "--seeds", "0", "1", "--lr-factors", "0.5", "1", "2", "--steps", "12",
+                    "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    # per method: 3 candidate lrs at seed 0, then seed 1 only at the chosen lr (factor 1: best val)
+    for method in ("decoder_only", "lora_qv", "full"):
+        mine = [c for c in calls if c[0] == method]
+        assert mine == [(method, 0.5, 0, "steps"), (method, 1.0, 0, "steps"), (method, 2.0, 0, "steps"),
+                        (method, 1.0, 1, "steps")]
+    text = out.read_text()
+    assert "**Partial**" not in text and "- Command: `python" in text
+    assert "| LoRA r=8 q,v (last 2 blocks) | 0.0005 | 4,000,000 | 99.0 % | 16.2 | 300 | 12/12 |" in text
+    assert "| full finetune | 0.0001 |" in text
+    assert "0.0005: 0.650" in text and "0.001: 0.620" in text  # the sweep table, lr chosen on val
+    # LoRA beats decoder only by ~0.03 on both seeds but full is 0.01 higher still: the goal line says which
+    # goals are met and which are not, with the numbers
+    assert "| LoRA r=8 q,v (last 2 blocks) | 0.0005 |" in text and "| 0.731 ± 0.001 | 0.811 ± 0.001 |" in text
+    assert "≥ 0.02 box over decoder only with seed ranges apart: met (+0.030, ranges apart)" in text
+    assert "within 0.01 of full finetune: NOT met (full − best +0.015)" in text
+    assert "no visible structure on this test slab" in text and "→ not all met" in text
+
+
+def test_a_run_cut_short_leaves_a_partial_file(br, tmp_path, monkeypatch):
+    """The file is rewritten after every evaluated model and says it is partial until the run ends."""
+    monkeypatch.setattr(br, "build_shards", lambda task, out: tmp_path / "manifest.json")
+    import medico_peft.data.real_data
+    import medico_peft.models
+
+    monkeypatch.setattr(medico_peft.data.real_data, "describe_slabs", lambda m: "mni152: test 1–9 (9 slices)")
+    monkeypatch.setattr(medico_peft.models, "load_model", lambda name: type("M", (), {"eval": lambda s: s})())
+    monkeypatch.setattr(br, "evaluate", lambda model, manifest, args: {
+        "rounds": [0.4, 0.45, 0.47, 0.48, 0.49], "n_slices": 9, "n_objects": 18, "eval_s": 1.0,
+        "groups": {"visible": {"rounds": [0.4, 0.45, 0.47, 0.48, 0.49], "n": 18}}})
+    monkeypatch.setattr(br, "step_peak_bytes", lambda method: 1)
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(br, "train_run", dies)
+    out = tmp_path / "realdata.md"
+    with pytest.raises(KeyboardInterrupt):
+        br.main(["--tasks", "mni152", "--methods", "zero_shot", "lora_qv", "--work", str(tmp_path / "w"),
+                 "--out", str(out)])
+    text = out.read_text()
+    assert "**Partial**" in text and "| zero-shot LiteMedSAM |" in text and "0.400" in text
+
+
+@pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--lr-factors", "0"], "--lr-factors"),
+                                          (["--methods", "lora_xx"], "--methods"), (["--tasks", "brats"], "--tasks")])
+def test_bad_arguments_are_refused_by_name(br, capsys, argv, named):
+    with pytest.raises(SystemExit):
+        br.parse_args(argv)
+    assert named in capsys.readouterr().err
