@@ -92,7 +92,7 @@ CHANGES = {
     "LoRA-all-linears+eval-matched+prompt-encoder": {"train": EVAL_MATCHED, "peft": {
         "train_prompt_encoder": True, "targets": ["qkv", "proj", "mlp"]}},
     # the learning-rate schedule of the recommended recipe: cosine from lr to 0 over the run's steps (the demo's
-    # val selection kept step 20 of 40+ under the constant lr, a sign the lr is too high late in a run)
+    # val selection kept step 20 of 40+ under the constant lr; too high an lr late in a run, or validation noise)
     "LoRA+eval-matched+prompt-encoder+cosine": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True},
                                                 "schedule": {"kind": "cosine"}},
     "decoder-only+eval-matched+prompt-encoder+cosine": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True},
