@@ -27,7 +27,8 @@ go to a scratch folder that is removed afterwards). Phases:
    blocks of 32: Dice 0.96-0.97), and the layers' errors add in quadrature to the fully int8 encoder's
    (0.08 relative); mean mask Dice to fp32 drops by about 0.75x that error, so Dice 0.98 needs the embedding error
    below about 0.025, i.e. most of the error-dense layers (MLP fc2, the last stage's fc1) in fp32. per_channel off,
-   reduce_range and asymmetric weights did not help (0.87, 0.92, 0.93).
+   reduce_range and asymmetric weights did not help (0.87, 0.92, 0.93) on that (VNNI) Xeon. On x86 CPUs without
+   VNNI the weights are 7-bit (`weights_reduce_range`): 8-bit weights saturate the int8 kernels there.
 4. Accuracy gate (`accuracy_gate`): the staged int8 folder and the fp32 folder, both through `OrtBackend`,
    predict one box per object on the gate slices; per slice the mean mask Dice (int8 mask vs fp32 mask at the
    image's size) and the abs error of the full-resolution logits. Failing any threshold (`QuantGate`) raises
@@ -213,13 +214,37 @@ class _Feeds:
         self.reader = Reader()
 
 
+def weights_reduce_range(cpuinfo: str | None = None) -> bool:
+    """Whether int8 weights use 7 bits (onnxruntime's `reduce_range`) on this machine: yes on x86 CPUs without
+    VNNI (/proc/cpuinfo lists neither avx512_vnni nor avx_vnni), whose u8 x s8 kernels add pairs of products in
+    int16 and saturate with full-range weights (onnxruntime's quantization documentation: 7-bit for non-VNNI
+    CPUs). Measured: LiteMedSAM dynamic int8 on an AVX2-only AMD EPYC had mean mask Dice to fp32 0.80 with 8-bit
+    weights, and a single int8 layer's real error was 20x its 8-bit emulation."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = cpuinfo.split()
+    x86 = "avx2" in flags or "sse4_2" in flags
+    return x86 and "avx512_vnni" not in flags and "avx_vnni" not in flags
+
+
+def weight_qmax() -> int:
+    """Largest int8 weight magnitude the quantizer writes here: 64 with reduce_range, else 127."""
+    return 64 if weights_reduce_range() else 127
+
+
 def quantize_graph(src: Path, dst: Path, mode: str, calibration_feeds: list[dict] | None = None,
-                   op_types=QUANT_OP_TYPES, per_channel: bool = True, keep_fp32=()) -> Path:
+                   op_types=QUANT_OP_TYPES, per_channel: bool = True, keep_fp32=(),
+                   reduce_range: bool | None = None) -> Path:
     """Write the int8 version of the fp32 graph `src` to `dst` (`mode` dynamic or static; static calibrates
     activation ranges on `calibration_feeds`). `keep_fp32`: names of nodes (in the pre-processed graph, see
-    `sensitivity`) left in fp32. Weights inline unless `src` keeps them in external data."""
+    `sensitivity`) left in fp32. Weights inline unless `src` keeps them in external data. `reduce_range`:
+    7-bit weights; default `weights_reduce_range()` (this machine's CPU)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
 
+    reduce_range = weights_reduce_range() if reduce_range is None else reduce_range
     dst.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{dst.stem}.quant.", dir=dst.parent))
     try:
@@ -231,13 +256,13 @@ def quantize_graph(src: Path, dst: Path, mode: str, calibration_feeds: list[dict
             warnings.simplefilter("ignore")
             if mode == "dynamic":
                 quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
-                                 weight_type=QuantType.QInt8, use_external_data_format=ext, nodes_to_exclude=exclude)
+                                 reduce_range=reduce_range, weight_type=QuantType.QInt8, use_external_data_format=ext, nodes_to_exclude=exclude)
             elif mode == "static":
                 if not calibration_feeds:
                     raise ExportError(f"{src}: static quantization needs calibration inputs; none were given")
                 quantize_static(str(pre), str(dst), _Feeds(calibration_feeds).reader, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=list(op_types), per_channel=per_channel,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax, use_external_data_format=ext,
                                 nodes_to_exclude=exclude)
             else:
@@ -255,13 +280,14 @@ def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds
                 work_dir: Path | None = None) -> dict[str, float]:
     """Local int8 error of every weight-carrying MatMul/Gemm of the fp32 graph `src`, largest first: each layer's
     output computed from its real fp32 input (captured on `feeds`) with int8 emulated as onnxruntime does it
-    (activations uint8 per tensor, weights int8 per output channel), relative L2 error to the fp32 output.
+    (activations uint8 per tensor, weights int8 per output channel, 7-bit where `weights_reduce_range()`), relative L2 error to the fp32 output.
     Keys are node names of the pre-processed graph (what `quantize_graph(keep_fp32=...)` takes)."""
     import onnx
     from onnx import helper, numpy_helper
 
     from ..runtime.ort_backend import make_session
 
+    qmax = weight_qmax()  # the weight grid quantize_graph writes on this machine
     work = Path(tempfile.mkdtemp(prefix=f".{src.stem}.sens.", dir=work_dir))
     try:
         pre = _preprocessed(src, work)
@@ -296,9 +322,9 @@ def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds
                 sx = (hi - lo) / 255.0 or 1.0
                 zx = np.round(-lo / sx)
                 xq = (np.clip(np.round(x / sx) + zx, 0, 255) - zx) * sx
-                sw = np.abs(w).max(axis=0) / 127.0
+                sw = np.abs(w).max(axis=0) / qmax
                 sw[sw == 0] = 1.0
-                wq = np.clip(np.round(w / sw), -127, 127) * sw
+                wq = np.clip(np.round(w / sw), -qmax, qmax) * sw
                 ref = x @ w
                 errors[name].append(float(np.linalg.norm(xq @ wq - ref) / max(np.linalg.norm(ref), 1e-12)))
     finally:
@@ -343,6 +369,7 @@ def output_sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, ma
 
     from ..runtime.ort_backend import make_session
 
+    qmax = weight_qmax()  # the weight grid quantize_graph writes on this machine
     work = Path(tempfile.mkdtemp(prefix=f".{src.stem}.osens.", dir=work_dir))
     ext = _external(src)
     try:
@@ -375,9 +402,9 @@ def output_sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, ma
         for k, (idx, node, w, trans) in enumerate(layers):
             init = inits[node.input[1]]
             saved = copy.deepcopy(init)
-            sw = np.abs(w).max(axis=0) / 127.0
+            sw = np.abs(w).max(axis=0) / qmax
             sw[sw == 0] = 1.0
-            wq = (np.clip(np.round(w / sw), -127, 127) * sw).astype(np.float32)
+            wq = (np.clip(np.round(w / sw), -qmax, qmax) * sw).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(wq.T if trans else wq, init.name))
             x = node.input[0]
             t = f"_osens{k}"
@@ -644,7 +671,7 @@ def quantize_export(fp32_folder, out_dir, *, mode: str = "auto", calibration=Non
                 files[part] = full[part][m] if not keep else quantize_graph(
                     artifact.part_path(part), scratch / f"{m}_keep{i}" / f"{part}.onnx", m, feeds[part], keep_fp32=keep)
                 graphs[part] = {"mode": m, "seconds_per_run": timings[part], "op_types": list(QUANT_OP_TYPES),
-                                "per_channel": True, "keep_fp32": keep,
+                                "per_channel": True, "reduce_range": weights_reduce_range(), "keep_fp32": keep,
                                 "sensitivity": {k: {"output_error": round(v["output_error"], 6), "macs": v["macs"]}
                                                 for k, v in ranks.get(part, {}).items()} or None}
             meta = copy.deepcopy(artifact.meta)

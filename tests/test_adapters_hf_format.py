@@ -34,7 +34,9 @@ def test_peft_from_pretrained_reads_our_directory(tmp_path):
     assert LoraConfig.from_pretrained(str(tmp_path / "hf")).use_dora
     plain = base("litemedsam")  # no split: the directory names LiteMedSAM's own fused attn.qkv
     peft_model = PeftModel.from_pretrained(plain, str(tmp_path / "hf"))
-    torch.testing.assert_close(logits(peft_model.base_model.model), logits(model), atol=1e-6, rtol=0)
+    # same arithmetic up to summation order (our split q/v vs peft on the fused qkv): logits of magnitude ~20
+    # differ by up to 2.7e-5 on an AVX2-only CPU; a wrong LoRA/DoRA term moves them by far more
+    torch.testing.assert_close(logits(peft_model.base_model.model), logits(model), atol=1e-4, rtol=1e-5)
 
 
 def test_non_peft_methods_and_foreign_directories_are_refused(tmp_path):

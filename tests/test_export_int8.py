@@ -330,3 +330,26 @@ def test_bad_fp32_fractions_are_refused_naming_the_option(work):
             quantize_export(work / "fp32", work / "never_frac", mode="dynamic", calibration=work / "shards",
                             gate=LOOSE, fp32_fractions=bad)
         assert not (work / "never_frac").exists()
+
+
+def test_weights_are_7_bit_on_cpus_without_vnni_and_8_bit_with_it(work, tmp_path):
+    """reduce_range follows the CPU (non-VNNI x86 kernels saturate with full-range int8 weights), and the graph
+    onnxruntime writes holds weights on that grid: |w| ≤ 64 with reduce_range, up to 127 without."""
+    import onnx
+    from onnx import numpy_helper
+
+    from medico_peft.export.quantize import quantize_graph, weights_reduce_range
+
+    assert weights_reduce_range("flags : fpu sse4_2 avx avx2 fma") is True
+    assert weights_reduce_range("flags : fpu sse4_2 avx2 avx512f avx512_vnni") is False
+    assert weights_reduce_range("flags : fpu sse4_2 avx2 avx_vnni") is False
+    assert weights_reduce_range("Features : fp asimd") is False  # not x86: no such kernels
+    peaks = {}
+    for reduce in (True, False):
+        out = quantize_graph(work / "fp32" / "decoder.onnx", tmp_path / str(reduce) / "decoder.onnx", "dynamic",
+                             reduce_range=reduce)
+        ints = [numpy_helper.to_array(i) for i in onnx.load(str(out)).graph.initializer
+                if i.data_type == onnx.TensorProto.INT8 and i.name.endswith("_quantized")]
+        assert ints
+        peaks[reduce] = max(int(np.abs(a.astype(np.int32)).max()) for a in ints)
+    assert peaks[True] <= 64 < peaks[False] <= 127
