@@ -235,6 +235,13 @@ def weight_qmax() -> int:
     return 64 if weights_reduce_range() else 127
 
 
+def _int8_weights(w: np.ndarray, qmax: int) -> np.ndarray:
+    """(in, out) weights rounded as the quantizer does it: symmetric int8 per output channel, |q| <= qmax."""
+    sw = np.abs(w).max(axis=0) / qmax
+    sw[sw == 0] = 1.0
+    return np.clip(np.round(w / sw), -qmax, qmax) * sw
+
+
 def quantize_graph(src: Path, dst: Path, mode: str, calibration_feeds: list[dict] | None = None,
                    op_types=QUANT_OP_TYPES, per_channel: bool = True, keep_fp32=(),
                    reduce_range: bool | None = None) -> Path:
@@ -256,13 +263,15 @@ def quantize_graph(src: Path, dst: Path, mode: str, calibration_feeds: list[dict
             warnings.simplefilter("ignore")
             if mode == "dynamic":
                 quantize_dynamic(str(pre), str(dst), op_types_to_quantize=list(op_types), per_channel=per_channel,
-                                 reduce_range=reduce_range, weight_type=QuantType.QInt8, use_external_data_format=ext, nodes_to_exclude=exclude)
+                                 reduce_range=reduce_range, weight_type=QuantType.QInt8,
+                                 use_external_data_format=ext, nodes_to_exclude=exclude)
             elif mode == "static":
                 if not calibration_feeds:
                     raise ExportError(f"{src}: static quantization needs calibration inputs; none were given")
                 quantize_static(str(pre), str(dst), _Feeds(calibration_feeds).reader, quant_format=QuantFormat.QDQ,
                                 op_types_to_quantize=list(op_types), per_channel=per_channel,
-                                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax, use_external_data_format=ext,
                                 nodes_to_exclude=exclude)
             else:
@@ -280,7 +289,8 @@ def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds
                 work_dir: Path | None = None) -> dict[str, float]:
     """Local int8 error of every weight-carrying MatMul/Gemm of the fp32 graph `src`, largest first: each layer's
     output computed from its real fp32 input (captured on `feeds`) with int8 emulated as onnxruntime does it
-    (activations uint8 per tensor, weights int8 per output channel, 7-bit where `weights_reduce_range()`), relative L2 error to the fp32 output.
+    (activations uint8 per tensor, weights int8 per output channel, 7-bit where `weights_reduce_range()`),
+    relative L2 error to the fp32 output.
     Keys are node names of the pre-processed graph (what `quantize_graph(keep_fp32=...)` takes)."""
     import onnx
     from onnx import helper, numpy_helper
@@ -322,9 +332,7 @@ def sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, max_feeds
                 sx = (hi - lo) / 255.0 or 1.0
                 zx = np.round(-lo / sx)
                 xq = (np.clip(np.round(x / sx) + zx, 0, 255) - zx) * sx
-                sw = np.abs(w).max(axis=0) / qmax
-                sw[sw == 0] = 1.0
-                wq = np.clip(np.round(w / sw), -qmax, qmax) * sw
+                wq = _int8_weights(w, qmax)
                 ref = x @ w
                 errors[name].append(float(np.linalg.norm(xq @ wq - ref) / max(np.linalg.norm(ref), 1e-12)))
     finally:
@@ -402,9 +410,7 @@ def output_sensitivity(src: Path, feeds: list[dict], op_types=QUANT_OP_TYPES, ma
         for k, (idx, node, w, trans) in enumerate(layers):
             init = inits[node.input[1]]
             saved = copy.deepcopy(init)
-            sw = np.abs(w).max(axis=0) / qmax
-            sw[sw == 0] = 1.0
-            wq = (np.clip(np.round(w / sw), -qmax, qmax) * sw).astype(np.float32)
+            wq = _int8_weights(w, qmax).astype(np.float32)
             init.CopyFrom(numpy_helper.from_array(wq.T if trans else wq, init.name))
             x = node.input[0]
             t = f"_osens{k}"
