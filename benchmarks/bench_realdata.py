@@ -24,6 +24,11 @@ grey nuclei and cerebellum: structures with image edges) and *cortical* (AAL cor
 convention). Peak memory = live tensor bytes of one training step at the recipe's shape (`TensorMemoryTracker`:
 what `torch.cuda.max_memory_allocated` reports on a GPU).
 
+Why clicks help or not, measured: every test click's answer (`evaluation/clicks.py` `click_response`: the share of the
+clicked error region the decoder's answer and the kept answer fix, pixels broken elsewhere), per method, label and
+click kind; and per task how much a tight box tells objects apart (`box_overlap`). `--reuse-training` evaluates an
+earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe.
+
 CPU cost (2 quiet cores): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and ≈ 6 s a Colin27 test slice (~30
 objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min training + 4 min on the 43 test
 slices. The whole grid (2 tasks × 10 methods × 3 seeds × 2 budgets + the LR sweep) is a multi-hour run; `--tasks`,
@@ -99,6 +104,9 @@ def parse_args(argv=None):
                    help="learning rates tried per method on the val slab, as multiples of its default")
     p.add_argument("--max-slices", type=int, default=0, help="test slices evaluated, evenly spaced (0: all)")
     p.add_argument("--work", type=Path, default=Path("benchmarks/work/realdata"))
+    p.add_argument("--reuse-training", action="store_true",
+                   help="evaluate again without training where the work folder's results.json has the run and its "
+                        "config.yaml is exactly the recipe this command would train (the report says which)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "realdata.md")
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0 or args.max_slices < 0 or any(f <= 0 for f in args.lr_factors):
@@ -123,11 +131,34 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
     return raw
 
 
+TRAINED_KEYS = ("adapter", "steps", "train_s", "best_step", "val", "stop")
+
+
+def reusable_run(previous: dict, out: Path, raw: dict) -> dict | None:
+    """The training figures of an earlier run in `out` (from the work folder's results.json, `previous`: adapter
+    path -> run) when its adapter exists and its config.yaml equals the recipe `raw` resolves to; else None."""
+    import yaml
+
+    from medico_peft.training import TrainConfig
+
+    adapter, config = out / "adapter.safetensors", out / "config.yaml"
+    old = previous.get(str(adapter))
+    if old is None or not adapter.is_file() or not config.is_file():
+        return None
+    if yaml.safe_load(config.read_text()) != TrainConfig.from_dict(raw).to_dict():
+        return None
+    return {k: old[k] for k in TRAINED_KEYS} | {"reused": True}
+
+
 def train_run(method: str, manifest: Path, out: Path, lr: float, seed: int, budget: str, args) -> dict:
     from medico_peft.training import TrainConfig, train
 
-    result = train(TrainConfig.from_dict(train_config(method, manifest, out, lr, seed, budget, args)),
-                   overwrite=True)  # the benchmark's own work folder
+    raw = train_config(method, manifest, out, lr, seed, budget, args)
+    if args.reuse_training:
+        reused = reusable_run(args.previous_runs, out, raw)
+        if reused is not None:
+            return reused
+    result = train(TrainConfig.from_dict(raw), overwrite=True)  # the benchmark's own work folder
     return {"adapter": str(result.adapter_path), "steps": len(result.steps), "train_s": result.train_seconds,
             "best_step": result.best_step, "val": result.best_val_dice, "stop": result.stop_reason}
 
@@ -157,6 +188,7 @@ def evaluate(model, manifest: Path, args) -> dict:
     """Dice per round over every object of the chosen test slices, overall and per object group."""
     from medico_peft.data.real_data import object_group
     from medico_peft.evaluation.interactive import evaluate_interactive
+    from medico_peft.evaluation.report import click_response_summary
 
     t = time.perf_counter()
     res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=CLICKS,
@@ -167,7 +199,34 @@ def evaluate(model, manifest: Path, args) -> dict:
             [row[f"dice_{i}"] for i in range(CLICKS + 1)])
     return {"rounds": res.mean_dice, "n_slices": res.n_slices, "n_objects": res.n_objects,
             "groups": {g: {"rounds": np.mean(v, 0).tolist(), "n": len(v)} for g, v in groups.items()},
-            "eval_s": time.perf_counter() - t}
+            "clicks_answered": click_response_summary(res.click_rows), "eval_s": time.perf_counter() - t}
+
+
+def box_overlap(manifest: Path) -> dict[str, float]:
+    """How much a tight box says which object is meant: per object group, the mean over test objects of the
+    highest IoU between the object's box and another object's box on the same slice (1 = another object has
+    the same box, so the box alone cannot tell them apart)."""
+    from medico_peft.data.dataset import iter_eval_slices
+    from medico_peft.data.real_data import object_group
+    from medico_peft.evaluation.interactive import tight_box
+
+    def iou(a, b):
+        w = min(a[2], b[2]) - max(a[0], b[0]) + 1
+        h = min(a[3], b[3]) - max(a[1], b[1]) + 1
+        inter = max(w, 0) * max(h, 0)
+        area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+        return inter / (area(a) + area(b) - inter)
+
+    best: dict[str, list[float]] = {}
+    for item in iter_eval_slices(manifest, split="test", verify=False):
+        h, w = item["input_size"]
+        label_map = item["label_map"][:h, :w].numpy()
+        boxes = {i: tight_box(label_map == i) for i in item["label_ids"]}
+        for i, box in boxes.items():
+            others = [iou(box, b) for j, b in boxes.items() if j != i]
+            group = object_group(item["label_names"][i]) or "other"
+            best.setdefault(group, []).append(max(others, default=0.0))
+    return {g: float(np.mean(v)) for g, v in best.items()}
 
 
 # --- the grid --------------------------------------------------------------------------------------
@@ -178,7 +237,8 @@ def run_task(task: str, args, state: dict, save) -> None:
 
     work = args.work / task
     manifest = build_shards(task, work / "shards")
-    info = state.setdefault("tasks", {}).setdefault(task, {"split": describe_slabs(manifest), "runs": []})
+    info = state.setdefault("tasks", {}).setdefault(task, {"split": describe_slabs(manifest), "runs": [],
+                                                           "box_overlap": box_overlap(manifest)})
     runs = info["runs"]
 
     def record(method, budget, seed, lr, trained, scores):
@@ -214,6 +274,14 @@ def run_task(task: str, args, state: dict, save) -> None:
                       flush=True)
 
 
+def previous_runs(path: Path) -> dict[str, dict]:
+    """adapter path -> run of an earlier results.json (read before this run rewrites it); {} when there is none."""
+    if not path.is_file():
+        return {}
+    old = json.loads(path.read_text())
+    return {r["adapter"]: r for info in old.get("tasks", {}).values() for r in info["runs"] if r.get("adapter")}
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -221,6 +289,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     record = Results(TITLE, None if argv is None else [__file__, *argv])
     args.work.mkdir(parents=True, exist_ok=True)
+    args.previous_runs = previous_runs(args.work / "results.json") if args.reuse_training else {}
     state: dict = {"done": False}
 
     def save():
@@ -308,6 +377,35 @@ def _method_row(method: str, s: dict, dec: dict | None, peak: int | None) -> str
             + f" | {_ms(s['box'])} | {_ms(s['clicks'])} | {_ms(gain, sign='+')} | {delta} |")
 
 
+ANSWER_FIGURES = ("region_share", "fixed_raw", "fixed_kept", "broken_raw", "broken_kept", "gain_raw", "gain_kept")
+
+
+def clicks_answered_lines(summary: dict) -> list[str]:
+    """Per method, label and click kind: how the test clicks were answered (`click_response_summary`), mean over
+    seeds of each run's means, clicks summed over seeds."""
+    lines = []
+    for m, s in summary.items():
+        merged: dict[tuple[str, str], list[dict]] = {}
+        for r in s["runs"]:
+            for row in r.get("clicks_answered", []):
+                merged.setdefault((row["label_name"], row["kind"]), []).append(row)
+        for (name, kind), rows in merged.items():
+            f = {k: float(np.mean([r[k] for r in rows])) for k in ANSWER_FIGURES}
+            lines.append(f"| {METHODS[m][0]} | {name} | {kind} | {sum(r['n'] for r in rows)} | {f['region_share']:.3f} "
+                         f"| {f['fixed_raw']:.3f} | {f['fixed_kept']:.3f} | {f['broken_raw']:.0f} / {f['broken_kept']:.0f} "
+                         f"| {f['gain_raw']:+.4f} / {f['gain_kept']:+.4f} |")
+    if not lines:
+        return []
+    return ["How the test clicks were answered (`medico-peft evaluate` writes the same per click in per_click.csv): "
+            "each click lands in one connected error region of its kind (false negatives for a positive click, false "
+            "positives for a negative one), what one perfect local click would fix. *Region* = that region's share "
+            "of all error; *fixed* = share of the region the decoder's whole answer / the answer kept after the "
+            "click merge gets right; *broken* = right pixels elsewhere made wrong (decoder / kept); *Dice change* = "
+            "per click (decoder / kept). Means over clicks, then over seeds.", "",
+            "| method | label | click | clicks | region | fixed: decoder | fixed: kept | broken px | Dice change |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|", *lines, ""]
+
+
 def report(state: dict, args) -> str:
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
     lines = [
@@ -326,6 +424,10 @@ def report(state: dict, args) -> str:
         lines += ["**Partial**: the run is still going or was cut short; the tables hold what finished.", ""]
     for task, info in state.get("tasks", {}).items():
         lines += [f"## {task}", "", "Split (axial slices): " + info["split"].replace("\n", "; "), ""]
+        if info.get("box_overlap"):
+            lines += ["Box prompts: mean over test objects of the highest IoU between the object's tight box and "
+                      "another object's box on the same slice (1 = the box alone cannot tell them apart): "
+                      + ", ".join(f"{g} {v:.3f}" for g, v in info["box_overlap"].items()) + ".", ""]
         for budget in args.budgets:
             summary = summarise(info["runs"], budget)
             if not summary:
@@ -352,6 +454,12 @@ def report(state: dict, args) -> str:
             if per_seed:
                 lines += ["", f"Per seed (box / +{CLICKS}): " + "; ".join(per_seed) + "."]
             lines += ["", goal_line(summary), ""]
+            lines += clicks_answered_lines(summary)
+            reused = [f"{r['method']} seed {r['seed']}" for m in summary.values() for r in m["runs"] if r.get("reused")]
+            if reused:
+                lines += ["Training reused from the work folder's earlier run (`--reuse-training`: adapter and "
+                          "training figures of a run whose config.yaml is exactly this recipe; evaluated anew): "
+                          + ", ".join(reused) + ".", ""]
         sweeps = [s for s in info.get("sweeps", []) if len(s["val"]) > 1]
         if sweeps:
             lines += ["Learning-rate choice on the val slab (selection score: mean of box and +3-click Dice of the "

@@ -66,8 +66,11 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
         method, seed = model
         box = {"zero_shot": 0.5, "decoder_only": 0.70, "lora_qv": 0.73, "full": 0.745}[method] + 0.002 * seed
         rounds = [box + 0.02 * i for i in range(br.CLICKS + 1)]
+        answered = {"label_name": "Precentral_L", "kind": "negative", "n": 3, "region_share": 0.5,
+                    "fixed_raw": 0.1 + 0.1 * seed, "fixed_kept": 0.1, "broken_raw": 40.0, "broken_kept": 2.0,
+                    "gain_raw": -0.001, "gain_kept": 0.002}
         return {"rounds": rounds, "n_slices": 43, "n_objects": 1200, "eval_s": 5.0,
-                "groups": {"cortical": {"rounds": rounds, "n": 1200}}}
+                "groups": {"cortical": {"rounds": rounds, "n": 1200}}, "clicks_answered": [answered]}
 
     class Model:
         def __init__(self, method, seed):
@@ -86,6 +89,7 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
     monkeypatch.setattr(br, "adapter_stats", lambda path: {"params": 4_000_000, "adapter_mb": 16.2,
                                                            "decoder_share": 0.99})
     monkeypatch.setattr(br, "build_shards", lambda task, out: tmp_path / "manifest.json")
+    monkeypatch.setattr(br, "box_overlap", lambda manifest: {"cortical": 0.25})
     monkeypatch.setattr(medico_peft.data.real_data, "describe_slabs", lambda m: "colin27: train 1–50 (50 slices)")
     monkeypatch.setattr(medico_peft.models, "load_model", lambda name: Model("zero_shot", 0))
     monkeypatch.setattr(medico_peft.adapters, "load_adapter", fake_load_adapter)
@@ -109,6 +113,53 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
     assert "≥ 0.02 box over decoder only with seed ranges apart: met (+0.030, ranges apart)" in text
     assert "within 0.01 of full finetune: NOT met (full − best +0.015)" in text
     assert "no visible structure on this test slab" in text and "→ not all met" in text
+    # how the clicks were answered: means over seeds, clicks summed; the box-overlap line
+    assert "| LoRA r=8 q,v (last 2 blocks) | Precentral_L | negative | 6 | 0.500 | 0.150 | 0.100 | 40 / 2 " \
+           "| -0.0010 / +0.0020 |" in text
+    assert "another object's box on the same slice" in text and "cortical 0.250" in text
+    assert "Training reused" not in text
+
+
+def test_reuse_training_takes_only_a_run_trained_with_exactly_this_recipe(br, tmp_path):
+    """--reuse-training: an earlier run is reused when its adapter exists and its config.yaml is the recipe this
+    command would train; another lr, a missing adapter or a run results.json does not know are trained anew."""
+    from medico_peft.training import TrainConfig
+
+    args = br.parse_args(["--steps", "12", "--reuse-training"])
+    out = tmp_path / "steps" / "lora_qv_lr0.0005_seed0"
+    out.mkdir(parents=True)
+    raw = br.train_config("lora_qv", tmp_path / "manifest.json", out, 5e-4, 0, "steps", args)
+    (out / "config.yaml").write_text(TrainConfig.from_dict(raw).to_yaml())
+    (out / "adapter.safetensors").write_bytes(b"x")
+    run = {"adapter": str(out / "adapter.safetensors"), "steps": 12, "train_s": 99.0, "best_step": 10, "val": 0.7,
+           "stop": None, "rounds": [0.5] * 5}
+    (tmp_path / "results.json").write_text(__import__("json").dumps({"tasks": {"mni152": {"runs": [run]}}}))
+    previous = br.previous_runs(tmp_path / "results.json")
+    assert br.reusable_run(previous, out, raw) == {**{k: run[k] for k in br.TRAINED_KEYS}, "reused": True}
+    other_lr = br.train_config("lora_qv", tmp_path / "manifest.json", out, 1e-3, 0, "steps", args)
+    assert br.reusable_run(previous, out, other_lr) is None
+    assert br.reusable_run({}, out, raw) is None
+    (out / "adapter.safetensors").unlink()
+    assert br.reusable_run(previous, out, raw) is None
+    assert br.previous_runs(tmp_path / "none.json") == {}
+
+
+def test_box_overlap_says_when_a_box_cannot_tell_two_objects_apart(br, monkeypatch):
+    """Two objects in the same box (a ring and its core) overlap 1.0; a third far away 0.0."""
+    import torch
+
+    import medico_peft.data.dataset
+
+    label_map = torch.zeros(32, 32, dtype=torch.long)
+    label_map[2:12, 2:12] = 1
+    label_map[5:9, 5:9] = 2
+    label_map[2, 2] = 2  # same corners: the core's box is the ring's
+    label_map[11, 11] = 2
+    label_map[20:30, 20:25] = 3
+    item = {"input_size": (32, 32), "label_map": label_map, "label_ids": [1, 2, 3],
+            "label_names": {1: "grey_matter", 2: "white_matter", 3: "Precentral_L"}}
+    monkeypatch.setattr(medico_peft.data.dataset, "iter_eval_slices", lambda *a, **k: iter([item]))
+    assert br.box_overlap(Path("m.json")) == {"visible": pytest.approx(1.0), "cortical": 0.0}
 
 
 def test_a_run_cut_short_leaves_a_partial_file(br, tmp_path, monkeypatch):
@@ -118,6 +169,7 @@ def test_a_run_cut_short_leaves_a_partial_file(br, tmp_path, monkeypatch):
     import medico_peft.models
 
     monkeypatch.setattr(medico_peft.data.real_data, "describe_slabs", lambda m: "mni152: test 1–9 (9 slices)")
+    monkeypatch.setattr(br, "box_overlap", lambda manifest: {"visible": 0.9})
     monkeypatch.setattr(medico_peft.models, "load_model", lambda name: type("M", (), {"eval": lambda s: s})())
     monkeypatch.setattr(br, "evaluate", lambda model, manifest, args: {
         "rounds": [0.4, 0.45, 0.47, 0.48, 0.49], "n_slices": 9, "n_objects": 18, "eval_s": 1.0,

@@ -86,6 +86,17 @@ def test_litemedsam_box_start_and_clicks_on_held_out_mni_slices(mni_manifest, tm
     table = (tmp_path / "summary.md").read_text()
     assert "| white_matter | 2 |" in table and "| start | +1 | +2 |" in table
     assert not model.training
+    # per_click.csv: every click's answer; its Dice before / kept are the per-object Dice of the rounds around it
+    clicks = list(csv.DictReader(open(tmp_path / "per_click.csv")))
+    assert {int(c["round"]) for c in clicks} <= {1, 2} and len(clicks) == 4  # 2 objects × 2 clicks (none perfect)
+    by_object = {r["slice_index"]: r for r in res.rows}
+    for c in clicks:
+        row, r = by_object[int(c["slice_index"])], int(c["round"])
+        assert float(c["dice_before"]) == pytest.approx(row[f"dice_{r - 1}"], abs=1e-6)
+        assert float(c["dice_kept"]) == pytest.approx(row[f"dice_{r}"], abs=1e-6)
+        assert c["label_name"] == "white_matter" and c["kind"] in ("positive", "negative")
+        assert 0 < int(c["region_px"]) <= int(c["error_px"]) and int(c["fixed_kept"]) <= int(c["region_px"])
+    assert "## How the clicks were answered" in table and "| white_matter | " in table.split("answered")[1]
 
 
 def test_evaluate_rejects_wrong_input_size_and_bad_labels(mni_manifest):

@@ -181,6 +181,52 @@ def test_local_click_merge_keeps_the_drift_away_from_the_click_and_none_takes_it
         run_protocol(DriftingClicks(), _image(), gt, (S, S), "box", n_clicks=1, click_merge="global")
 
 
+def test_click_response_says_what_a_click_fixed_and_what_it_broke():
+    """The drifting segmenter's negative click in the hole removes a 5×5 blob of the 6×6 hole (false positives)
+    and switches on a far 5×5 block: the decoder's answer fixes 25 of the 36 region pixels and breaks 25 right
+    pixels elsewhere (Dice unchanged); the local merge keeps the fix and none of the breakage (Dice up)."""
+    from medico_peft.evaluation.clicks import click_response
+
+    gt = np.zeros((1, S, S), bool)
+    gt[0, 2:20, 2:20] = True
+    gt[0, 8:14, 8:14] = False
+    seen = []
+    trace = run_protocol(DriftingClicks(), _image(), gt, (S, S), "box", n_clicks=1, on_click=lambda *a: seen.append(a))
+    (round_index, before, raw, kept, xy, label), = seen
+    assert round_index == 0 and before.shape == raw.shape == kept.shape == (1, S, S)
+    np.testing.assert_array_equal(kept.numpy(), trace.final_masks)
+    np.testing.assert_array_equal(before.numpy(), trace.start_masks)
+    row, = click_response(before.numpy(), raw.numpy(), kept.numpy(), gt, xy.numpy(), label.numpy())
+    assert row["kind"] == "negative" and row["error_px"] == 36 and row["region_px"] == 36
+    assert row["fixed_raw"] == row["fixed_kept"] == 25
+    assert row["broken_raw"] == 25 and row["broken_kept"] == 0
+    assert row["dice_raw"] == pytest.approx(row["dice_before"]) and row["dice_kept"] > row["dice_before"]
+    assert row["dice_before"] == pytest.approx(trace.dice[0, 0]) and row["dice_kept"] == pytest.approx(trace.dice[0, 1])
+    # no click this round (label -1): no row
+    assert click_response(before.numpy(), raw.numpy(), kept.numpy(), gt, xy.numpy(), -np.ones((1, 1))) == [None]
+
+
+def test_click_response_summary_means_per_label_and_kind():
+    from medico_peft.evaluation.report import click_response_markdown, click_response_summary
+
+    def click(name, kind, region, fixed, broken, gain):
+        return {"label_name": name, "kind": kind, "error_px": 100, "region_px": region, "fixed_raw": fixed,
+                "fixed_kept": fixed, "broken_raw": broken, "broken_kept": 0, "dice_before": 0.5,
+                "dice_raw": 0.5 + gain, "dice_kept": 0.5 + gain}
+
+    rows = [click("wm", "negative", 40, 4, 10, 0.0), click("wm", "negative", 20, 10, 30, 0.02),
+            click("wm", "positive", 50, 50, 0, 0.1), click("gm", "negative", 10, 0, 0, 0.0)]
+    summary = click_response_summary(rows)
+    assert [(s["label_name"], s["kind"], s["n"]) for s in summary] == [
+        ("gm", "negative", 1), ("wm", "positive", 1), ("wm", "negative", 2)]
+    wm_neg = summary[2]
+    assert wm_neg["region_share"] == pytest.approx(0.3) and wm_neg["fixed_raw"] == pytest.approx(0.3)
+    assert wm_neg["broken_raw"] == pytest.approx(20) and wm_neg["gain_kept"] == pytest.approx(0.01)
+    table = "\n".join(click_response_markdown(rows))
+    assert "| wm | negative | 2 | 0.300 | 0.300 | 0.300 | 20 / 0 | +0.010 / +0.010 |" in table
+    assert click_response_markdown([]) == []
+
+
 def test_a_slice_is_encoded_once_whatever_its_object_batches():
     """Objects beyond `max_objects_per_batch` run in several protocol batches against one embedding:
     the encoder runs once per slice and the Dice is the same as with every object in one batch."""
@@ -196,11 +242,15 @@ def test_a_slice_is_encoded_once_whatever_its_object_batches():
     label_map = torch.zeros(S, S, dtype=torch.long)
     label_map[2:9, 3:7] = 1
     label_map[12:20, 4:30] = 2
+    label_map[14:17, 10:20] = 0  # a hole: the box start covers it, so object 2 gets corrective clicks
     label_map[22:30, 10:14] = 3
     item = {"input_size": (S, S), "label_map": label_map, "label_ids": [1, 2, 3], "image": _image()}
     rule = {"use_mask_input": True, "click_radius": 0.0, "click_merge": "none"}
-    _, traces, one_batch = _run_slice(Counting(), item, "box", 2, 16, rule)
+    _, traces, one_batch, clicks_one = _run_slice(Counting(), item, "box", 2, 16, rule)
     assert Counting.embeds == 1 and len(traces) == 1
-    _, traces, per_object = _run_slice(Counting(), item, "box", 2, 1, rule)
+    _, traces, per_object, clicks_each = _run_slice(Counting(), item, "box", 2, 1, rule)
     assert Counting.embeds == 2 and len(traces) == 3  # three object batches, one more encoder pass in all
     np.testing.assert_array_equal(one_batch, per_object)
+    # the click rows name the object within the slice, whatever batch it ran in
+    assert clicks_one == clicks_each and {c["object"] for c in clicks_one} == {1}
+    assert [(c["object"], c["round"]) for c in clicks_one] == sorted((c["object"], c["round"]) for c in clicks_one)

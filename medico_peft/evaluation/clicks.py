@@ -122,3 +122,49 @@ def center_correction(pred: np.ndarray, gt: np.ndarray):
     if fn_d >= fp_d:
         return fn_xy, 1
     return fp_xy, 0
+
+
+def click_response(prev: np.ndarray, raw: np.ndarray, kept: np.ndarray, gt: np.ndarray, xy, label) -> list[dict | None]:
+    """How one corrective round answered each object's click: the diagnosis of "clicks do not help".
+
+    prev / raw / kept / gt: (K, H, W) bool masks at one resolution: the answer before the click, the
+    decoder's whole answer with the click, the answer kept after the click merge, and the truth. xy (K, 1, 2)
+    and label (K, 1): the round's click in the same frame (label -1: no click). Per object a dict (None where
+    there was no click): `kind` positive/negative; `error_px` all wrong pixels before the click;
+    `region_px` the connected error region the click is in (false negatives for a positive click, false
+    positives for a negative one; 8-connectivity): what one perfect local click would fix; `fixed_raw` /
+    `fixed_kept` the pixels of that region the decoder's answer / the kept answer gets right; `broken_raw` /
+    `broken_kept` pixels outside it that were right and are wrong afterwards; `dice_before`, `dice_raw`,
+    `dice_kept`.
+    """
+    from scipy.ndimage import label as connected_regions
+
+    from .metrics import dice_per_object
+
+    prev, raw, kept, gt = (np.asarray(a, dtype=bool) for a in (prev, raw, kept, gt))
+    xy = np.asarray(xy, dtype=np.float64).reshape(len(gt), -1, 2)[:, -1]
+    label = np.asarray(label).reshape(len(gt), -1)[:, -1]
+    dice = {name: dice_per_object(torch.from_numpy(m), torch.from_numpy(gt)).numpy()
+            for name, m in (("before", prev), ("raw", raw), ("kept", kept))}
+    structure = np.ones((3, 3), dtype=bool)
+    out: list[dict | None] = []
+    for j in range(len(gt)):
+        if label[j] not in (0, 1):
+            out.append(None)
+            continue
+        h, w = gt[j].shape
+        x = int(np.clip(round(xy[j, 0]), 0, w - 1))
+        y = int(np.clip(round(xy[j, 1]), 0, h - 1))
+        error = (gt[j] & ~prev[j]) if label[j] == 1 else (prev[j] & ~gt[j])
+        regions, _ = connected_regions(error, structure=structure)
+        region = regions == regions[y, x] if regions[y, x] else np.zeros_like(error)
+        right_before = prev[j] == gt[j]
+        row = {"kind": "positive" if label[j] == 1 else "negative", "error_px": int((~right_before).sum()),
+               "region_px": int(region.sum())}
+        for name, answer in (("raw", raw[j]), ("kept", kept[j])):
+            right = answer == gt[j]
+            row[f"fixed_{name}"] = int((right & region).sum())
+            row[f"broken_{name}"] = int((right_before & ~right & ~region).sum())
+        row.update({f"dice_{name}": float(values[j]) for name, values in dice.items()})
+        out.append(row)
+    return out

@@ -28,7 +28,7 @@ from ..data.prompts import deepest_pixel, mask_box
 from ..errors import ConfigError
 from ..models.postprocess import upscale_logits
 from ..models.click_prompt import CLICK_MERGE, CLICK_MERGES, CLICK_RADIUS, accept_click, paint_clicks
-from .clicks import center_corrections
+from .clicks import center_corrections, click_response
 from .metrics import dice_per_object
 from .segmenter import Segmenter, as_segmenter
 
@@ -76,14 +76,16 @@ def embed_image(segmenter: Segmenter, image: torch.Tensor, input_size: tuple[int
 def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, input_size: tuple[int, int],
                  start: str = "box", n_clicks: int = 7, use_mask_input: bool = True,
                  click_radius: float = CLICK_RADIUS, click_merge: str = CLICK_MERGE,
-                 embeddings=None) -> SliceTrace:
+                 embeddings=None, on_click=None) -> SliceTrace:
     """Run the protocol for K objects of one image; gt is (K, H, W) bool at the cropped input size.
 
     The fed-back logits carry every click so far painted in (`click_radius`, models/click_prompt.py,
     as in training and the Predictor; 0 = points only). `use_mask_input=False` drops the fed-back
     logits (a diagnostic: box-only models such as zero-shot LiteMedSAM never saw mask inputs).
     `embeddings`: the image's `embed_image` result when the caller already has it (one encoder
-    pass for every object batch of a slice).
+    pass for every object batch of a slice). `on_click(round, before, raw, kept, xy, label)`: called after
+    every corrective round with (K, H, W) bool masks (the answer before the click, the decoder's whole
+    answer, the answer kept after the click merge) and the round's clicks (xy (K, 1, 2), label (K, 1)).
     """
     if start not in STARTS:
         raise ConfigError(f"start: {start!r} should be one of {', '.join(STARTS)}")
@@ -121,7 +123,9 @@ def run_protocol(segmenter: Segmenter, image: torch.Tensor, gt: np.ndarray, inpu
         new_low = new_low[:, :1]
         low = accept_click(click_merge, low, new_low, new_xy, new_label, scale=low.shape[-1] / size,
                            radius=click_radius, boxes=boxes)
-        masks = logits_to_masks(low, size, input_size)
+        before, masks = masks, logits_to_masks(low, size, input_size)
+        if on_click is not None:
+            on_click(len(dice) - 1, before, logits_to_masks(new_low, size, input_size), masks, new_xy, new_label)
         dice.append(dice_per_object(masks, gt_t).numpy())
 
     return SliceTrace(np.stack(dice, axis=1), start_masks, masks.numpy(), points.numpy(), labels.numpy(),
@@ -163,6 +167,7 @@ class EvalResult:
     n_slices: int
     seconds: float
     cases: list[OverlayCase] = field(default_factory=list, repr=False)
+    click_rows: list[dict] = field(default_factory=list, repr=False)  # `click_response` of every click
     out_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -226,9 +231,11 @@ def evaluate_interactive(model, manifest, split: str = "test", start: str = "box
     with _eval_mode(model):
         started = time.perf_counter()
         chosen, total = _choose_slices(loaded, manifest, split, label_ids, max_slices)
-        rows, cases, n_slices = _run_slices(segmenter, manifest, split, label_ids, chosen, total, start, n_clicks,
-                                            n_overlays, max_objects_per_batch, progress, click_rule)
+        rows, click_rows, cases, n_slices = _run_slices(segmenter, manifest, split, label_ids, chosen, total, start,
+                                                        n_clicks, n_overlays, max_objects_per_batch, progress,
+                                                        click_rule)
     result = _aggregate(rows, cases, n_slices, start, n_clicks, split, time.perf_counter() - started)
+    result.click_rows = click_rows
     if out_dir is not None:
         from .report import write_eval_outputs
 
@@ -282,14 +289,15 @@ def _choose_slices(loaded, manifest, split: str, label_ids, max_slices: int | No
 
 def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, start: str, n_clicks: int,
                 n_overlays: int, max_objects_per_batch: int, progress: bool,
-                click_rule: dict) -> tuple[list[dict], list[OverlayCase], int]:
-    """The protocol on every chosen slice: per-object rows, overlay cases, number of slices scored.
+                click_rule: dict) -> tuple[list[dict], list[dict], list[OverlayCase], int]:
+    """The protocol on every chosen slice: per-object rows, per-click rows, overlay cases, slices scored.
     `click_rule`: run_protocol's use_mask_input / click_radius / click_merge."""
     from tqdm.auto import tqdm
 
     from ..data.dataset import iter_eval_slices
 
     rows: list[dict] = []
+    click_rows: list[dict] = []
     cases: list[OverlayCase] = []
     n_slices = 0
     bar = tqdm(total=total, desc=f"evaluate {split} ({start} + {n_clicks} clicks)", unit="slice",
@@ -298,8 +306,10 @@ def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, 
         for position, item in enumerate(iter_eval_slices(manifest, split=split, label_ids=label_ids)):
             if chosen is not None and position not in chosen:
                 continue
-            gt, traces, dice = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch, click_rule)
+            gt, traces, dice, clicks = _run_slice(segmenter, item, start, n_clicks, max_objects_per_batch,
+                                                  click_rule)
             rows += _slice_rows(item, gt, dice, start, n_clicks)
+            click_rows += _slice_click_rows(item, clicks)
             if len(cases) < n_overlays:
                 cases.append(_overlay_case(item, gt, traces, n_slices))
             n_slices += 1
@@ -307,21 +317,29 @@ def _run_slices(segmenter, manifest, split: str, label_ids, chosen, total: int, 
             bar.set_postfix(dice=f"{_mean([r[f'dice_{n_clicks}'] for r in rows]):.3f}")
     finally:
         bar.close()
-    return rows, cases, n_slices
+    return rows, click_rows, cases, n_slices
 
 
 def _run_slice(segmenter, item: dict, start: str, n_clicks: int, max_objects_per_batch: int, click_rule: dict):
-    """One slice's objects through the protocol in batches: (gt masks, [(first object, trace)], dice K×steps)."""
+    """One slice's objects through the protocol in batches: (gt masks, [(first object, trace)], dice K×steps,
+    click rows: `click_response` of every object's every click, with its round and object index)."""
     h, w = item["input_size"]
     label_map = item["label_map"][:h, :w].numpy()
     gt = np.stack([label_map == i for i in item["label_ids"]])
-    traces = []
+    traces, clicks = [], []
     emb = embed_image(segmenter, item["image"], (h, w))  # once per slice, whatever the number of object batches
     for lo in range(0, gt.shape[0], max_objects_per_batch):
-        trace = run_protocol(segmenter, item["image"], gt[lo:lo + max_objects_per_batch], (h, w), start, n_clicks,
-                             embeddings=emb, **click_rule)
+        batch = gt[lo:lo + max_objects_per_batch]
+
+        def record(round_index, before, raw, kept, xy, label, lo=lo, batch=batch):
+            responses = click_response(before.numpy(), raw.numpy(), kept.numpy(), batch, xy.numpy(), label.numpy())
+            clicks.extend({"object": lo + j, "round": round_index + 1, **row}
+                          for j, row in enumerate(responses) if row is not None)
+
+        trace = run_protocol(segmenter, item["image"], batch, (h, w), start, n_clicks, embeddings=emb,
+                             on_click=record, **click_rule)
         traces.append((lo, trace))
-    return gt, traces, np.concatenate([trace.dice for _, trace in traces], axis=0)
+    return gt, traces, np.concatenate([trace.dice for _, trace in traces], axis=0), clicks
 
 
 def _slice_rows(item: dict, gt: np.ndarray, dice: np.ndarray, start: str, n_clicks: int) -> list[dict]:
@@ -331,6 +349,17 @@ def _slice_rows(item: dict, gt: np.ndarray, dice: np.ndarray, start: str, n_clic
                "label_id": obj, "label_name": item["label_names"][obj], "area": int(gt[j].sum()), "start": start}
         row.update({f"dice_{i}": float(dice[j, i]) for i in range(n_clicks + 1)})
         rows.append(row)
+    return rows
+
+
+def _slice_click_rows(item: dict, clicks: list[dict]) -> list[dict]:
+    """`_run_slice`'s click rows with the slice and label they belong to (per_click.csv)."""
+    rows = []
+    for click in clicks:
+        obj = item["label_ids"][click["object"]]
+        rows.append({"volume_id": item["volume_id"], "slice_index": item["slice_index"], "label_id": obj,
+                     "label_name": item["label_names"][obj],
+                     **{k: v for k, v in click.items() if k != "object"}})
     return rows
 
 

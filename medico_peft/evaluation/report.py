@@ -28,7 +28,7 @@ def step_names(n_clicks: int) -> list[str]:
 
 
 def write_csv(rows: Sequence[dict], path) -> Path:
-    """One line per object: slice, label, area and Dice after each step."""
+    """One line per row dict (per object: slice, label, area and Dice after each step; per click)."""
     path = Path(path)
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         if rows:
@@ -77,7 +77,53 @@ def summary_markdown(result, title: str | None = None) -> str:
                      + " | ".join(f"*{_fmt(v)}*" for v in stats["mean_dice"]) + " |")
     lines.append(f"| **overall (mean over objects)** | {result.n_objects} | "
                  + " | ".join(f"**{_fmt(v)}**" for v in result.mean_dice) + " |")
+    response = click_response_markdown(result.click_rows)
+    if response:
+        lines += ["", "## How the clicks were answered (means over clicks; per_click.csv has every click)", "",
+                  *response]
     return "\n".join(lines) + "\n"
+
+
+def click_response_summary(click_rows: Sequence[dict]) -> list[dict]:
+    """Per label and click kind, the means over clicks of `click_response`'s figures (in order of label name,
+    then positive before negative): `n` clicks; `region_share` the clicked error region / all error;
+    `fixed_raw` / `fixed_kept` the share of the clicked region the decoder's answer / the kept answer fixes;
+    `broken_raw` / `broken_kept` right pixels elsewhere made wrong; `gain_raw` / `gain_kept` Dice change."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in click_rows:
+        groups.setdefault((row["label_name"], row["kind"]), []).append(row)
+
+    def mean(values):
+        values = list(values)
+        return sum(values) / len(values) if values else float("nan")
+
+    out = []
+    for (name, kind), rows in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] != "positive")):
+        region = [max(r["region_px"], 1) for r in rows]
+        out.append({"label_name": name, "kind": kind, "n": len(rows),
+                    "region_share": mean(r["region_px"] / max(r["error_px"], 1) for r in rows),
+                    **{f"fixed_{a}": mean(r[f"fixed_{a}"] / n for r, n in zip(rows, region)) for a in ("raw", "kept")},
+                    **{f"broken_{a}": mean(r[f"broken_{a}"] for r in rows) for a in ("raw", "kept")},
+                    **{f"gain_{a}": mean(r[f"dice_{a}"] - r["dice_before"] for r in rows) for a in ("raw", "kept")}})
+    return out
+
+
+def click_response_markdown(click_rows: Sequence[dict]) -> list[str]:
+    """`click_response_summary` as a markdown table (lines), with a line that says how to read it."""
+    if not click_rows:
+        return []
+    lines = ["| label | click | n | clicked region / all error | region fixed: decoder | region fixed: kept "
+             "| px broken elsewhere: decoder / kept | Dice change: decoder / kept |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in click_response_summary(click_rows):
+        lines.append(f"| {s['label_name']} | {s['kind']} | {s['n']} | {_fmt(s['region_share'])} | "
+                     f"{_fmt(s['fixed_raw'])} | {_fmt(s['fixed_kept'])} | {s['broken_raw']:.0f} / "
+                     f"{s['broken_kept']:.0f} | {s['gain_raw']:+.3f} / {s['gain_kept']:+.3f} |")
+    lines += ["", "Each click lands in one connected error region (what one perfect local click would fix); "
+              "*region fixed* is the share of it the decoder's whole answer / the answer kept after the click "
+              "merge gets right, *px broken elsewhere* the right pixels outside it that the answer makes wrong. "
+              "A decoder that ignores clicks fixes little of the region; one that drifts breaks pixels elsewhere."]
+    return lines
 
 
 def plot_dice_curves(curves: dict[str, Sequence[float]], path, title: str = "Dice vs corrective clicks") -> Path:
@@ -125,7 +171,8 @@ def save_overlay(case, path) -> Path:
     return save_png(fig, path)
 
 
-_EVAL_FILE = re.compile(r"^(per_object\.csv|dice_vs_clicks\.png|summary\.md|summary\.json|overlay_\d+\.png)$")
+_EVAL_FILE = re.compile(
+    r"^(per_object\.csv|per_click\.csv|dice_vs_clicks\.png|summary\.md|summary\.json|overlay_\d+\.png)$")
 
 
 def write_eval_outputs(result, out_dir, title: str | None = None) -> dict[str, Path]:
@@ -137,6 +184,8 @@ def write_eval_outputs(result, out_dir, title: str | None = None) -> dict[str, P
     out = Path(out_dir)
     with staged_folder(out, owned=lambda name: bool(_EVAL_FILE.match(name))) as stage:
         files = {"per_object_csv": write_csv(result.rows, stage / "per_object.csv")}
+        if result.click_rows:
+            files["per_click_csv"] = write_csv(result.click_rows, stage / "per_click.csv")
         curves = {"overall": result.mean_dice}
         if len(result.per_label) <= 8:
             curves.update(result.per_label)
