@@ -27,7 +27,8 @@ what `torch.cuda.max_memory_allocated` reports on a GPU).
 Why clicks help or not, measured: every test click's answer (`evaluation/clicks.py` `click_response`: the share of the
 clicked error region the decoder's answer and the kept answer fix, pixels broken elsewhere), per method, label and
 click kind; and per task how much a tight box tells objects apart (`box_overlap`). `--reuse-training` evaluates an
-earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe.
+earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe. Each
+evaluation's files (per-object and per-click CSV, summary, overlay PNGs) go to `<work>/<task>/eval/`.
 
 CPU cost (2 quiet cores): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and ≈ 6 s a Colin27 test slice (~30
 objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min training + 4 min on the 43 test
@@ -184,15 +185,16 @@ def step_peak_bytes(method: str) -> int:
     return int(measured_step(rig)["peak"])
 
 
-def evaluate(model, manifest: Path, args) -> dict:
-    """Dice per round over every object of the chosen test slices, overall and per object group."""
+def evaluate(model, manifest: Path, args, out_dir: Path | None = None) -> dict:
+    """Dice per round over every object of the chosen test slices, overall and per object group; with `out_dir`
+    the evaluation's files too (per_object.csv, per_click.csv, summary.md, overlay PNGs)."""
     from medico_peft.data.real_data import object_group
     from medico_peft.evaluation.interactive import evaluate_interactive
     from medico_peft.evaluation.report import click_response_summary
 
     t = time.perf_counter()
     res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=CLICKS,
-                               max_slices=args.max_slices or None, progress=False)
+                               max_slices=args.max_slices or None, progress=False, out_dir=out_dir)
     groups: dict[str, list] = {}
     for row in res.rows:
         groups.setdefault(object_group(row["label_name"]) or "other", []).append(
@@ -246,7 +248,8 @@ def run_task(task: str, args, state: dict, save) -> None:
         save()
 
     if "zero_shot" in args.methods:
-        record("zero_shot", None, None, None, {}, evaluate(load_model("litemedsam").eval(), manifest, args))
+        record("zero_shot", None, None, None, {},
+               evaluate(load_model("litemedsam").eval(), manifest, args, work / "eval" / "zero_shot"))
     trained_methods = [m for m in args.methods if METHODS[m][1] is not None]
     for method in trained_methods:
         state.setdefault("peak", {}).setdefault(method, step_peak_bytes(method))
@@ -266,7 +269,7 @@ def run_task(task: str, args, state: dict, save) -> None:
                 trained = sweep[lr] if seed == first else train_run(
                     method, manifest, work / budget / f"{method}_lr{lr:g}_seed{seed}", lr, seed, budget, args)
                 model = load_adapter(load_model("litemedsam"), trained["adapter"]).eval()
-                scores = evaluate(model, manifest, args)
+                scores = evaluate(model, manifest, args, work / "eval" / budget / f"{method}_seed{seed}")
                 record(method, budget, seed, lr, {**trained, **adapter_stats(Path(trained["adapter"]))}, scores)
                 print(f"[bench_realdata] {task} {budget} {method} seed {seed} lr {lr:g}: box "
                       f"{scores['rounds'][0]:.3f}, +{CLICKS} {scores['rounds'][-1]:.3f} "

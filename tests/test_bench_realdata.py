@@ -62,7 +62,10 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
         return {"adapter": str(out / "adapter.safetensors"), "steps": 12, "train_s": 60.0 + seed, "best_step": 10,
                 "val": val, "stop": None}
 
-    def fake_eval(model, manifest, args):
+    eval_dirs = []
+
+    def fake_eval(model, manifest, args, out_dir=None):
+        eval_dirs.append(out_dir)
         method, seed = model
         box = {"zero_shot": 0.5, "decoder_only": 0.70, "lora_qv": 0.73, "full": 0.745}[method] + 0.002 * seed
         rounds = [box + 0.02 * i for i in range(br.CLICKS + 1)]
@@ -102,6 +105,10 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
         mine = [c for c in calls if c[0] == method]
         assert mine == [(method, 0.5, 0, "steps"), (method, 1.0, 0, "steps"), (method, 2.0, 0, "steps"),
                         (method, 1.0, 1, "steps")]
+    # every evaluated model keeps its evaluation files in its own folder under the task's work folder
+    assert len(set(eval_dirs)) == len(eval_dirs) == 1 + 3 * 2
+    assert eval_dirs[0] == tmp_path / "work" / "colin27" / "eval" / "zero_shot"
+    assert tmp_path / "work" / "colin27" / "eval" / "steps" / "lora_qv_seed1" in eval_dirs
     text = out.read_text()
     assert "**Partial**" not in text and "- Command: `python" in text
     assert "| LoRA r=8 q,v (last 2 blocks) | 0.0005 | 4,000,000 | 99.0 % | 16.2 | 300 | 12/12 |" in text
@@ -171,7 +178,7 @@ def test_a_run_cut_short_leaves_a_partial_file(br, tmp_path, monkeypatch):
     monkeypatch.setattr(medico_peft.data.real_data, "describe_slabs", lambda m: "mni152: test 1–9 (9 slices)")
     monkeypatch.setattr(br, "box_overlap", lambda manifest: {"visible": 0.9})
     monkeypatch.setattr(medico_peft.models, "load_model", lambda name: type("M", (), {"eval": lambda s: s})())
-    monkeypatch.setattr(br, "evaluate", lambda model, manifest, args: {
+    monkeypatch.setattr(br, "evaluate", lambda model, manifest, args, out_dir=None: {
         "rounds": [0.4, 0.45, 0.47, 0.48, 0.49], "n_slices": 9, "n_objects": 18, "eval_s": 1.0,
         "groups": {"visible": {"rounds": [0.4, 0.45, 0.47, 0.48, 0.49], "n": 18}}})
     monkeypatch.setattr(br, "step_peak_bytes", lambda method: 1)
