@@ -42,9 +42,11 @@ from pathlib import Path
 import numpy as np
 
 try:
+    from benchmarks._answers import answers_lines
     from benchmarks._results import RESULTS_DIR, Results, weights_source
     from benchmarks._tasks import build_shards
 except ImportError:  # run as `python benchmarks/bench_clicks.py`
+    from _answers import answers_lines
     from _results import RESULTS_DIR, Results, weights_source
     from _tasks import build_shards
 
@@ -97,6 +99,13 @@ CHANGES = {
                                                 "schedule": {"kind": "cosine"}},
     "decoder-only+eval-matched+prompt-encoder+cosine": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True},
                                                         "schedule": {"kind": "cosine"}},
+    # the recommended recipe with `loss.click_region`: each click round's loss also scores the whole error region
+    # the click landed in (what the evaluation's local merge accepts), not only the whole mask
+    "LoRA+eval-matched+prompt-encoder+click-region": {"train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True},
+                                                      "loss": {"click_region": 1.0}},
+    "decoder-only+eval-matched+prompt-encoder+click-region": {"train": EVAL_MATCHED,
+                                                              "peft": {"train_prompt_encoder": True},
+                                                              "loss": {"click_region": 1.0}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -153,16 +162,23 @@ def oracle_dice(model, manifest: Path, max_slices: int) -> list[float]:
         protocol.run_protocol = real
 
 
-def evaluate_rules(model, manifest: Path, max_slices: int, rules=(*RULES, "oracle")) -> dict[str, list[float]]:
+def evaluate_rules(model, manifest: Path, max_slices: int, rules=(*RULES, "oracle"),
+                   answers: list | None = None) -> dict[str, list[float]]:
+    """Mean Dice per step under each rule; `answers` (a list) receives the library default rule's
+    (painted+local) `click_response_summary` rows."""
     from medico_peft.evaluation.interactive import evaluate_interactive
+    from medico_peft.evaluation.report import click_response_summary
 
     out = {}
     for rule in rules:
         if rule == "oracle":
             out[rule] = oracle_dice(model, manifest, max_slices)
-        else:
-            out[rule] = evaluate_interactive(model, manifest, n_clicks=CLICKS, max_slices=max_slices, progress=False,
-                                             **RULES[rule]).mean_dice
+            continue
+        res = evaluate_interactive(model, manifest, n_clicks=CLICKS, max_slices=max_slices, progress=False,
+                                   **RULES[rule])
+        out[rule] = res.mean_dice
+        if rule == "painted+local" and answers is not None:
+            answers.append(click_response_summary(res.click_rows))
     return out
 
 
@@ -202,13 +218,15 @@ def main(argv=None) -> int:
     if args.work.exists():
         shutil.rmtree(args.work)
     table: dict[tuple[str, str, str], list[list[float]]] = {}
+    answers: dict[tuple[str, str], list[list[dict]]] = {}  # (task, model) -> per run, how its clicks were answered
     notes = []
     slices = {"mni152": args.slices, "colin27": args.colin27_slices}
     done = []
     for task in args.tasks:
         manifest = build_shards(task, args.work / task / "shards", args.compression)
         t0 = time.monotonic()
-        zero = evaluate_rules(load_model("litemedsam").to(args.device).eval(), manifest, slices[task], args.rules)
+        zero = evaluate_rules(load_model("litemedsam").to(args.device).eval(), manifest, slices[task], args.rules,
+                              answers.setdefault((task, "zero-shot"), []))
         for rule, dice in zero.items():
             table.setdefault((task, "zero-shot", rule), []).append(dice)
         notes.append(f"{task} zero-shot: {time.monotonic() - t0:.0f} s")
@@ -220,15 +238,16 @@ def main(argv=None) -> int:
                                    args.device, args.lr)
                 t1 = time.monotonic()
                 model = load_adapter(load_model("litemedsam"), adapter).to(args.device).eval()
-                for rule, dice in evaluate_rules(model, manifest, slices[task], args.rules).items():
+                for rule, dice in evaluate_rules(model, manifest, slices[task], args.rules,
+                                                 answers.setdefault((task, kind), [])).items():
                     table.setdefault((task, kind, rule), []).append(dice)
                 notes.append(f"{task} {kind} seed {seed}: train {t1 - t0:.0f} s, evaluate {time.monotonic() - t1:.0f} s")
                 print(f"[bench_clicks] {notes[-1]}", flush=True)
             seeds_done.append(seed)
             if seed != args.seeds[-1]:  # whole file after every seed, so a run cut short keeps what it measured
-                path = res.write(args.out, report(args, table, notes, slices, done, seeds_done))
+                path = res.write(args.out, report(args, table, notes, slices, done, seeds_done, answers))
         done.append(task)
-        path = res.write(args.out, report(args, table, notes, slices, done, seeds_done))  # whole file per task
+        path = res.write(args.out, report(args, table, notes, slices, done, seeds_done, answers))  # whole file per task
     print(f"wrote {path}")
     return 0
 
@@ -270,13 +289,20 @@ def _variants(kinds) -> str:
             "decoder-only+eval-matched+prompt-encoder+cosine": "decoder-only+eval-matched+prompt-encoder+cosine = "
                                                                "the decoder-only control with the same cosine "
                                                                "schedule",
+            "LoRA+eval-matched+prompt-encoder+click-region": "LoRA+eval-matched+prompt-encoder+click-region = "
+                                                             "LoRA+eval-matched+prompt-encoder with "
+                                                             "`loss.click_region=1` (cross-entropy over the error "
+                                                             "region each click landed in)",
+            "decoder-only+eval-matched+prompt-encoder+click-region": "decoder-only+eval-matched+prompt-encoder+"
+                                                                     "click-region = the decoder-only control with "
+                                                                     "the same `loss.click_region=1`",
             "decoder-only+eval-matched+prompt-encoder": "decoder-only+eval-matched+prompt-encoder = the decoder-only "
                                                         "run with the same two changes (the control that isolates "
                                                         "the encoder LoRA)"}
     return "; ".join(said[k] for k in kinds if k in said) or "no click-training variant"
 
 
-def report(args, table, notes, slices, done, seeds_done) -> str:
+def report(args, table, notes, slices, done, seeds_done, answers=None) -> str:
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Finetunes: the demo's former recipe (`workflows/demo.py` "
         f"`lora_config` with bench_clicks' `BASE`: batch 2, 2 objects, 3 click sub-iterations with random clicks, "
@@ -299,8 +325,11 @@ def report(args, table, notes, slices, done, seeds_done) -> str:
                 for (task, kind, rule), runs in table.items() if rule == "painted+local" and kind != "zero-shot"]
     if per_seed:
         lines += ["", "Per seed, painted+local, +4 − box: " + "; ".join(per_seed) + "."]
-    lines += ["", "Rules: " + "; ".join(RULE_TEXT[r] for r in args.rules) + ".", "",
-              "Times: " + "; ".join(notes) + "."]
+    lines += ["", "Rules: " + "; ".join(RULE_TEXT[r] for r in args.rules) + "."]
+    answered = answers_lines({f"{task} {model}": runs for (task, model), runs in (answers or {}).items()})
+    if answered:
+        lines += ["", "Under painted+local: " + answered[0], *answered[1:]]
+    lines += ["", "Times: " + "; ".join(notes) + "."]
     if len(done) < len(args.tasks) or len(seeds_done) < len(args.seeds):
         lines += ["", f"**Partial**: tasks done {', '.join(done) or 'none'} of {', '.join(args.tasks)}; seeds done "
                       f"{', '.join(map(str, seeds_done))} of {', '.join(map(str, args.seeds))} (the file is rewritten "

@@ -48,10 +48,12 @@ from pathlib import Path
 import numpy as np
 
 try:
+    from benchmarks._answers import answers_lines
     from benchmarks._results import RESULTS_DIR, Results, weights_source
     from benchmarks._step import build, measured_step
     from benchmarks._tasks import TASKS, build_shards
 except ImportError:  # run as `python benchmarks/bench_realdata.py`
+    from _answers import answers_lines
     from _results import RESULTS_DIR, Results, weights_source
     from _step import build, measured_step
     from _tasks import TASKS, build_shards
@@ -380,35 +382,6 @@ def _method_row(method: str, s: dict, dec: dict | None, peak: int | None) -> str
             + f" | {_ms(s['box'])} | {_ms(s['clicks'])} | {_ms(gain, sign='+')} | {delta} |")
 
 
-ANSWER_FIGURES = ("region_share", "fixed_raw", "fixed_kept", "broken_raw", "broken_kept", "gain_raw", "gain_kept")
-
-
-def clicks_answered_lines(summary: dict) -> list[str]:
-    """Per method, label and click kind: how the test clicks were answered (`click_response_summary`), mean over
-    seeds of each run's means, clicks summed over seeds."""
-    lines = []
-    for m, s in summary.items():
-        merged: dict[tuple[str, str], list[dict]] = {}
-        for r in s["runs"]:
-            for row in r.get("clicks_answered", []):
-                merged.setdefault((row["label_name"], row["kind"]), []).append(row)
-        for (name, kind), rows in merged.items():
-            f = {k: float(np.mean([r[k] for r in rows])) for k in ANSWER_FIGURES}
-            lines.append(f"| {METHODS[m][0]} | {name} | {kind} | {sum(r['n'] for r in rows)} | {f['region_share']:.3f} "
-                         f"| {f['fixed_raw']:.3f} | {f['fixed_kept']:.3f} | {f['broken_raw']:.0f} / {f['broken_kept']:.0f} "
-                         f"| {f['gain_raw']:+.4f} / {f['gain_kept']:+.4f} |")
-    if not lines:
-        return []
-    return ["How the test clicks were answered (`medico-peft evaluate` writes the same per click in per_click.csv): "
-            "each click lands in one connected error region of its kind (false negatives for a positive click, false "
-            "positives for a negative one), what one perfect local click would fix. *Region* = that region's share "
-            "of all error; *fixed* = share of the region the decoder's whole answer / the answer kept after the "
-            "click merge gets right; *broken* = right pixels elsewhere made wrong (decoder / kept); *Dice change* = "
-            "per click (decoder / kept). Means over clicks, then over seeds.", "",
-            "| method | label | click | clicks | region | fixed: decoder | fixed: kept | broken px | Dice change |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|", *lines, ""]
-
-
 def report(state: dict, args) -> str:
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
     lines = [
@@ -457,7 +430,8 @@ def report(state: dict, args) -> str:
             if per_seed:
                 lines += ["", f"Per seed (box / +{CLICKS}): " + "; ".join(per_seed) + "."]
             lines += ["", goal_line(summary), ""]
-            lines += clicks_answered_lines(summary)
+            lines += answers_lines({METHODS[m][0]: [r.get("clicks_answered", []) for r in s["runs"]]
+                                    for m, s in summary.items()})
             reused = [f"{r['method']} seed {r['seed']}" for m in summary.values() for r in m["runs"] if r.get("reused")]
             if reused:
                 lines += ["Training reused from the work folder's earlier run (`--reuse-training`: adapter and "

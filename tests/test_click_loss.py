@@ -1,9 +1,12 @@
-"""The click loss (`loss.click_bce`): cross-entropy over the pixels around each click, against the truth.
+"""The click losses: `loss.click_bce`, cross-entropy over the pixels around each click, and `loss.click_region`,
+cross-entropy over the error region each click landed in, both against the truth.
 
 Reference: torch's own `binary_cross_entropy_with_logits` over a hand-built disk (per-pixel, no reduction)."""
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -43,3 +46,90 @@ def test_click_bce_rewards_answering_the_click():
     answers = ignores.clone()
     answers[0, 0, 2:7, 2:7] = 3.0
     assert click_bce_loss(answers, target, disks) < click_bce_loss(ignores, target, disks)
+
+
+def test_clicked_regions_are_the_connected_errors_of_the_clicks_kind():
+    """Reference: the error regions drawn by hand. Truth has two blobs; the prediction misses both (false
+    negatives) and adds a false-positive square. A positive click in blob A selects A only; a negative click
+    in the square selects the square; a click on a right pixel, padding (-1) and a box corner (2) select nothing."""
+    from medico_peft.evaluation.clicks import clicked_regions
+
+    gt = torch.zeros(3, 20, 20, dtype=torch.bool)
+    gt[:, 2:6, 2:6] = True  # blob A
+    gt[:, 12:16, 2:6] = True  # blob B
+    pred = torch.zeros_like(gt)
+    pred[:, 10:14, 12:18] = True  # false positive square
+    points = torch.tensor([[[3.0, 3.0], [0.0, 0.0]], [[14.0, 12.0], [3.0, 3.0]], [[19.0, 0.0], [3.0, 13.0]]])
+    labels = torch.tensor([[1, -1], [0, 2], [1, 1]])  # row 2: a click on a right pixel, then one in blob B
+    regions = clicked_regions(pred.numpy(), gt.numpy(), points.numpy(), labels.numpy())
+    a, b, square = torch.zeros(3, 20, 20, dtype=torch.bool).unbind(0)
+    a[2:6, 2:6] = True
+    b[12:16, 2:6] = True
+    square[10:14, 12:18] = True
+    assert torch.equal(torch.from_numpy(regions[0]), a)
+    assert torch.equal(torch.from_numpy(regions[1]), square)
+    assert torch.equal(torch.from_numpy(regions[2]), b)
+
+
+def test_click_region_loss_adds_the_cross_entropy_over_the_clicked_regions_to_each_click_round(monkeypatch):
+    """`loss.click_region`: the same forward (same generator, so the same predictions and clicks) with and
+    without the term differs by exactly weight × the mean over click rounds of the region cross-entropy; each
+    round's regions are the connected errors its new clicks landed in (recomputed here with scipy from the
+    recorded predictions and clicks)."""
+    from scipy.ndimage import label as connected
+
+    import medico_peft.training.interactive_step as step_module
+    from medico_peft.models import build_model
+    from medico_peft.training.config import LossConfig
+    from medico_peft.training.interactive_step import InteractiveStep
+    from medico_peft.training.memory import SegmentedEncoder
+
+    model = build_model("vit_tiny", seed=0).eval()
+    s = model.img_size
+    masks = torch.zeros(1, 2, s, s)
+    masks[0, 0, 20:80, 16:60] = 1
+    masks[0, 0, 40:60, 30:44] = 0  # a hole: the box start tends to fill it
+    masks[0, 1, 80:120, 60:120] = 1
+    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
+             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
+             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
+             "object_valid": torch.tensor([[True, True]])}
+    seen, terms = [], []
+    real_regions, real_ce = step_module.clicked_regions, step_module.click_bce_loss
+
+    def regions_spy(pred, gt, points, labels):
+        out = real_regions(pred, gt, points, labels)
+        seen.append((pred, gt, points, labels, out))
+        return out
+
+    def ce_spy(logits, gt, mask):
+        out = real_ce(logits, gt, mask)
+        terms.append(out.detach())
+        return out
+
+    monkeypatch.setattr(step_module, "clicked_regions", regions_spy)
+    monkeypatch.setattr(step_module, "click_bce_loss", ce_spy)
+    losses = {}
+    for weight in (0.0, 0.5):
+        seen.clear()
+        terms.clear()
+        step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(click_region=weight), 3, 1.0,
+                               click_sampling="center")
+        with torch.no_grad():
+            losses[weight], _ = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
+        if weight == 0.0:
+            assert not seen and not terms
+    assert len(seen) == 3 and len(terms) == 3  # regions after rounds 1-3, a loss term in rounds 2-4
+    expected = 0.5 * sum(t[:, 0].mean() for t in terms) / 4
+    assert float(losses[0.5] - losses[0.0]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    assert any(out.any() for *_, out in seen)
+    for pred, gt, points, labels, out in seen:
+        for j in range(len(gt)):
+            want = np.zeros_like(gt[j])
+            for (x, y), lab in zip(points[j], labels[j]):
+                if lab in (0, 1):
+                    error = (gt[j] & ~pred[j]) if lab == 1 else (pred[j] & ~gt[j])
+                    regions, _ = connected(error, structure=np.ones((3, 3)))
+                    if regions[int(round(y)), int(round(x))]:
+                        want |= regions == regions[int(round(y)), int(round(x))]
+            np.testing.assert_array_equal(out[j], want)

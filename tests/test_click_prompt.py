@@ -305,6 +305,9 @@ def test_click_training_options_are_checked_at_the_edge_by_name():
         TrainConfig.from_dict({**base, "train": {"click_sampling": "edges"}})
     with pytest.raises(ConfigError, match="click_bce"):
         TrainConfig.from_dict({**base, "loss": {"click_bce": -1}})
+    with pytest.raises(ConfigError, match="loss.click_region"):
+        TrainConfig.from_dict({**base, "loss": {"click_region": -0.5}})
+    assert TrainConfig.from_dict({**base, "loss": {"click_region": 1.0}}).loss.click_region == 1.0
 
 
 def test_center_click_sampling_trains_on_the_evaluation_protocols_click():

@@ -68,8 +68,14 @@ def test_bench_clicks_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, 
 
     rules = [*bench_clicks.RULES, "oracle"]
     monkeypatch.setattr(bench_clicks, "build_shards", lambda task, out, compression=None: tmp_path / "manifest.json")
-    monkeypatch.setattr(bench_clicks, "evaluate_rules",
-                        lambda model, manifest, n, chosen: {r: [0.5, 0.6, 0.7, 0.7, 0.8] for r in chosen})
+    answered = {"label_name": "grey_matter", "kind": "negative", "n": 4, "region_share": 0.4, "fixed_raw": 0.05,
+                "fixed_kept": 0.04, "broken_raw": 80.0, "broken_kept": 0.0, "gain_raw": 0.0, "gain_kept": 0.001}
+
+    def evaluate_rules(model, manifest, n, chosen, answers=None):
+        answers.append([answered])
+        return {r: [0.5, 0.6, 0.7, 0.7, 0.8] for r in chosen}
+
+    monkeypatch.setattr(bench_clicks, "evaluate_rules", evaluate_rules)
 
     def finetune(kind, manifest, out, steps, seed, device="cpu", lr=None):
         if seed == 1:
@@ -87,6 +93,9 @@ def test_bench_clicks_keeps_every_finished_seed_when_a_later_one_dies(tmp_path, 
     text = out.read_text()
     assert "seeds 0." in text and "**Partial**" in text and "seeds done 0 of 0, 1" in text
     assert text.count("| mni152 | LoRA+click-training |") == len(rules)  # seed 0's rows, all rules
+    # how the clicks were answered, per model (fakes: one row each)
+    assert "| mni152 LoRA+click-training | grey_matter | negative | 4 | 0.400 | 0.050 | 0.040 | 80 / 0 " \
+           "| +0.0000 / +0.0010 |" in text
 
 
 def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
@@ -159,6 +168,11 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
                         flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]))):
         assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if base.get(k) != v} == {
             ("schedule", "kind"): "cosine", ("schedule", "total_steps"): 12}  # the schedule only, over the run
+    for kind, base in (("LoRA+eval-matched+prompt-encoder+click-region", recommended),
+                       ("decoder-only+eval-matched+prompt-encoder+click-region",
+                        flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]))):
+        assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if base.get(k) != v} == {
+            ("loss", "click_region"): 1.0}  # the click-region loss only
     # The demo's recipe now is the measured LoRA+eval-matched+prompt-encoder kind, key by key (and its
     # decoder-only baseline the decoder-only control), so the demo trains what the results files measured.
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config

@@ -124,6 +124,31 @@ def center_correction(pred: np.ndarray, gt: np.ndarray):
     return fp_xy, 0
 
 
+def clicked_regions(pred, gt, points, labels) -> np.ndarray:
+    """(K, H, W) bool: for each object the connected error regions its clicks landed in: false negatives
+    for a positive click, false positives for a negative one (8-connectivity); what one perfect local click
+    would fix. pred, gt (K, H, W) bool; points (K, P, 2) xy and labels (K, P) in the masks' pixel frame
+    (labels other than 0/1 are skipped; a click on a right pixel adds nothing)."""
+    from scipy.ndimage import label as connected_regions
+
+    pred, gt = np.asarray(pred, dtype=bool), np.asarray(gt, dtype=bool)
+    points = np.asarray(points, dtype=np.float64).reshape(len(gt), -1, 2)
+    labels = np.asarray(labels).reshape(len(gt), -1)
+    out = np.zeros_like(gt)
+    structure = np.ones((3, 3), dtype=bool)
+    for j in range(len(gt)):
+        h, w = gt[j].shape
+        for (x, y), lab in zip(points[j], labels[j]):
+            if lab not in (0, 1):
+                continue
+            error = (gt[j] & ~pred[j]) if lab == 1 else (pred[j] & ~gt[j])
+            x, y = int(np.clip(round(x), 0, w - 1)), int(np.clip(round(y), 0, h - 1))
+            if error[y, x]:
+                regions, _ = connected_regions(error, structure=structure)
+                out[j] |= regions == regions[y, x]
+    return out
+
+
 def click_response(prev: np.ndarray, raw: np.ndarray, kept: np.ndarray, gt: np.ndarray, xy, label) -> list[dict | None]:
     """How one corrective round answered each object's click: the diagnosis of "clicks do not help".
 
@@ -137,29 +162,22 @@ def click_response(prev: np.ndarray, raw: np.ndarray, kept: np.ndarray, gt: np.n
     `broken_kept` pixels outside it that were right and are wrong afterwards; `dice_before`, `dice_raw`,
     `dice_kept`.
     """
-    from scipy.ndimage import label as connected_regions
-
     from .metrics import dice_per_object
 
     prev, raw, kept, gt = (np.asarray(a, dtype=bool) for a in (prev, raw, kept, gt))
-    xy = np.asarray(xy, dtype=np.float64).reshape(len(gt), -1, 2)[:, -1]
-    label = np.asarray(label).reshape(len(gt), -1)[:, -1]
+    xy = np.asarray(xy, dtype=np.float64).reshape(len(gt), -1, 2)[:, -1:]
+    label = np.asarray(label).reshape(len(gt), -1)[:, -1:]
     dice = {name: dice_per_object(torch.from_numpy(m), torch.from_numpy(gt)).numpy()
             for name, m in (("before", prev), ("raw", raw), ("kept", kept))}
-    structure = np.ones((3, 3), dtype=bool)
+    regions = clicked_regions(prev, gt, xy, label)
     out: list[dict | None] = []
     for j in range(len(gt)):
-        if label[j] not in (0, 1):
+        if label[j, 0] not in (0, 1):
             out.append(None)
             continue
-        h, w = gt[j].shape
-        x = int(np.clip(round(xy[j, 0]), 0, w - 1))
-        y = int(np.clip(round(xy[j, 1]), 0, h - 1))
-        error = (gt[j] & ~prev[j]) if label[j] == 1 else (prev[j] & ~gt[j])
-        regions, _ = connected_regions(error, structure=structure)
-        region = regions == regions[y, x] if regions[y, x] else np.zeros_like(error)
+        region = regions[j]
         right_before = prev[j] == gt[j]
-        row = {"kind": "positive" if label[j] == 1 else "negative", "error_px": int((~right_before).sum()),
+        row = {"kind": "positive" if label[j, 0] == 1 else "negative", "error_px": int((~right_before).sum()),
                "region_px": int(region.sum())}
         for name, answer in (("raw", raw[j]), ("kept", kept[j])):
             right = answer == gt[j]

@@ -156,6 +156,12 @@ class LossConfig(_Section):
                               help="weight of a cross-entropy over the pixels within train.click_radius of every "
                                    "click so far (target: the truth there), added to each click round's loss: "
                                    "teaches the decoder to answer where the user clicked")
+    click_region: float = option(0.0, min=0.0,
+                                 help="weight of a cross-entropy over the connected error region each round's new "
+                                      "click landed in (false negatives for a positive click, false positives for a "
+                                      "negative one; target: the truth there), added to the next round's loss: "
+                                      "teaches the decoder to correct the whole mistake the user clicked into, not "
+                                      "only the clicked pixels (what evaluation's local merge accepts)")
 
 
 @dataclass

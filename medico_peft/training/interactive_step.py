@@ -5,7 +5,8 @@ output; the loss takes the best of the three masks, since one point is ambiguous
 (one mask), alternating per iteration. Then `sub_iterations` times: a random positive click in the
 false negatives and a negative click in the false positives of the current best mask are appended
 to the prompt (`click_sampling="center"`: instead the one click evaluation places, at the centre of
-the deeper error region), and with probability `mask_feed_prob` the previous low-res logits are fed back as
+the deeper error region; `loss.click_region` adds a cross-entropy over the error regions the new clicks
+landed in to the next round's loss), and with probability `mask_feed_prob` the previous low-res logits are fed back as
 mask input with every click so far painted into them (`click_radius`, models/click_prompt.py: the
 same painting evaluation and the Predictor do, so clicks reach the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
 sub-iterations.
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..evaluation.clicks import center_corrections, interior_corrections, random_corrections
+from ..evaluation.clicks import center_corrections, clicked_regions, interior_corrections, random_corrections
 from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, accept_click, paint_clicks
 from ..evaluation.metrics import dice_per_object
 from .losses import click_bce_loss, click_disks, mask_losses, true_iou
@@ -117,6 +118,7 @@ class InteractiveStep(nn.Module):
         gt = objs["masks"] > 0.5
         prompt = first_prompt(objs, prompt_kind)
         mask_input = None
+        regions = None  # the error regions the last round's clicks landed in (loss.click_region)
         total = 0.0
         n_iter = self.sub_iterations + 1
         for it in range(n_iter):
@@ -130,6 +132,8 @@ class InteractiveStep(nn.Module):
                 disks = click_disks(prompt["points"] * (logits.shape[-1] / model.img_size), prompt["point_labels"],
                                     logits.shape[-2:], radius)
                 per_mask = per_mask + self.loss_cfg.click_bce * click_bce_loss(logits, gt, disks)
+            if regions is not None:
+                per_mask = per_mask + self.loss_cfg.click_region * click_bce_loss(logits, gt, regions)
             best = per_mask.argmin(dim=1)
             rows = torch.arange(best.numel(), device=best.device)
             loss = per_mask[rows, best].mean()
@@ -148,7 +152,13 @@ class InteractiveStep(nn.Module):
             if it == n_iter - 1:
                 break
             depth = self.click_radius * pred.shape[-1] / feed_low.shape[-1]  # the painted disk, in pred pixels
+            clicked = 0 if prompt["points"] is None else prompt["points"].shape[1]
             prompt = add_clicks(prompt, pred, gt, generator, self.click_sampling, depth)
+            if self.loss_cfg.click_region:
+                regions = torch.from_numpy(clicked_regions(pred.cpu().numpy(), gt.cpu().numpy(),
+                                                           prompt["points"][:, clicked:].cpu().numpy(),
+                                                           prompt["point_labels"][:, clicked:].cpu().numpy()))
+                regions = regions.to(gt.device)
             feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
             mask_input = fed_back_mask(model, feed_low, prompt, self.click_radius) if feed else None
         dice = dice_per_object(pred, gt).mean().item()
