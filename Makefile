@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist): one per core of the 2-core CI machine; each runs torch single-threaded
+# (tests/conftest.py). PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= 2
 
 .PHONY: env system-deps lint-imports test test-fast demo bench bench-check clean
 
@@ -37,10 +40,10 @@ lint-imports: $(STAMP)
 	cd $(IMPORT_MIRROR) && $(abspath $(VENV))/bin/lint-imports --no-cache --config "$(CURDIR)/pyproject.toml"
 
 test: $(STAMP) system-deps lint-imports
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-fast: $(STAMP) lint-imports
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VENV)/bin/medico-peft demo

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests run single-threaded: with 2 threads a busy neighbour core made a 4 ms
-forward take 340 ms, so one thread gives steadier and often faster runs here."""
+forward take 340 ms, so one thread gives steadier and often faster runs here. `make test` runs two
+such processes side by side (pytest-xdist, one per core); session fixtures are built once per process."""
 
 from __future__ import annotations
 
