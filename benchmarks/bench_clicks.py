@@ -106,6 +106,9 @@ CHANGES = {
     "decoder-only+eval-matched+prompt-encoder+click-region": {"train": EVAL_MATCHED,
                                                               "peft": {"train_prompt_encoder": True},
                                                               "loss": {"click_region": 1.0}},
+    "decoder-only+eval-matched+prompt-encoder+click-region-0.25": {"train": EVAL_MATCHED,
+                                                                   "peft": {"train_prompt_encoder": True},
+                                                                   "loss": {"click_region": 0.25}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -296,6 +299,9 @@ def _variants(kinds) -> str:
             "decoder-only+eval-matched+prompt-encoder+click-region": "decoder-only+eval-matched+prompt-encoder+"
                                                                      "click-region = the decoder-only control with "
                                                                      "the same `loss.click_region=1`",
+            "decoder-only+eval-matched+prompt-encoder+click-region-0.25": "decoder-only+eval-matched+prompt-encoder+"
+                                                                          "click-region-0.25 = the decoder-only "
+                                                                          "control with `loss.click_region=0.25`",
             "decoder-only+eval-matched+prompt-encoder": "decoder-only+eval-matched+prompt-encoder = the decoder-only "
                                                         "run with the same two changes (the control that isolates "
                                                         "the encoder LoRA)"}

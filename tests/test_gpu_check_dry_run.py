@@ -173,6 +173,9 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
                         flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]))):
         assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if base.get(k) != v} == {
             ("loss", "click_region"): 1.0}  # the click-region loss only
+    quarter = flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder+click-region-0.25")])
+    assert {k: v for k, v in quarter.items() if flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]
+                                                     ).get(k) != v} == {("loss", "click_region"): 0.25}
     # The demo's recipe now is the measured LoRA+eval-matched+prompt-encoder kind, key by key (and its
     # decoder-only baseline the decoder-only control), so the demo trains what the results files measured.
     from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
