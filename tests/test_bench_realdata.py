@@ -140,7 +140,7 @@ def test_reuse_training_takes_only_a_run_trained_with_exactly_this_recipe(br, tm
     (out / "adapter.safetensors").write_bytes(b"x")
     run = {"adapter": str(out / "adapter.safetensors"), "steps": 12, "train_s": 99.0, "best_step": 10, "val": 0.7,
            "stop": None, "rounds": [0.5] * 5}
-    (tmp_path / "results.json").write_text(__import__("json").dumps({"tasks": {"mni152": {"runs": [run]}}}))
+    (tmp_path / "results.json").write_text(__import__("json").dumps({"tasks": {"mni152": dict(runs=[run])}}))
     previous = br.previous_runs(tmp_path / "results.json")
     assert br.reusable_run(previous, out, raw) == {**{k: run[k] for k in br.TRAINED_KEYS}, "reused": True}
     other_lr = br.train_config("lora_qv", tmp_path / "manifest.json", out, 1e-3, 0, "steps", args)
