@@ -1,7 +1,8 @@
 """Real-data benchmark: what each PEFT method buys over decoder-only training, on held-out real slices.
 
     python -m benchmarks.bench_realdata [--tasks colin27 mni152] [--methods ...] [--seeds 0 1 2]
-        [--budgets steps time] [--steps 40] [--minutes 10] [--lr-factors 0.4 1 2] [--max-slices 0]
+        [--budgets steps time] [--steps 40] [--minutes 10] [--schedule constant|cosine] [--lr-factors 0.4 1 2]
+        [--max-slices 0]
         [--out benchmarks/results/realdata.md]
 
 Tasks (benchmarks/_tasks.py): colin27 (Colin27 T1 + AAL, every structure, hemispheres separate) and mni152 (MNI152
@@ -89,6 +90,7 @@ METHODS = {
 }
 ENCODER_PEFT = ("lora_qv", "lora_qv_all_blocks", "lora_all_linears", "dora", "adapter_parallel", "adapter_sequential")
 BUDGETS = ("steps", "time")
+SCHEDULES = ("constant", "cosine")
 # issue 14's goals for the best encoder-PEFT method on a task's held-out slab
 GOAL_OVER_DECODER, GOAL_TO_FULL, GOAL_BOX, GOAL_CLICKS, GOAL_MINUTES = 0.02, 0.01, 0.85, 0.90, 30.0
 
@@ -103,6 +105,9 @@ def parse_args(argv=None):
                    help="steps: equal optimiser steps; time: equal wall clock")
     p.add_argument("--steps", type=int, default=40, help="optimiser steps per run (budget `steps`)")
     p.add_argument("--minutes", type=float, default=10.0, help="training minutes per run (budget `time`)")
+    p.add_argument("--schedule", default="constant", choices=SCHEDULES,
+                   help="constant: the recipe's LR after 2 warmup steps (a run the clock ends); cosine: warmup over 5 %% "
+                        "of --steps, then cosine down to 5 %% of the LR at the last step (budget `steps` only)")
     p.add_argument("--lr-factors", type=float, nargs="+", default=[1.0],
                    help="learning rates tried per method on the val slab, as multiples of its default")
     p.add_argument("--max-slices", type=int, default=0, help="test slices evaluated, evenly spaced (0: all)")
@@ -114,6 +119,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0 or args.max_slices < 0 or any(f <= 0 for f in args.lr_factors):
         p.error("--steps and --minutes must be positive, --max-slices ≥ 0, every --lr-factors value > 0")
+    if args.schedule == "cosine" and "time" in args.budgets:
+        p.error("--schedule cosine spans a known step count: use it with --budgets steps only")
     return args
 
 
@@ -131,6 +138,9 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
         raw["train"]["max_steps"] = args.steps
     else:
         raw["train"]["epochs"] = 10_000  # the clock ends the run
+    if args.schedule == "cosine":
+        raw["schedule"] = {"kind": "cosine", "warmup_steps": max(2, round(0.05 * args.steps)),
+                           "total_steps": args.steps, "min_lr_ratio": 0.05}
     return raw
 
 
@@ -384,11 +394,13 @@ def _method_row(method: str, s: dict, dec: dict | None, peak: int | None) -> str
 
 def report(state: dict, args) -> str:
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
+    schedule = ("constant LR after 2 warmup steps" if args.schedule == "constant" else
+                f"warmup over {max(2, round(0.05 * args.steps))} steps, then cosine to 5 % of the LR at step {args.steps}")
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Every trained method: the recommended recipe "
         "(`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects, click training on the evaluation's sequence, "
         "prompt encoder trained, adapter selected on the val slab every 20 steps), only the PEFT part and the "
-        f"learning rate differ; seeds {', '.join(map(str, args.seeds))}; budgets: "
+        f"learning rate differ; schedule: {schedule}; seeds {', '.join(map(str, args.seeds))}; budgets: "
         + ", ".join(budgets_text[b] for b in args.budgets) + ". Learning rate: the method's default × the best of "
         f"{', '.join(f'{f:g}' for f in args.lr_factors)} on the val slab (seed {args.seeds[0]}). Evaluation: the test slab, "
         f"{'every slice' if not args.max_slices else f'{args.max_slices} evenly spaced slices'}, one tight box then "

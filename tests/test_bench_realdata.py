@@ -195,8 +195,41 @@ def test_a_run_cut_short_leaves_a_partial_file(br, tmp_path, monkeypatch):
     assert "**Partial**" in text and "| zero-shot LiteMedSAM |" in text and "0.400" in text
 
 
+def test_cosine_schedule_spans_the_step_budget_and_only_the_schedule_differs(br, tmp_path):
+    """`--schedule cosine`: the trainer's LR (its own scheduler on the resolved config) warms up over 5 % of the
+    steps, then falls along a cosine to 5 % of the LR at the last step; nothing else in the recipe changes."""
+    import math
+
+    import torch
+
+    from medico_peft.training import TrainConfig
+    from medico_peft.training.trainer import make_scheduler
+
+    steps = 60
+    cosine = br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "c", 1e-3, 0, "steps",
+                             br.parse_args(["--steps", str(steps), "--schedule", "cosine"]))
+    constant = br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "c", 1e-3, 0, "steps",
+                               br.parse_args(["--steps", str(steps)]))
+    assert {k for k in set(_flat(cosine)) | set(_flat(constant))
+            if _flat(cosine).get(k) != _flat(constant).get(k)} <= {("schedule", k) for k in cosine["schedule"]}
+    cfg = TrainConfig.from_dict(cosine)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = make_scheduler(cfg, opt, total_steps=10_000)  # the epochs' count must not matter: the budget sets it
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    warm = 3  # 5 % of 60
+    assert lrs[:warm] == pytest.approx([1e-3 * (i + 1) / warm for i in range(warm)])
+    expected_last = 1e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (steps - 1 - warm) / (steps - warm))))
+    assert lrs[-1] == pytest.approx(expected_last) and lrs[-1] < 0.06e-3
+    assert all(b <= a for a, b in zip(lrs[warm:], lrs[warm + 1:]))
+
+
 @pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--lr-factors", "0"], "--lr-factors"),
-                                          (["--methods", "lora_xx"], "--methods"), (["--tasks", "brats"], "--tasks")])
+                                          (["--methods", "lora_xx"], "--methods"), (["--tasks", "brats"], "--tasks"),
+                                          (["--schedule", "cosine", "--budgets", "time"], "--schedule")])
 def test_bad_arguments_are_refused_by_name(br, capsys, argv, named):
     with pytest.raises(SystemExit):
         br.parse_args(argv)
