@@ -208,11 +208,14 @@ def evaluate(model, manifest: Path, args, out_dir: Path | None = None) -> dict:
     res = evaluate_interactive(model, manifest, split="test", start="box", n_clicks=CLICKS,
                                max_slices=args.max_slices or None, progress=False, out_dir=out_dir)
     groups: dict[str, list] = {}
+    by_slice: dict[int, list] = {}
     for row in res.rows:
         groups.setdefault(object_group(row["label_name"]) or "other", []).append(
             [row[f"dice_{i}"] for i in range(CLICKS + 1)])
+        by_slice.setdefault(int(row["slice_index"]), []).append([row["dice_0"], row[f"dice_{CLICKS}"]])
     return {"rounds": res.mean_dice, "n_slices": res.n_slices, "n_objects": res.n_objects,
             "groups": {g: {"rounds": np.mean(v, 0).tolist(), "n": len(v)} for g, v in groups.items()},
+            "by_slice": {str(k): np.mean(v, 0).tolist() for k, v in sorted(by_slice.items())},
             "clicks_answered": click_response_summary(res.click_rows), "eval_s": time.perf_counter() - t}
 
 
@@ -392,6 +395,30 @@ def _method_row(method: str, s: dict, dec: dict | None, peak: int | None) -> str
             + f" | {_ms(s['box'])} | {_ms(s['clicks'])} | {_ms(gain, sign='+')} | {delta} |")
 
 
+def slab_position_lines(summary: dict) -> list[str]:
+    """Box / +CLICKS Dice by position in the test slab: its slices in three equal runs by index (mean over the
+    objects of those slices, then over seeds). Where a slab split makes the test anatomy differ from training,
+    this is where it shows."""
+    rows = []
+    for m, s in summary.items():
+        runs = [r["by_slice"] for r in s["runs"] if r.get("by_slice")]
+        if not runs:
+            continue
+        slices = sorted(int(k) for k in runs[0])
+        thirds = [part for part in np.array_split(np.array(slices), 3) if len(part)]
+        cells = []
+        for part in thirds:
+            vals = np.mean([[run[str(i)] for i in part] for run in runs], axis=(0, 1))
+            cells.append(f"{vals[0]:.3f} / {vals[1]:.3f}")
+        rows.append((m, thirds, cells))
+    if not rows:
+        return []
+    head = " | ".join(f"slices {p[0]}–{p[-1]}" for p in rows[0][1])
+    return ["", f"Dice by position in the test slab (box / +{CLICKS}; its slices in three runs by index, mean over "
+            "their objects, then over seeds):", "", f"| method | {head} |", "|---|" + "---:|" * len(rows[0][1])] + [
+        f"| {METHODS[m][0]} | " + " | ".join(cells) + " |" for m, _, cells in rows]
+
+
 def report(state: dict, args) -> str:
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
     schedule = ("constant LR after 2 warmup steps" if args.schedule == "constant" else
@@ -436,6 +463,7 @@ def report(state: dict, args) -> str:
                           if g in s["group"] else "—" for g in ("visible", "cortical")]
                 lines.append(f"| {METHODS[m][0]} | " + " | ".join(f"{v:.3f}" for v in s["rounds"])
                              + f" | {'yes' if rises else 'no'} | " + " | ".join(groups) + " |")
+            lines += slab_position_lines(summary)
             per_seed = [f"{METHODS[m][0]}: " + ", ".join(f"seed {r['seed']} {r['rounds'][0]:.3f} / {r['rounds'][-1]:.3f}"
                                                          for r in s["runs"])
                         for m, s in summary.items() if METHODS[m][1] is not None and len(s["runs"]) > 1]

@@ -72,7 +72,8 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
         answered = {"label_name": "Precentral_L", "kind": "negative", "n": 3, "region_share": 0.5,
                     "fixed_raw": 0.1 + 0.1 * seed, "fixed_kept": 0.1, "broken_raw": 40.0, "broken_kept": 2.0,
                     "gain_raw": -0.001, "gain_kept": 0.002}
-        return {"rounds": rounds, "n_slices": 43, "n_objects": 1200, "eval_s": 5.0,
+        by_slice = {str(100 + i): [box - 0.01 * i, rounds[-1] - 0.01 * i] for i in range(6)}
+        return {"rounds": rounds, "n_slices": 43, "n_objects": 1200, "eval_s": 5.0, "by_slice": by_slice,
                 "groups": {"cortical": {"rounds": rounds, "n": 1200}}, "clicks_answered": [answered]}
 
     class Model:
@@ -125,6 +126,25 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
            "| -0.0010 / +0.0020 |" in text
     assert "another object's box on the same slice" in text and "cortical 0.250" in text
     assert "Training reused" not in text
+    # by test-slab position: slices 100-105 in three runs of two, means over slices then seeds (0.731 = seed mean)
+    assert "| method | slices 100–101 | slices 102–103 | slices 104–105 |" in text
+    assert "| LoRA r=8 q,v (last 2 blocks) | 0.726 / 0.806 | 0.706 / 0.786 | 0.686 / 0.766 |" in text
+
+
+def test_evaluate_reports_dice_by_test_slice(br, monkeypatch):
+    """`by_slice`: per slice index, box and +CLICKS Dice averaged over that slice's objects."""
+    import medico_peft.evaluation.interactive as interactive
+
+    def row(i, name, d0, d4):
+        return {"slice_index": i, "label_name": name, **{f"dice_{k}": d0 + (d4 - d0) * k / br.CLICKS
+                                                          for k in range(br.CLICKS + 1)}}
+
+    rows = [row(7, "grey_matter", 0.6, 0.8), row(7, "white_matter", 0.4, 0.5), row(9, "grey_matter", 0.9, 0.9)]
+    res = type("R", (), {"rows": rows, "mean_dice": [0.0] * (br.CLICKS + 1), "n_slices": 2, "n_objects": 3,
+                         "click_rows": []})()
+    monkeypatch.setattr(interactive, "evaluate_interactive", lambda *a, **k: res)
+    scores = br.evaluate(None, "m.json", br.parse_args([]))
+    assert scores["by_slice"] == {"7": pytest.approx([0.5, 0.65]), "9": pytest.approx([0.9, 0.9])}
 
 
 def test_reuse_training_takes_only_a_run_trained_with_exactly_this_recipe(br, tmp_path):
