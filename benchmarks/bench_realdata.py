@@ -469,6 +469,11 @@ def report(state: dict, args) -> str:
                         for m, s in summary.items() if METHODS[m][1] is not None and len(s["runs"]) > 1]
             if per_seed:
                 lines += ["", f"Per seed (box / +{CLICKS}): " + "; ".join(per_seed) + "."]
+            selected = [f"{METHODS[m][0]} seed {r['seed']}: step {r['best_step']} of {r['steps']}, val score {r['val']:.3f}"
+                        for m, s in summary.items() for r in s["runs"] if r.get("val") is not None]
+            if selected:
+                lines += ["", "Adapters kept (the step with the best val-slab score, mean of box and +3-click Dice on the "
+                          "recipe's val slices; compare with the test Dice above): " + "; ".join(selected) + "."]
             lines += ["", goal_line(summary), ""]
             lines += answers_lines({METHODS[m][0]: [r.get("clicks_answered", []) for r in s["runs"]]
                                     for m, s in summary.items()})

@@ -128,6 +128,7 @@ def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(
     assert "Training reused" not in text
     # by test-slab position: slices 100-105 in three runs of two, means over slices then seeds (0.731 = seed mean)
     assert "| method | slices 100–101 | slices 102–103 | slices 104–105 |" in text
+    assert "LoRA r=8 q,v (last 2 blocks) seed 1: step 10 of 12, val score 0.650" in text  # the kept step, its val score
     assert "| LoRA r=8 q,v (last 2 blocks) | 0.726 / 0.806 | 0.706 / 0.786 | 0.686 / 0.766 |" in text
 
 
