@@ -31,9 +31,10 @@ click kind; and per task how much a tight box tells objects apart (`box_overlap`
 earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe. Each
 evaluation's files (per-object and per-click CSV, summary, overlay PNGs) go to `<work>/<task>/eval/`.
 
-CPU cost (2 quiet cores): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and ≈ 6 s a Colin27 test slice (~30
-objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min training + 4 min on the 43 test
-slices. The whole grid (2 tasks × 10 methods × 3 seeds × 2 budgets + the LR sweep) is a multi-hour run; `--tasks`,
+CPU cost (2 quiet cores of the Intel Xeon of the earlier files): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and
+≈ 6 s a Colin27 test slice (~30 objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min
+training + 4 min on the 43 test slices. The AMD EPYC of realdata.md is about 2.5× slower (the file ends with every run's times;
+≈ 6 s an MNI152 decoder-only step once the feature cache is warm, ≈ 10 s while it fills in the first epoch). The whole grid (2 tasks × 10 methods × 3 seeds × 2 budgets + the LR sweep) is a multi-hour run; `--tasks`,
 `--methods`, `--seeds`, `--budgets` and `--lr-factors 1` cut it down, and the file says what ran. The results file
 is rewritten after every evaluated model (marked partial until the last).
 """
