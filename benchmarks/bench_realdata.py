@@ -33,8 +33,9 @@ evaluation's files (per-object and per-click CSV, summary, overlay PNGs) go to `
 
 CPU cost (2 quiet cores of the Intel Xeon of the earlier files): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and
 ≈ 6 s a Colin27 test slice (~30 objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min
-training + 4 min on the 43 test slices. The AMD EPYC of realdata.md is about 2.5× slower (the file ends with every run's times;
-≈ 6 s an MNI152 decoder-only step once the feature cache is warm, ≈ 10 s while it fills in the first epoch). The whole grid (2 tasks × 10 methods × 3 seeds × 2 budgets + the LR sweep) is a multi-hour run; `--tasks`,
+training + 4 min on the 43 test slices. The AMD EPYC of realdata.md is about 2.5× slower (the file ends with every
+run's times; ≈ 6 s an MNI152 decoder-only step once the feature cache is warm, ≈ 10 s while it fills in the first
+epoch). The whole grid (2 tasks × 10 methods × 3 seeds × 2 budgets + the LR sweep) is a multi-hour run; `--tasks`,
 `--methods`, `--seeds`, `--budgets` and `--lr-factors 1` cut it down, and the file says what ran. The results file
 is rewritten after every evaluated model (marked partial until the last).
 """
@@ -140,9 +141,13 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
     else:
         raw["train"]["epochs"] = 10_000  # the clock ends the run
     if args.schedule == "cosine":
-        raw["schedule"] = {"kind": "cosine", "warmup_steps": max(2, round(0.05 * args.steps)),
-                           "total_steps": args.steps, "min_lr_ratio": 0.05}
+        raw["schedule"] = cosine_schedule(args.steps)
     return raw
+
+
+def cosine_schedule(steps: int) -> dict:
+    """`--schedule cosine`: warmup over 5 % of the steps (at least 2), then cosine to 5 % of the LR at `steps`."""
+    return {"kind": "cosine", "warmup_steps": max(2, round(0.05 * steps)), "total_steps": steps, "min_lr_ratio": 0.05}
 
 
 TRAINED_KEYS = ("adapter", "steps", "train_s", "best_step", "val", "stop")
@@ -422,8 +427,10 @@ def slab_position_lines(summary: dict) -> list[str]:
 
 def report(state: dict, args) -> str:
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
+    cosine = cosine_schedule(args.steps)
     schedule = ("constant LR after 2 warmup steps" if args.schedule == "constant" else
-                f"warmup over {max(2, round(0.05 * args.steps))} steps, then cosine to 5 % of the LR at step {args.steps}")
+                f"warmup over {cosine['warmup_steps']} steps, then cosine to {100 * cosine['min_lr_ratio']:g} % of the LR "
+                f"at step {cosine['total_steps']}")
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Every trained method: the recommended recipe "
         "(`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects, click training on the evaluation's sequence, "
