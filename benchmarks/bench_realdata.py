@@ -28,7 +28,8 @@ what `torch.cuda.max_memory_allocated` reports on a GPU).
 Why clicks help or not, measured: every test click's answer (`evaluation/clicks.py` `click_response`: the share of the
 clicked error region the decoder's answer and the kept answer fix, pixels broken elsewhere), per method, label and
 click kind; and per task how much a tight box tells objects apart (`box_overlap`). `--reuse-training` evaluates an
-earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe. Each
+earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe; the
+work folder's results.json keeps every earlier command's trained runs for that (one folder can hold several seeds). Each
 evaluation's files (per-object and per-click CSV, summary, overlay PNGs) go to `<work>/<task>/eval/`.
 
 CPU cost (2 quiet cores of the Intel Xeon of the earlier files): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and
@@ -299,11 +300,13 @@ def run_task(task: str, args, state: dict, save) -> None:
 
 
 def previous_runs(path: Path) -> dict[str, dict]:
-    """adapter path -> run of an earlier results.json (read before this run rewrites it); {} when there is none."""
+    """adapter path -> run of an earlier results.json (read before this run rewrites it): its own runs and those it
+    kept from commands before it; {} when there is none."""
     if not path.is_file():
         return {}
     old = json.loads(path.read_text())
-    return {r["adapter"]: r for info in old.get("tasks", {}).values() for r in info["runs"] if r.get("adapter")}
+    runs = [r for info in old.get("tasks", {}).values() for r in info["runs"]] + old.get("kept", [])
+    return {r["adapter"]: r for r in runs if r.get("adapter")}
 
 
 def main(argv=None) -> int:
@@ -313,10 +316,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     record = Results(TITLE, None if argv is None else [__file__, *argv])
     args.work.mkdir(parents=True, exist_ok=True)
-    args.previous_runs = previous_runs(args.work / "results.json") if args.reuse_training else {}
+    earlier = previous_runs(args.work / "results.json")
+    args.previous_runs = earlier if args.reuse_training else {}
     state: dict = {"done": False}
 
     def save():
+        # the work folder's results.json keeps the trained runs of earlier commands that this one has not recorded
+        # again (other seeds, methods, schedules), so a later --reuse-training still finds their adapters
+        recorded = {r.get("adapter") for info in state.get("tasks", {}).values() for r in info["runs"]}
+        state["kept"] = [r for adapter, r in earlier.items() if adapter not in recorded]
         (args.work / "results.json").write_text(json.dumps(state, indent=1))
         record.write(args.out, report(state, args))
 

@@ -255,3 +255,49 @@ def test_bad_arguments_are_refused_by_name(br, capsys, argv, named):
     with pytest.raises(SystemExit):
         br.parse_args(argv)
     assert named in capsys.readouterr().err
+
+
+def test_the_work_folder_keeps_earlier_commands_runs_for_reuse(br, tmp_path, monkeypatch):
+    """A second command in the same --work folder (another seed) must not drop the first one's runs from
+    results.json: --reuse-training finds adapters through it. A run trained again replaces its old entry."""
+    import medico_peft.adapters
+    import medico_peft.data.real_data
+    import medico_peft.models
+
+    trained = []
+
+    def fake_train(method, manifest, out, lr, seed, budget, args):
+        trained.append(seed)
+        return {"adapter": str(out / "adapter.safetensors"), "steps": 12, "train_s": 10.0 * len(trained),
+                "best_step": 12, "val": 0.6, "stop": None}
+
+    monkeypatch.setattr(br, "train_run", fake_train)
+    monkeypatch.setattr(br, "evaluate", lambda model, manifest, args, out_dir=None: {
+        "rounds": [0.5] * (br.CLICKS + 1), "n_slices": 1, "n_objects": 2, "eval_s": 1.0,
+        "groups": {"visible": {"rounds": [0.5] * (br.CLICKS + 1), "n": 2}}})
+    monkeypatch.setattr(br, "step_peak_bytes", lambda method: 1)
+    monkeypatch.setattr(br, "adapter_stats", lambda path: {"params": 1, "adapter_mb": 0.1, "decoder_share": 1.0})
+    monkeypatch.setattr(br, "build_shards", lambda task, out: tmp_path / "manifest.json")
+    monkeypatch.setattr(br, "box_overlap", lambda manifest: {"visible": 0.5})
+    monkeypatch.setattr(medico_peft.data.real_data, "describe_slabs", lambda m: "mni152: test 1–9 (9 slices)")
+    monkeypatch.setattr(medico_peft.models, "load_model", lambda name: None)
+    monkeypatch.setattr(medico_peft.adapters, "load_adapter", lambda base, path: type("M", (), {"eval": lambda s: s})())
+    work = tmp_path / "w"
+
+    def command(*seeds):
+        argv = ["--tasks", "mni152", "--methods", "lora_qv", "--seeds", *map(str, seeds), "--work", str(work),
+                "--out", str(tmp_path / "r.md")]
+        assert br.main(argv) == 0
+        return br.previous_runs(work / "results.json")
+
+    def adapter(seed):
+        return str(work / "mni152" / "steps" / f"lora_qv_lr0.0005_seed{seed}" / "adapter.safetensors")
+
+    first = command(0)
+    assert set(first) == {adapter(0)}
+    second = command(1)
+    assert set(second) == {adapter(0), adapter(1)} and second[adapter(0)] == first[adapter(0)]
+    third = command(1)  # seed 1 trained again: one entry for it, the newer one; seed 0 still kept
+    assert set(third) == {adapter(0), adapter(1)} and third[adapter(1)]["train_s"] == 30.0
+    assert trained == [0, 1, 1]
+    assert "seed 0" not in (tmp_path / "r.md").read_text()  # the results file reports this command's runs only
