@@ -29,8 +29,8 @@ Why clicks help or not, measured: every test click's answer (`evaluation/clicks.
 clicked error region the decoder's answer and the kept answer fix, pixels broken elsewhere), per method, label and
 click kind; and per task how much a tight box tells objects apart (`box_overlap`). `--reuse-training` evaluates an
 earlier run's adapters again without training them, only where the run's config.yaml is exactly this recipe; the
-work folder's results.json keeps every earlier command's trained runs for that (one folder can hold several seeds). Each
-evaluation's files (per-object and per-click CSV, summary, overlay PNGs) go to `<work>/<task>/eval/`.
+work folder's results.json keeps every earlier command's trained runs for that (one folder can hold several
+seeds). Each evaluation's files (per-object and per-click CSV, summary, overlay PNGs) go to `<work>/<task>/eval/`.
 
 CPU cost (2 quiet cores of the Intel Xeon of the earlier files): ≈ 3–4 s a LoRA step (full finetune ≈ 3× that), and
 ≈ 6 s a Colin27 test slice (~30 objects) or ≈ 1 s an MNI152 slice to evaluate: one Colin27 method × seed ≈ 3 min
