@@ -109,6 +109,14 @@ CHANGES = {
     "decoder-only+eval-matched+prompt-encoder+click-region-0.25": {"train": EVAL_MATCHED,
                                                                    "peft": {"train_prompt_encoder": True},
                                                                    "loss": {"click_region": 0.25}},
+    # the region loss on positive clicks only: with both kinds the decoder learnt to erase whole masks after a
+    # negative click (clicks_region.md), while positive clicks gained most
+    "LoRA+eval-matched+prompt-encoder+click-region-positive": {
+        "train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True},
+        "loss": {"click_region": 1.0, "click_region_clicks": "positive"}},
+    "decoder-only+eval-matched+prompt-encoder+click-region-positive": {
+        "train": EVAL_MATCHED, "peft": {"train_prompt_encoder": True},
+        "loss": {"click_region": 1.0, "click_region_clicks": "positive"}},
 }
 KINDS = ("decoder-only", "LoRA", "LoRA+click-training")  # the default run (clicks.md)
 CLICKS = 4
@@ -302,6 +310,16 @@ def _variants(kinds) -> str:
             "decoder-only+eval-matched+prompt-encoder+click-region-0.25": "decoder-only+eval-matched+prompt-encoder+"
                                                                           "click-region-0.25 = the decoder-only "
                                                                           "control with `loss.click_region=0.25`",
+            "LoRA+eval-matched+prompt-encoder+click-region-positive": "LoRA+eval-matched+prompt-encoder+"
+                                                                      "click-region-positive = "
+                                                                      "LoRA+eval-matched+prompt-encoder with "
+                                                                      "`loss.click_region=1` on positive clicks' "
+                                                                      "regions only (`loss.click_region_clicks="
+                                                                      "positive`)",
+            "decoder-only+eval-matched+prompt-encoder+click-region-positive": "decoder-only+eval-matched+"
+                                                                              "prompt-encoder+click-region-positive "
+                                                                              "= the decoder-only control with the "
+                                                                              "same positive-only region loss",
             "decoder-only+eval-matched+prompt-encoder": "decoder-only+eval-matched+prompt-encoder = the decoder-only "
                                                         "run with the same two changes (the control that isolates "
                                                         "the encoder LoRA)"}

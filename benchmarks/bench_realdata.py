@@ -165,7 +165,8 @@ def reusable_run(previous: dict, out: Path, raw: dict) -> dict | None:
     old = previous.get(str(adapter))
     if old is None or not adapter.is_file() or not config.is_file():
         return None
-    if yaml.safe_load(config.read_text()) != TrainConfig.from_dict(raw).to_dict():
+    # both resolved: an option added since the run (at its default) does not make its recipe a different one
+    if TrainConfig.from_dict(yaml.safe_load(config.read_text())).to_dict() != TrainConfig.from_dict(raw).to_dict():
         return None
     return {k: old[k] for k in TRAINED_KEYS} | {"reused": True}
 

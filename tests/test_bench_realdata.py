@@ -164,6 +164,16 @@ def test_reuse_training_takes_only_a_run_trained_with_exactly_this_recipe(br, tm
     (tmp_path / "results.json").write_text(__import__("json").dumps({"tasks": {"mni152": dict(runs=[run])}}))
     previous = br.previous_runs(tmp_path / "results.json")
     assert br.reusable_run(previous, out, raw) == {**{k: run[k] for k in br.TRAINED_KEYS}, "reused": True}
+    import yaml
+
+    written = TrainConfig.from_dict(raw).to_dict()
+    del written["loss"]["click_region_clicks"]  # a run written before that option existed, at its default
+    (out / "config.yaml").write_text(yaml.safe_dump(written))
+    assert br.reusable_run(previous, out, raw) is not None
+    written["loss"]["dice"] = 0.5  # but a recipe that resolves differently is not reused
+    (out / "config.yaml").write_text(yaml.safe_dump(written))
+    assert br.reusable_run(previous, out, raw) is None
+    (out / "config.yaml").write_text(TrainConfig.from_dict(raw).to_yaml())
     other_lr = br.train_config("lora_qv", tmp_path / "manifest.json", out, 1e-3, 0, "steps", args)
     assert br.reusable_run(previous, out, other_lr) is None
     assert br.reusable_run({}, out, raw) is None

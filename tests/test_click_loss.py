@@ -133,3 +133,45 @@ def test_click_region_loss_adds_the_cross_entropy_over_the_clicked_regions_to_ea
                     if regions[int(round(y)), int(round(x))]:
                         want |= regions == regions[int(round(y)), int(round(x))]
             np.testing.assert_array_equal(out[j], want)
+
+
+@pytest.mark.parametrize("clicks", ["positive", "negative"])
+def test_click_region_clicks_scores_only_the_regions_of_that_click_kind(monkeypatch, clicks):
+    """`loss.click_region_clicks`: the same forward (same generator: the same clicks) hands `clicked_regions` the
+    same points, with the other kind's labels turned into -1 (skipped there), so only that kind's regions are
+    scored; the run with both kinds must have clicked both kinds for the check to mean something."""
+    import medico_peft.training.interactive_step as step_module
+    from medico_peft.models import build_model
+    from medico_peft.training.config import LossConfig
+    from medico_peft.training.interactive_step import InteractiveStep
+    from medico_peft.training.memory import SegmentedEncoder
+
+    model = build_model("vit_tiny", seed=0).eval()
+    s = model.img_size
+    masks = torch.zeros(1, 2, s, s)
+    masks[0, 0, 20:80, 16:60] = 1
+    masks[0, 0, 40:60, 30:44] = 0  # a hole inside the box: false positives for a negative click
+    masks[0, 1, 80:120, 60:120] = 1
+    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
+             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
+             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
+             "object_valid": torch.tensor([[True, True]])}
+    real_regions = step_module.clicked_regions
+    calls = {}
+
+    def spy(pred, gt, points, labels):
+        calls.setdefault(kind, []).append((points.copy(), labels.copy()))
+        return real_regions(pred, gt, points, labels)
+
+    monkeypatch.setattr(step_module, "clicked_regions", spy)
+    for kind in ("both", clicks):
+        step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(click_region=0.5, click_region_clicks=kind),
+                               6, 1.0, click_sampling="uniform")
+        with torch.no_grad():
+            step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
+    both = np.concatenate([labels.ravel() for _, labels in calls["both"]])
+    assert {0, 1} <= set(both.tolist())  # both kinds were clicked
+    keep = 1 if clicks == "positive" else 0
+    for (p_both, l_both), (p_kind, l_kind) in zip(calls["both"], calls[clicks], strict=True):
+        np.testing.assert_array_equal(p_kind, p_both)
+        np.testing.assert_array_equal(l_kind, np.where(l_both == keep, l_both, -1))

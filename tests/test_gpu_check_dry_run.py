@@ -173,6 +173,9 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
                         flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]))):
         assert {k: v for k, v in flat(seen[str(tmp_path / kind)]).items() if base.get(k) != v} == {
             ("loss", "click_region"): 1.0}  # the click-region loss only
+        positive = flat(seen[str(tmp_path / (kind + "-positive"))])
+        assert {k: v for k, v in positive.items() if base.get(k) != v} == {
+            ("loss", "click_region"): 1.0, ("loss", "click_region_clicks"): "positive"}  # on positive clicks only
     quarter = flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder+click-region-0.25")])
     assert {k: v for k, v in quarter.items() if flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]
                                                      ).get(k) != v} == {("loss", "click_region"): 0.25}

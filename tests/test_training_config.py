@@ -57,6 +57,9 @@ def test_overrides_apply_with_yaml_values():
     ("peft.method=prompt_tuning", r"peft\.method: unknown method 'prompt_tuning'"),
     ("train.mask_feed_prob=1.5", r"train\.mask_feed_prob: expected a float in \[0, 1\]"),
     ("lr=1", r"expected section\.key=value"),
+    ("loss.click_region_clicks=all", r"loss\.click_region_clicks: expected one of both, positive, negative"),
+    ("loss.click_region_clicks=positive", r"loss\.click_region_clicks: 'positive' chooses the clicks "
+                                          r"loss\.click_region scores, but loss\.click_region is 0"),
 ])
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -162,6 +162,11 @@ class LossConfig(_Section):
                                       "negative one; target: the truth there), added to the next round's loss: "
                                       "teaches the decoder to correct the whole mistake the user clicked into, not "
                                       "only the clicked pixels (what evaluation's local merge accepts)")
+    click_region_clicks: str = option("both", choices=("both", "positive", "negative"),
+                                      help="which clicks' error regions loss.click_region scores: both, only "
+                                           "positive clicks' false negatives, or only negative clicks' false "
+                                           "positives (the full weight on negative clicks taught the decoder to "
+                                           "erase whole masks: benchmarks/results/clicks_region.md)")
 
 
 @dataclass
@@ -370,6 +375,10 @@ class TrainConfig:
             raise config_error("train.base_dtype", f"{self.train.base_dtype} with peft.init {peft.init!r}: that init "
                                                    "leaves a residual in the frozen base, which a bf16 base would round "
                                                    "(the saved adapter would no longer be exact); use float32")
+        if self.loss.click_region_clicks != "both" and not self.loss.click_region:
+            raise config_error("loss.click_region_clicks", f"{self.loss.click_region_clicks!r} chooses the clicks "
+                                                           "loss.click_region scores, but loss.click_region is 0 "
+                                                           "(set its weight, or leave this at 'both')")
         if self.data.weights is not None:
             n = len(self.data.manifest) if isinstance(self.data.manifest, list) else 1
             if len(self.data.weights) != n or any(w < 0 for w in self.data.weights) or sum(self.data.weights) <= 0:

@@ -6,7 +6,7 @@ output; the loss takes the best of the three masks, since one point is ambiguous
 false negatives and a negative click in the false positives of the current best mask are appended
 to the prompt (`click_sampling="center"`: instead the one click evaluation places, at the centre of
 the deeper error region; `loss.click_region` adds a cross-entropy over the error regions the new clicks
-landed in to the next round's loss), and with probability `mask_feed_prob` the previous low-res logits are fed back as
+(of the kinds `loss.click_region_clicks` names) landed in to the next round's loss), and with probability `mask_feed_prob` the previous low-res logits are fed back as
 mask input with every click so far painted into them (`click_radius`, models/click_prompt.py: the
 same painting evaluation and the Predictor do, so clicks reach the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
 sub-iterations.
@@ -48,6 +48,15 @@ def valid_objects(batch: dict, device: torch.device) -> dict:
     for key in ("masks", "boxes", "points", "point_labels"):
         out[key] = batch[key][valid].to(device)
     return out
+
+
+def region_click_labels(labels: torch.Tensor, clicks: str) -> torch.Tensor:
+    """The new clicks' labels as `loss.click_region` sees them: `clicks` (loss.click_region_clicks) "positive" or
+    "negative" turns the other kind into -1, which `clicked_regions` skips; "both" keeps them."""
+    if clicks == "both":
+        return labels
+    keep = 1 if clicks == "positive" else 0
+    return torch.where(labels == keep, labels, torch.full_like(labels, -1))
 
 
 def first_prompt(objs: dict, kind: str) -> dict:
@@ -155,9 +164,10 @@ class InteractiveStep(nn.Module):
             clicked = 0 if prompt["points"] is None else prompt["points"].shape[1]
             prompt = add_clicks(prompt, pred, gt, generator, self.click_sampling, depth)
             if self.loss_cfg.click_region:
+                labels = region_click_labels(prompt["point_labels"][:, clicked:], self.loss_cfg.click_region_clicks)
                 regions = torch.from_numpy(clicked_regions(pred.cpu().numpy(), gt.cpu().numpy(),
                                                            prompt["points"][:, clicked:].cpu().numpy(),
-                                                           prompt["point_labels"][:, clicked:].cpu().numpy()))
+                                                           labels.cpu().numpy()))
                 regions = regions.to(gt.device)
             feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
             mask_input = fed_back_mask(model, feed_low, prompt, self.click_radius) if feed else None
