@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_realdata [--tasks colin27 mni152] [--methods ...] [--seeds 0 1 2]
         [--budgets steps time] [--steps 40] [--minutes 10] [--schedule constant|cosine] [--lr-factors 0.4 1 2]
-        [--max-slices 0]
+        [--max-slices 0] [--set loss.click_region=1 ...]
         [--out benchmarks/results/realdata.md]
 
 Tasks (benchmarks/_tasks.py): colin27 (Colin27 T1 + AAL, every structure, hemispheres separate) and mni152 (MNI152
@@ -12,7 +12,8 @@ highest 30 %, 5-slice gaps); the test slab is never trained or validated on.
 Every method trains with the recommended recipe (`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects,
 click training on the evaluation's own sequence (`CLICK_TRAINING`), the prompt encoder trained, validation on the val
 slab every 20 steps selecting the adapter, early stop after 4 validations without a gain); only the PEFT part and the
-learning rate differ. Budgets: `steps` = the same number of optimiser steps for every method (`--steps`); `time` = the
+learning rate differ (`--set section.key=value` changes the recipe of every run, in run folders of their own).
+Budgets: `steps` = the same number of optimiser steps for every method (`--steps`); `time` = the
 same wall clock (`--minutes`; steps then differ). Each method's learning rate: its default (`METHODS`) times the
 `--lr-factors` candidate whose seed-`--seeds[0]` run scored best on the val slab (the trainer's selection score:
 mean of box Dice and Dice after 3 clicks); that run is reused as the seed's main run.
@@ -118,18 +119,35 @@ def parse_args(argv=None):
     p.add_argument("--reuse-training", action="store_true",
                    help="evaluate again without training where the work folder's results.json has the run and its "
                         "config.yaml is exactly the recipe this command would train (the report says which)")
+    p.add_argument("--set", nargs="+", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                   help="change the recipe of every trained run (the trainer's override syntax, e.g. "
+                        "loss.click_region=1); the runs go to their own folders (named after the changes), so the "
+                        "recipe's runs in the same work folder are kept, and the report names the changes")
     p.add_argument("--out", type=Path, default=RESULTS_DIR / "realdata.md")
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0 or args.max_slices < 0 or any(f <= 0 for f in args.lr_factors):
         p.error("--steps and --minutes must be positive, --max-slices ≥ 0, every --lr-factors value > 0")
     if args.schedule == "cosine" and "time" in args.budgets:
         p.error("--schedule cosine spans a known step count: use it with --budgets steps only")
+    for item in args.overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or key.split(".")[0] in ("peft", "output") or key in ("optim.lr", "train.seed"):
+            p.error(f"--set {item}: expected section.key=value outside what the benchmark varies itself "
+                    "(peft.*, optim.lr, train.seed, output.*)")
     return args
+
+
+def run_name(method: str, lr: float | None, seed: int, args) -> str:
+    """A run's folder name: method, LR and seed, then the --set changes (so they never replace the recipe's run)."""
+    changes = "".join(f"+{item}" for item in args.overrides)
+    lr_part = "" if lr is None else f"_lr{lr:g}"  # None: the evaluation's folder, named by method and seed
+    return f"{method}{lr_part}_seed{seed}{changes}".replace("/", "_")
 
 
 # --- one run ----------------------------------------------------------------------------------------
 def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, budget: str, args) -> dict:
     """The recommended recipe with this method's PEFT part, learning rate, seed and budget."""
+    from medico_peft.training.config import apply_overrides
     from medico_peft.tuners import PeftConfig
     from medico_peft.workflows.demo import lora_config
 
@@ -143,7 +161,7 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
         raw["train"]["epochs"] = 10_000  # the clock ends the run
     if args.schedule == "cosine":
         raw["schedule"] = cosine_schedule(args.steps)
-    return raw
+    return apply_overrides(raw, args.overrides)
 
 
 def cosine_schedule(steps: int) -> dict:
@@ -283,16 +301,16 @@ def run_task(task: str, args, state: dict, save) -> None:
             sweep = {}
             for factor in args.lr_factors:  # seed `first` at every candidate; the best on val is its main run
                 lr = default_lr * factor
-                sweep[lr] = train_run(method, manifest, work / budget / f"{method}_lr{lr:g}_seed{first}", lr, first,
-                                      budget, args)
+                sweep[lr] = train_run(method, manifest, work / budget / run_name(method, lr, first, args), lr,
+                                      first, budget, args)
             lr = max(sweep, key=lambda k: (sweep[k]["val"] if sweep[k]["val"] is not None else -1.0, -abs(k - default_lr)))
             info.setdefault("sweeps", []).append({"method": method, "budget": budget, "seed": first, "chosen": lr,
                                                   "val": {f"{k:g}": v["val"] for k, v in sweep.items()}})
             for seed in [first, *later]:
                 trained = sweep[lr] if seed == first else train_run(
-                    method, manifest, work / budget / f"{method}_lr{lr:g}_seed{seed}", lr, seed, budget, args)
+                    method, manifest, work / budget / run_name(method, lr, seed, args), lr, seed, budget, args)
                 model = load_adapter(load_model("litemedsam"), trained["adapter"]).eval()
-                scores = evaluate(model, manifest, args, work / "eval" / budget / f"{method}_seed{seed}")
+                scores = evaluate(model, manifest, args, work / "eval" / budget / run_name(method, None, seed, args))
                 record(method, budget, seed, lr, {**trained, **adapter_stats(Path(trained["adapter"]))}, scores)
                 print(f"[bench_realdata] {task} {budget} {method} seed {seed} lr {lr:g}: box "
                       f"{scores['rounds'][0]:.3f}, +{CLICKS} {scores['rounds'][-1]:.3f} "
@@ -443,7 +461,9 @@ def report(state: dict, args) -> str:
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Every trained method: the recommended recipe "
         "(`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects, click training on the evaluation's sequence, "
-        "prompt encoder trained, adapter selected on the val slab every 20 steps), only the PEFT part and the "
+        "prompt encoder trained, adapter selected on the val slab every 20 steps)"
+        + (f" changed by `{' '.join(args.overrides)}` (`--set`)" if args.overrides else "")
+        + ", only the PEFT part and the "
         f"learning rate differ; schedule: {schedule}; seeds {', '.join(map(str, args.seeds))}; budgets: "
         + ", ".join(budgets_text[b] for b in args.budgets) + ". Learning rate: the method's default × the best of "
         f"{', '.join(f'{f:g}' for f in args.lr_factors)} on the val slab (seed {args.seeds[0]}). Evaluation: the test slab, "

@@ -260,7 +260,10 @@ def test_cosine_schedule_spans_the_step_budget_and_only_the_schedule_differs(br,
 
 @pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--lr-factors", "0"], "--lr-factors"),
                                           (["--methods", "lora_xx"], "--methods"), (["--tasks", "brats"], "--tasks"),
-                                          (["--schedule", "cosine", "--budgets", "time"], "--schedule")])
+                                          (["--schedule", "cosine", "--budgets", "time"], "--schedule"),
+                                          (["--set", "optim.lr=1e-3"], "--set optim.lr"),
+                                          (["--set", "peft.rank=4"], "--set peft.rank"),
+                                          (["--set", "loss.click_region"], "--set loss.click_region")])
 def test_bad_arguments_are_refused_by_name(br, capsys, argv, named):
     with pytest.raises(SystemExit):
         br.parse_args(argv)
@@ -294,9 +297,9 @@ def test_the_work_folder_keeps_earlier_commands_runs_for_reuse(br, tmp_path, mon
     monkeypatch.setattr(medico_peft.adapters, "load_adapter", lambda base, path: type("M", (), {"eval": lambda s: s})())
     work = tmp_path / "w"
 
-    def command(*seeds):
+    def command(*seeds, changes=()):
         argv = ["--tasks", "mni152", "--methods", "lora_qv", "--seeds", *map(str, seeds), "--work", str(work),
-                "--out", str(tmp_path / "r.md")]
+                "--out", str(tmp_path / "r.md")] + (["--set", *changes] if changes else [])
         assert br.main(argv) == 0
         return br.previous_runs(work / "results.json")
 
@@ -311,3 +314,26 @@ def test_the_work_folder_keeps_earlier_commands_runs_for_reuse(br, tmp_path, mon
     assert set(third) == {adapter(0), adapter(1)} and third[adapter(1)]["train_s"] == 30.0
     assert trained == [0, 1, 1]
     assert "seed 0" not in (tmp_path / "r.md").read_text()  # the results file reports this command's runs only
+    # --set: the changed recipe trains in its own folder; the recipe's runs stay in results.json and on disk
+    changed = command(0, changes=["loss.click_region=1", "loss.click_region_clicks=positive"])
+    new = str(work / "mni152" / "steps" / "lora_qv_lr0.0005_seed0+loss.click_region=1+loss.click_region_clicks="
+              "positive" / "adapter.safetensors")
+    assert set(changed) == {adapter(0), adapter(1), new} and trained == [0, 1, 1, 0]
+    assert "changed by `loss.click_region=1 loss.click_region_clicks=positive` (`--set`)" in (
+        tmp_path / "r.md").read_text()
+
+
+def test_set_changes_only_the_named_keys_of_every_runs_recipe(br, tmp_path):
+    from medico_peft.training import TrainConfig
+
+    plain = br.parse_args(["--steps", "12"])
+    changed = br.parse_args(["--steps", "12", "--set", "loss.click_region=1", "loss.click_region_clicks=positive"])
+    for method in ("decoder_only", "lora_qv"):
+        a = _flat(br.train_config(method, tmp_path / "m.json", tmp_path / "o", 5e-4, 0, "steps", plain))
+        b = _flat(br.train_config(method, tmp_path / "m.json", tmp_path / "o", 5e-4, 0, "steps", changed))
+        assert {k: v for k, v in b.items() if a.get(k) != v} == {("loss", "click_region"): 1,
+                                                                ("loss", "click_region_clicks"): "positive"}
+    TrainConfig.from_dict(br.train_config("lora_qv", tmp_path / "m.json", tmp_path / "o", 5e-4, 0, "steps", changed))
+    assert br.run_name("lora_qv", 5e-4, 2, plain) == "lora_qv_lr0.0005_seed2"
+    assert br.run_name("lora_qv", None, 2, changed) == ("lora_qv_seed2+loss.click_region=1"
+                                                        "+loss.click_region_clicks=positive")
