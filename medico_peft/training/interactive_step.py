@@ -6,10 +6,11 @@ output; the loss takes the best of the three masks, since one point is ambiguous
 false negatives and a negative click in the false positives of the current best mask are appended
 to the prompt (`click_sampling="center"`: instead the one click evaluation places, at the centre of
 the deeper error region; `loss.click_region` adds a cross-entropy over the error regions the new clicks
-(of the kinds `loss.click_region_clicks` names) landed in to the next round's loss), and with probability `mask_feed_prob` the previous low-res logits are fed back as
-mask input with every click so far painted into them (`click_radius`, models/click_prompt.py: the
-same painting evaluation and the Predictor do, so clicks reach the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is averaged over all
-sub-iterations.
+(of the kinds `loss.click_region_clicks` names) landed in to the next round's loss), and with probability
+`mask_feed_prob` the previous low-res logits are fed back as mask input with every click so far painted into
+them (`click_radius`, models/click_prompt.py: the same painting evaluation and the Predictor do, so clicks reach
+the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is
+averaged over all sub-iterations.
 
 Per-iteration backward (`per_iteration_backward=True`; the trainer's default via
 `memory.per_iteration_backward`): summing all sub-iterations' losses and back-propagating once
