@@ -8,6 +8,7 @@ weights that must end up in the adapter are snapshotted by a callback at every s
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -158,6 +159,54 @@ def test_warmup_cosine_follows_the_documented_curve():
     assert lrs[6] == pytest.approx(0.55) and lrs[2] == pytest.approx(1.0)  # half-way, and the top after warmup
     # Without schedule.total_steps the cosine spans the run's length by epochs (the `total` given).
     assert _lrs({"schedule": {"kind": "cosine"}}, 3, total=2) == pytest.approx([1.0, 0.5, 0.0])
+
+
+def test_time_spanned_cosine_follows_the_clock_after_the_warmup_steps(tmp_path):
+    """schedule.span=time: after the warmup steps the factor is the cosine of the share of train.max_minutes the
+    run's clock says is used; the trainer's parts share one clock with the scheduler."""
+    from medico_peft.training.trainer import RunClock, build_parts
+
+    cfg = TrainConfig.from_dict({"data": {"synthetic": 4}, "optim": {"lr": 1.0}, "train": {"max_minutes": 1.0},
+                                 "schedule": {"kind": "cosine", "span": "time", "warmup_steps": 2,
+                                              "min_lr_ratio": 0.1}})
+    now = [0.0]
+
+    class FakeClock(RunClock):
+        def __call__(self):
+            return now[0]
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = make_scheduler(cfg, opt, total_steps=10**6, clock=FakeClock())
+    lrs = []
+    for seconds in (1, 2, 15, 30, 45, 60, 90):  # the clock when the next step's LR is set
+        lrs.append(opt.param_groups[0]["lr"])
+        now[0] = seconds
+        opt.step()
+        sched.step()
+    lrs.append(opt.param_groups[0]["lr"])
+    cosine = lambda t: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))  # noqa: E731
+    assert lrs == pytest.approx([0.5, 1.0, cosine(2 / 60), cosine(15 / 60), cosine(0.5), cosine(45 / 60), 0.1, 0.1])
+    # the trainer's scheduler reads the parts' clock (the one `fit` starts and the time budget reads)
+    tiny = tiny_cfg(tmp_path, "train.max_minutes=1", "schedule.kind=cosine", "schedule.span=time",
+                    "schedule.warmup_steps=0", "schedule.min_lr_ratio=0", "optim.lr=1")
+    parts = build_parts(tiny)
+    parts.clock.started -= 30  # half the budget used
+    parts.optimizer.step()
+    parts.scheduler.step()
+    assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["schedule.span=time"], "schedule.span: time: the cosine spans train.max_minutes, which is not set"),
+    (["schedule.span=time", "train.max_minutes=2", "schedule.kind=constant"],
+     "schedule.span: time: only a cosine follows the clock, not schedule.kind 'constant'"),
+    (["schedule.span=time", "train.max_minutes=2", "schedule.total_steps=40"],
+     "schedule.span: time: the cosine spans train.max_minutes, not schedule.total_steps=40"),
+    (["schedule.span=clock"], "schedule.span: expected one of steps, time"),
+])
+def test_time_spanned_cosine_is_refused_where_it_means_nothing(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        TrainConfig.from_dict({"data": {"synthetic": 4}, "schedule": {"kind": "cosine"}}, overrides=overrides)
 
 
 def test_constant_with_warmup_and_lr_factor_agree():

@@ -131,7 +131,8 @@ class OptimConfig(_Section):
 @dataclass
 class ScheduleConfig(_Section):
     """LR factor per optimiser step (training/trainer.py `make_scheduler`): linear warmup from lr/warmup_steps
-    to lr over `warmup_steps`, then cosine (down to lr·min_lr_ratio at `total_steps`), constant, or plateau
+    to lr over `warmup_steps`, then cosine (down to lr·min_lr_ratio at `total_steps`, or at the end of
+    train.max_minutes with span=time), constant, or plateau
     (lr·plateau_factor after plateau_patience validations without a better score, not below lr·min_lr_ratio)."""
 
     kind: str = option("cosine", choices=("cosine", "plateau", "constant"), help="cosine | plateau | constant")
@@ -141,6 +142,10 @@ class ScheduleConfig(_Section):
     total_steps: int | None = option(None, min=1, help="steps the cosine spans (warmup included); default "
                                                        "train.epochs × steps per epoch; set it for runs ended by "
                                                        "train.max_steps or train.max_minutes")
+    span: str = option("steps", choices=("steps", "time"),
+                       help="what the cosine spans: steps (total_steps, see there) or time (train.max_minutes: "
+                            "after the warmup steps the LR follows the share of the time budget used, reaching "
+                            "lr·min_lr_ratio when the clock ends the run)")
     plateau_factor: float = option(0.5, gt=0.0, lt=1.0, help="LR multiplier at each plateau")
     plateau_patience: int = option(2, min=0, help="validations without a better score before the LR drops")
 
@@ -375,6 +380,15 @@ class TrainConfig:
             raise config_error("train.base_dtype", f"{self.train.base_dtype} with peft.init {peft.init!r}: that init "
                                                    "leaves a residual in the frozen base, which a bf16 base would round "
                                                    "(the saved adapter would no longer be exact); use float32")
+        if self.schedule.span == "time":
+            if self.schedule.kind != "cosine":
+                raise config_error("schedule.span", f"time: only a cosine follows the clock, not schedule.kind "
+                                                    f"{self.schedule.kind!r}")
+            if self.train.max_minutes is None:
+                raise config_error("schedule.span", "time: the cosine spans train.max_minutes, which is not set")
+            if self.schedule.total_steps is not None:
+                raise config_error("schedule.span", f"time: the cosine spans train.max_minutes, not "
+                                                    f"schedule.total_steps={self.schedule.total_steps} (leave it unset)")
         if self.loss.click_region_clicks != "both" and not self.loss.click_region:
             raise config_error("loss.click_region_clicks", f"{self.loss.click_region_clicks!r} chooses the clicks "
                                                            "loss.click_region scores, but loss.click_region is 0 "

@@ -26,7 +26,7 @@ from . import distributed as D
 from .data_source import CountSkipped, SyntheticSlices, manifest_file
 from .losses import semantic_loss
 from .memory import SegmentedEncoder, autocast, grad_scaler
-from .trainer import (Trainer, TrainingParts, build_encoder, build_model_for, build_optimizer,
+from .trainer import (RunClock, Trainer, TrainingParts, build_encoder, build_model_for, build_optimizer,
                       make_scheduler, resolve_device, wrap_distributed)
 from .logging import RunLogger
 
@@ -164,10 +164,12 @@ class SemanticTrainer(Trainer):
         batches_per_epoch = math.ceil(sampler.num_samples / cfg.train.batch_size)
         steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
         out_dir = Path(cfg.output.dir)
+        clock = RunClock()
         return TrainingParts(
             cfg=cfg, info=info, device=device, out_dir=out_dir, model=semantic, encoder=encoder,
             step_module=step_module, train_ds=train_ds, val_ds=val_ds, params=params, optimizer=optimizer,
-            sampler=sampler, scheduler=make_scheduler(cfg, optimizer, steps_per_epoch * cfg.train.epochs),
+            sampler=sampler, scheduler=make_scheduler(cfg, optimizer, steps_per_epoch * cfg.train.epochs, clock),
+            clock=clock,
             scaler=grad_scaler(cfg.memory.precision, device),
             clicks=torch.Generator().manual_seed(cfg.train.seed * 1000 + info.rank),  # unused; checkpointed RNG slot
             logger=RunLogger(out_dir, info.is_main, cfg.output.tensorboard),

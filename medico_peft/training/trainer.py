@@ -170,26 +170,46 @@ class PlateauSchedule:
         self._apply()
 
 
-def lr_factor(schedule, step: int, total_steps: int) -> float:
+def lr_factor(schedule, step: int, total_steps: int, time_share: float | None = None) -> float:
     """The LR multiplier of optimiser step `step` (0-based) for cosine / constant (see ScheduleConfig):
     warmup (step+1)/warmup_steps, then 1 (constant) or min_lr_ratio + (1 - min_lr_ratio)·½(1 + cos(π·t)),
-    t = (step - warmup) / (total_steps - warmup) clamped to [0, 1]."""
+    t = (step - warmup) / (total_steps - warmup), or `time_share` (the share of the time budget used, span=time),
+    clamped to [0, 1]."""
     s, warmup = schedule, schedule.warmup_steps
     if warmup and step < warmup:
         return (step + 1) / warmup
     if s.kind == "constant":
         return 1.0
-    t = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    t = (step - warmup) / max(1, total_steps - warmup) if time_share is None else time_share
+    t = min(1.0, max(0.0, t))
     return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
+class RunClock:
+    """Seconds since `start()` (the trainer's `fit`): what train.max_minutes and a time-spanned cosine both read."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def start(self) -> None:
+        self.started = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def make_scheduler(cfg: TrainConfig, optimizer, total_steps: int, clock: RunClock | None = None):
     """The `schedule` section as a scheduler stepped once per optimiser step; `total_steps` (the run's
-    step count by epochs) is what a cosine spans unless `schedule.total_steps` is set."""
+    step count by epochs) is what a cosine spans unless `schedule.total_steps` is set; with `schedule.span=time`
+    it spans train.max_minutes on `clock` instead."""
     s = cfg.schedule
     if s.kind == "plateau":
         return PlateauSchedule(optimizer, s.warmup_steps, s.plateau_factor, s.plateau_patience, s.min_lr_ratio)
     total = s.total_steps or total_steps
+    if s.span == "time":
+        clock = clock if clock is not None else RunClock()
+        budget = cfg.train.max_minutes * 60
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(s, step, total, clock() / budget))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(s, step, total))
 
 
@@ -309,6 +329,7 @@ class TrainingParts:
     logger: RunLogger
     batches_per_epoch: int
     steps_per_epoch: int
+    clock: RunClock = field(default_factory=RunClock)  # the run's clock (time budget, time-spanned cosine)
 
 
 def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
@@ -340,10 +361,11 @@ def build_parts(cfg: TrainConfig, model=None) -> TrainingParts:
     batches_per_epoch = math.ceil(sampler.num_samples / cfg.train.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum)
     out_dir = Path(cfg.output.dir)
+    clock = RunClock()
     return TrainingParts(
         cfg=cfg, info=info, device=device, out_dir=out_dir, model=model, encoder=encoder, step_module=step_module,
         train_ds=train_ds, val_ds=val_ds, params=params, optimizer=optimizer, sampler=sampler,
-        scheduler=make_scheduler(cfg, optimizer, steps_per_epoch * cfg.train.epochs),
+        scheduler=make_scheduler(cfg, optimizer, steps_per_epoch * cfg.train.epochs, clock), clock=clock,
         scaler=grad_scaler(cfg.memory.precision, device),
         clicks=torch.Generator().manual_seed(cfg.train.seed * 1000 + info.rank),
         logger=RunLogger(out_dir, info.is_main, cfg.output.tensorboard),
@@ -437,7 +459,7 @@ class Trainer:
         self.metrics: dict[str, Any] = {}
         self.stop_reason: str | None = None
         self._requested_stop: str | None = None
-        self._started = time.perf_counter()
+        self.parts.clock.start()
         self.epoch_rows: list[dict] = []
         if self.main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -462,7 +484,7 @@ class Trainer:
     # --- callbacks -----------------------------------------------------------------------------
     @property
     def elapsed_seconds(self) -> float:
-        return time.perf_counter() - self._started
+        return self.parts.clock()
 
     def view(self, event: str) -> TrainerState:
         return TrainerState(event=event, step=self.global_step, epoch=self.epoch, metrics=dict(self.metrics),
@@ -846,7 +868,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg = self.cfg
-        self._started = time.perf_counter()
+        self.parts.clock.start()
         self.on_train_start()
         bar = self.make_progress()
         try:
