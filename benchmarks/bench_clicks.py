@@ -69,10 +69,12 @@ RULE_TEXT = {  # the report describes only the rules a run evaluated
 EVAL_MATCHED = {"click_sampling": "center", "prompt": "box", "mask_feed_prob": 1.0, "sub_iterations": 4}
 # The recipe every kind changes: the demo's `lora_config` as it was before its click-training switch (3 click
 # sub-iterations with uniform random clicks, alternating box / point starts, the answer fed back with p = 0.5, the
-# prompt encoder frozen), pinned here so that every results file stays reproducible. The demo's recipe now is
-# LoRA+eval-matched+prompt-encoder (tests/test_gpu_check_dry_run.py checks it key by key).
+# prompt encoder frozen) and before its cosine (a constant LR after 2 warmup steps), pinned here so that every
+# results file stays reproducible. The demo's recipe now is LoRA+eval-matched+prompt-encoder with the cosine of
+# RECIPE_STEPS (tests/test_gpu_check_dry_run.py checks it key by key).
 BASE = {"train": {"sub_iterations": 3, "click_sampling": "uniform", "prompt": "alternate", "mask_feed_prob": 0.5},
-        "peft": {"train_prompt_encoder": False}}
+        "peft": {"train_prompt_encoder": False}, "schedule": {"kind": "constant", "warmup_steps": 2,
+                                                              "min_lr_ratio": 0.0, "total_steps": None}}
 # finetune kind -> its one change against BASE (decoder-only: the encoder frozen instead of LoRA)
 CHANGES = {
     "decoder-only": {},

@@ -149,7 +149,7 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
     """The recommended recipe with this method's PEFT part, learning rate, seed and budget."""
     from medico_peft.training.config import apply_overrides
     from medico_peft.tuners import PeftConfig
-    from medico_peft.workflows.demo import lora_config
+    from medico_peft.workflows.demo import CONSTANT_SCHEDULE, cosine_schedule, lora_config
 
     peft = PeftConfig(**METHODS[method][1])
     raw = lora_config(manifest, out, lr, peft, progress=False,
@@ -159,14 +159,9 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
         raw["train"]["max_steps"] = args.steps
     else:
         raw["train"]["epochs"] = 10_000  # the clock ends the run
-    if args.schedule == "cosine":
-        raw["schedule"] = cosine_schedule(args.steps)
+    # --schedule cosine: the recipe's (workflows/demo.py cosine_schedule); constant: the recipe's schedule before
+    raw["schedule"] = cosine_schedule(args.steps) if args.schedule == "cosine" else dict(CONSTANT_SCHEDULE)
     return apply_overrides(raw, args.overrides)
-
-
-def cosine_schedule(steps: int) -> dict:
-    """`--schedule cosine`: warmup over 5 % of the steps (at least 2), then cosine to 5 % of the LR at `steps`."""
-    return {"kind": "cosine", "warmup_steps": max(2, round(0.05 * steps)), "total_steps": steps, "min_lr_ratio": 0.05}
 
 
 TRAINED_KEYS = ("adapter", "steps", "train_s", "best_step", "val", "stop")
@@ -453,6 +448,8 @@ def slab_position_lines(summary: dict) -> list[str]:
 
 
 def report(state: dict, args) -> str:
+    from medico_peft.workflows.demo import cosine_schedule
+
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
     cosine = cosine_schedule(args.steps)
     schedule = ("constant LR after 2 warmup steps" if args.schedule == "constant" else

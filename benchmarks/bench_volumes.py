@@ -113,13 +113,14 @@ def train_lora(work: Path, args) -> tuple[Path, dict]:
     if not (shards / "manifest.json").exists():
         print(f"[bench] building Colin27 + AAL shards: {len(keep)} labels, {len(held)} held out", flush=True)
         build_colin27_aal_shards(shards, size=256, labels=keep)
-    from medico_peft.workflows.demo import demo_peft_config, lora_config
+    from medico_peft.workflows.demo import CONSTANT_SCHEDULE, demo_peft_config, lora_config
 
     # the demo's recipe: LoRA on q, v of the last 2 TinyViT blocks + the mask decoder and prompt encoder,
     # click-trained as evaluated, adapter selected on the val slab (Colin27's own: the slab split of the shards)
     raw = lora_config(shards / "manifest.json", work / "runs" / "lora", 5e-4, demo_peft_config(rank=8, blocks=2),
                       progress=False, max_minutes=args.train_minutes)
     raw["train"]["max_steps"] = args.train_steps
+    raw["schedule"] = dict(CONSTANT_SCHEDULE)  # the schedule volumes.md was measured with (a short run)
     cfg = TrainConfig.from_dict(raw)
     cap = f" (capped at {args.train_minutes:g} min)" if args.train_minutes else ""
     print(f"[bench] training LoRA for {args.train_steps} steps{cap}", flush=True)

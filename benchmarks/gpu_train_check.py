@@ -34,8 +34,8 @@ except ImportError:  # run as `python benchmarks/gpu_train_check.py`
 def recipe(manifest: Path, out: Path, device: str, precision: str, steps: int, validate: bool) -> dict:
     from medico_peft.workflows.demo import demo_peft_config, lora_config
 
-    raw = lora_config(manifest, out, 5e-4, demo_peft_config(rank=8, blocks=2), progress=False)
-    raw["train"].update({"device": device, "max_steps": steps, "seed": 0,
+    raw = lora_config(manifest, out, 5e-4, demo_peft_config(rank=8, blocks=2), progress=False, steps=steps)
+    raw["train"].update({"device": device, "seed": 0,
                          "val_every_steps": steps if validate else 10 ** 9, "early_stop_patience": 0})
     raw.setdefault("memory", {})["precision"] = precision
     return raw

@@ -27,25 +27,28 @@ def test_every_method_trains_the_recommended_recipe_and_differs_in_its_peft_part
     """The fair-comparison claim: each method's config is the demo's recipe (workflows/demo.py `lora_config`)
     with its own PEFT section, lr, seed and budget; `lora_qv` is exactly the demo's LoRA run."""
     from medico_peft.tuners import PeftConfig
-    from medico_peft.workflows.demo import demo_peft_config, lora_config
+    from medico_peft.workflows.demo import CONSTANT_SCHEDULE, demo_peft_config, lora_config
 
-    args = br.parse_args(["--steps", "12", "--minutes", "3"])
+    args = br.parse_args(["--steps", "12", "--minutes", "3", "--schedule", "cosine"])
     configs = {m: _flat(br.train_config(m, tmp_path / "manifest.json", tmp_path / m, 5e-4, 7, "steps", args))
                for m, (_, peft, _) in br.METHODS.items() if peft is not None}
     demo = lora_config(tmp_path / "manifest.json", tmp_path / "x", 5e-4, demo_peft_config(rank=8, blocks=2),
-                       progress=False)
-    demo["train"].update({"seed": 7, "device": "cpu", "max_steps": 12})
-    assert configs["lora_qv"] == _flat(demo)
+                       progress=False, steps=12)
+    demo["train"].update({"seed": 7, "device": "cpu"})
+    assert configs["lora_qv"] == _flat(demo)  # --schedule cosine is the recipe, over --steps
     for method, cfg in configs.items():
         differ = {k for k in set(cfg) | set(configs["lora_qv"]) if cfg.get(k) != configs["lora_qv"].get(k)}
         assert {section for section, _ in differ} <= {"peft"}, (method, differ)
         PeftConfig(**br.METHODS[method][1])  # every method is a valid PeftConfig
         assert cfg[("peft", "train_prompt_encoder")] is True
     assert configs["decoder_lora"][("peft", "decoder_lora")] is True
-    timed = _flat(br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "t", 5e-4, 7, "time", args))
-    assert timed[("train", "max_minutes")] == 3 and ("train", "max_steps") not in timed  # the clock ends it
-    assert {k for k in timed if timed[k] != configs["lora_qv"].get(k)} == {
-        ("train", "max_minutes"), ("train", "epochs")}
+    plain = br.parse_args(["--steps", "12", "--minutes", "3"])  # --schedule constant: the recipe's former LR
+    stepped = _flat(br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "t", 5e-4, 7, "steps", plain))
+    assert {k[1]: v for k, v in stepped.items() if k[0] == "schedule"} == CONSTANT_SCHEDULE
+    timed = _flat(br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "t", 5e-4, 7, "time", plain))
+    assert timed[("train", "max_minutes")] == 3 and timed[("train", "max_steps")] is None  # the clock ends it
+    assert {k for k in timed if timed[k] != stepped.get(k)} == {
+        ("train", "max_minutes"), ("train", "epochs"), ("train", "max_steps")}
 
 
 def test_the_sweep_picks_the_best_val_lr_and_reuses_that_run_for_the_first_seed(br, tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from medico_peft.cli import main
-from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
+from medico_peft.workflows.demo import RECIPE_STEPS, decoder_only_config, demo_peft_config, lora_config
 from medico_peft.training import TrainConfig
 
 
@@ -18,6 +18,13 @@ def test_demo_budget_is_the_trainer_option(tmp_path):
     assert peft.blocks == 2 and peft.alpha == 4.0 and peft.targets == ("q", "v")
     cfg = TrainConfig.from_dict(lora_config(tmp_path / "manifest.json", tmp_path / "train", 5e-4, peft, False, 1.5))
     assert cfg.train.max_minutes == 1.5 and cfg.peft_config() == peft
+    # the recipe's cosine, spread over the clock's budget (the demo's runs end by time, not by steps)
+    assert (cfg.schedule.kind, cfg.schedule.span, cfg.train.max_steps) == ("cosine", "time", None)
+    assert cfg.schedule.min_lr_ratio == 0.05 and cfg.schedule.total_steps is None
+    stepped = TrainConfig.from_dict(lora_config(tmp_path / "manifest.json", tmp_path / "s", 5e-4, peft, False))
+    assert stepped.train.max_steps == RECIPE_STEPS == 160 and stepped.train.max_minutes is None
+    assert (stepped.schedule.kind, stepped.schedule.span, stepped.schedule.total_steps) == ("cosine", "steps", 160)
+    assert (stepped.schedule.warmup_steps, stepped.schedule.min_lr_ratio) == (8, 0.05)
     # Validation on the val slab picks the adapter (mean of box and click Dice) and can stop the run early.
     t = cfg.train
     assert t.val_every_steps > 0 and t.select_by == "mean" and t.early_stop_patience > 0 and t.val_clicks == 3

@@ -180,11 +180,19 @@ def test_bench_clicks_variants_change_one_thing_each(tmp_path, monkeypatch):
     assert {k: v for k, v in quarter.items() if flat(seen[str(tmp_path / "decoder-only+eval-matched+prompt-encoder")]
                                                      ).get(k) != v} == {("loss", "click_region"): 0.25}
     # The demo's recipe now is the measured LoRA+eval-matched+prompt-encoder kind, key by key (and its
-    # decoder-only baseline the decoder-only control), so the demo trains what the results files measured.
-    from medico_peft.workflows.demo import decoder_only_config, demo_peft_config, lora_config
+    # decoder-only baseline the decoder-only control), with the recipe's cosine over the run instead of the
+    # constant LR the clicks files were measured with (bench_realdata --schedule cosine measured that).
+    from medico_peft.workflows.demo import CONSTANT_SCHEDULE, cosine_schedule, decoder_only_config, \
+        demo_peft_config, lora_config
 
     for kind, peft in (("LoRA+eval-matched+prompt-encoder", demo_peft_config(rank=8, blocks=2)),
                        ("decoder-only+eval-matched+prompt-encoder", decoder_only_config())):
-        demo = lora_config(tmp_path / "manifest.json", tmp_path / kind, bench_clicks.LR, peft, progress=False)
-        demo["train"].update({"max_steps": 12, "seed": 3, "device": "cpu"})
-        assert flat(demo) == flat(seen[str(tmp_path / kind)]), kind
+        demo = lora_config(tmp_path / "manifest.json", tmp_path / kind, bench_clicks.LR, peft, progress=False,
+                           steps=12)
+        demo["train"].update({"seed": 3, "device": "cpu"})
+        assert demo["schedule"] == cosine_schedule(12) and demo["train"]["max_steps"] == 12
+        measured = flat(seen[str(tmp_path / kind)])
+        assert {k: v for k, v in flat(demo).items() if measured.get(k) != v} == {
+            ("schedule", "kind"): "cosine", ("schedule", "total_steps"): 12, ("schedule", "min_lr_ratio"): 0.05}, kind
+        assert {k[1]: v for k, v in measured.items() if k[0] == "schedule"} == {
+            **CONSTANT_SCHEDULE, "min_lr_ratio": 0.0, "total_steps": None}  # what the clicks files measured

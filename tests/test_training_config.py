@@ -39,6 +39,28 @@ def test_litemedsam_recipes_click_train_as_measured(name):
     assert peft.method == "full" or peft.train_prompt_encoder
 
 
+def test_litemedsam_lora_recipe_is_the_one_the_real_data_benchmark_measured():
+    """configs/litemedsam_lora.yaml is the demo's recipe (workflows/demo.py `lora_config`, which bench_realdata
+    trains with `--steps 160 --schedule cosine`) key by key; only where the run reads and writes and how it
+    loads data (workers, cache size) may differ."""
+    from medico_peft.workflows.demo import RECIPE_STEPS, demo_peft_config, lora_config
+
+    config = TrainConfig.from_yaml(REPO / "configs" / "litemedsam_lora.yaml")
+    measured = TrainConfig.from_dict(lora_config("shards/manifest.json", "runs/x", 5e-4,
+                                                 demo_peft_config(rank=8, blocks=2), progress=True,
+                                                 steps=RECIPE_STEPS))
+    assert config.peft_config() == measured.peft_config()
+    ours, recipe = config.to_dict(), measured.to_dict()
+    free = {("data", "num_workers"), ("train", "device"), ("memory", "cache_max_gb")}
+    differ = {(section, key) for section in recipe if section not in ("peft", "output") for key in recipe[section]
+              if (section, key) not in free and ours[section][key] != recipe[section][key]}
+    assert not differ, {k: (ours[k[0]][k[1]], recipe[k[0]][k[1]]) for k in differ}
+    # and the clock-ended variant its comment gives validates as a time-spanned cosine
+    timed = TrainConfig.from_yaml(REPO / "configs" / "litemedsam_lora.yaml", overrides=[
+        "train.max_minutes=30", "train.max_steps=null", "schedule.span=time", "schedule.total_steps=null"])
+    assert (timed.schedule.span, timed.train.max_steps, timed.train.max_minutes) == ("time", None, 30)
+
+
 def test_overrides_apply_with_yaml_values():
     cfg = TrainConfig.from_yaml(TINY, overrides=["optim.lr=3e-4", "train.epochs=7", "memory.checkpointing=true",
                                                  "optim.betas=[0.8, 0.9]", "peft.rank=2"])
