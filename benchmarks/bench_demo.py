@@ -27,12 +27,15 @@ MARKER = ".written-by-bench_demo"
 
 
 def relink(report: str, work: Path, results: Path) -> str:
-    """Relative links in report.md point into the demo folder; make them point there from the results file."""
+    """Relative links in report.md point into the demo folder; make them point there from the results file.
+    Paths are made absolute without resolving symlinks: a work folder reached through a link (a benchmarks/work
+    shared between checkouts) keeps links that hold inside the repository."""
     def fix(m):
         target = m.group(2)
         if re.match(r"[a-z]+:|/|#", target):
             return m.group(0)
-        return f"{m.group(1)}({Path(os.path.relpath(work.resolve() / target, results.resolve().parent)).as_posix()})"
+        link = os.path.relpath(os.path.abspath(work / target), os.path.dirname(os.path.abspath(results)))
+        return f"{m.group(1)}({Path(link).as_posix()})"
     return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", fix, report)
 
 

@@ -175,6 +175,14 @@ def test_demo_results_file_is_written_by_the_demo_run(results_module, tmp_path, 
     other = tmp_path / "mine"
     other.mkdir()
     assert bench_demo.main(["--work", str(other), "--results", str(results)]) == 2  # not its folder: refused
+    # a work folder reached through a symlink (benchmarks/work shared with another checkout): the link goes
+    # through the symlink, as the repository sees it, not to where the link points
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "res" / "work").symlink_to(elsewhere, target_is_directory=True)
+    linked = tmp_path / "res" / "work" / "demo"
+    assert bench_demo.main(["--work", str(linked), "--results", str(results)]) == 0
+    assert "](work/demo/curve.png)" in results.read_text()
 
 
 def test_bench_check_entry_point_runs_this_file():
