@@ -39,14 +39,14 @@ def test_litemedsam_recipes_click_train_as_measured(name):
     assert peft.method == "full" or peft.train_prompt_encoder
 
 
-def test_litemedsam_lora_recipe_is_the_one_the_real_data_benchmark_measured():
+def test_litemedsam_lora_recipe_is_the_one_the_real_data_benchmark_measured(tmp_path):
     """configs/litemedsam_lora.yaml is the demo's recipe (workflows/demo.py `lora_config`, which bench_realdata
     trains with `--steps 160 --schedule cosine`) key by key; only where the run reads and writes and how it
     loads data (workers, cache size) may differ."""
     from medico_peft.workflows.demo import RECIPE_STEPS, demo_peft_config, lora_config
 
     config = TrainConfig.from_yaml(REPO / "configs" / "litemedsam_lora.yaml")
-    measured = TrainConfig.from_dict(lora_config("shards/manifest.json", "runs/x", 5e-4,
+    measured = TrainConfig.from_dict(lora_config(config.data.manifest, tmp_path / "run", 5e-4,
                                                  demo_peft_config(rank=8, blocks=2), progress=True,
                                                  steps=RECIPE_STEPS))
     assert config.peft_config() == measured.peft_config()
