@@ -14,7 +14,8 @@ click training on the evaluation's own sequence (`CLICK_TRAINING`), the prompt e
 slab every 20 steps selecting the adapter, early stop after 4 validations without a gain); only the PEFT part and the
 learning rate differ (`--set section.key=value` changes the recipe of every run, in run folders of their own).
 Budgets: `steps` = the same number of optimiser steps for every method (`--steps`); `time` = the
-same wall clock (`--minutes`; steps then differ). Each method's learning rate: its default (`METHODS`) times the
+same wall clock (`--minutes`; steps then differ; `--schedule cosine` spreads the cosine over the minutes).
+Each method's learning rate: its default (`METHODS`) times the
 `--lr-factors` candidate whose seed-`--seeds[0]` run scored best on the val slab (the trainer's selection score:
 mean of box Dice and Dice after 3 clicks); that run is reused as the seed's main run.
 
@@ -111,7 +112,8 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=10.0, help="training minutes per run (budget `time`)")
     p.add_argument("--schedule", default="constant", choices=SCHEDULES,
                    help="constant: the recipe's LR after 2 warmup steps (a run the clock ends); cosine: warmup over 5 %% "
-                        "of --steps, then cosine down to 5 %% of the LR at the last step (budget `steps` only)")
+                        "of --steps, then cosine down to 5 %% of the LR at the last step; under budget `time` the "
+                        "same cosine spread over --minutes (schedule.span: time)")
     p.add_argument("--lr-factors", type=float, nargs="+", default=[1.0],
                    help="learning rates tried per method on the val slab, as multiples of its default")
     p.add_argument("--max-slices", type=int, default=0, help="test slices evaluated, evenly spaced (0: all)")
@@ -127,8 +129,6 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.steps < 1 or args.minutes <= 0 or args.max_slices < 0 or any(f <= 0 for f in args.lr_factors):
         p.error("--steps and --minutes must be positive, --max-slices ≥ 0, every --lr-factors value > 0")
-    if args.schedule == "cosine" and "time" in args.budgets:
-        p.error("--schedule cosine spans a known step count: use it with --budgets steps only")
     for item in args.overrides:
         key = item.split("=", 1)[0]
         if "=" not in item or key.split(".")[0] in ("peft", "output") or key in ("optim.lr", "train.seed"):
@@ -159,8 +159,12 @@ def train_config(method: str, manifest: Path, out: Path, lr: float, seed: int, b
         raw["train"]["max_steps"] = args.steps
     else:
         raw["train"]["epochs"] = 10_000  # the clock ends the run
-    # --schedule cosine: the recipe's (workflows/demo.py cosine_schedule); constant: the recipe's schedule before
-    raw["schedule"] = cosine_schedule(args.steps) if args.schedule == "cosine" else dict(CONSTANT_SCHEDULE)
+    # --schedule cosine: the recipe's (workflows/demo.py cosine_schedule over --steps; under the time budget
+    # lora_config's TIME_COSINE, the same cosine over --minutes); constant: the recipe's schedule before
+    if args.schedule != "cosine":
+        raw["schedule"] = dict(CONSTANT_SCHEDULE)
+    elif budget == "steps":
+        raw["schedule"] = cosine_schedule(args.steps)
     return apply_overrides(raw, args.overrides)
 
 
@@ -448,13 +452,15 @@ def slab_position_lines(summary: dict) -> list[str]:
 
 
 def report(state: dict, args) -> str:
-    from medico_peft.workflows.demo import cosine_schedule
+    from medico_peft.workflows.demo import TIME_COSINE, cosine_schedule
 
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
     cosine = cosine_schedule(args.steps)
     schedule = ("constant LR after 2 warmup steps" if args.schedule == "constant" else
                 f"warmup over {cosine['warmup_steps']} steps, then cosine to {100 * cosine['min_lr_ratio']:g} % of the LR "
-                f"at step {cosine['total_steps']}")
+                f"at step {cosine['total_steps']}" + (
+                    f" (time budget: warmup over {TIME_COSINE['warmup_steps']} steps, then the cosine over the "
+                    f"{args.minutes:g} min, `schedule.span: time`)" if "time" in args.budgets else ""))
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Every trained method: the recommended recipe "
         "(`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects, click training on the evaluation's sequence, "

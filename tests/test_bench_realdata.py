@@ -261,9 +261,23 @@ def test_cosine_schedule_spans_the_step_budget_and_only_the_schedule_differs(br,
     assert all(b <= a for a, b in zip(lrs[warm:], lrs[warm + 1:]))
 
 
+def test_the_cosine_under_the_time_budget_spans_the_clock(br, tmp_path):
+    """--schedule cosine --budgets time: the recipe's cosine spread over --minutes (lora_config's TIME_COSINE),
+    not over --steps, which the clock does not count; the trainer accepts the config as it stands."""
+    from medico_peft.training import TrainConfig
+    from medico_peft.workflows.demo import TIME_COSINE
+
+    args = br.parse_args(["--steps", "12", "--minutes", "3", "--schedule", "cosine", "--budgets", "steps", "time"])
+    timed = br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "t", 5e-4, 0, "time", args)
+    assert timed["schedule"] == TIME_COSINE and timed["train"]["max_minutes"] == 3
+    cfg = TrainConfig.from_dict(timed)
+    assert cfg.schedule.span == "time" and cfg.train.max_steps is None
+    stepped = br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "s", 5e-4, 0, "steps", args)
+    assert stepped["schedule"]["total_steps"] == 12 and TrainConfig.from_dict(stepped).schedule.span != "time"
+
+
 @pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--lr-factors", "0"], "--lr-factors"),
                                           (["--methods", "lora_xx"], "--methods"), (["--tasks", "brats"], "--tasks"),
-                                          (["--schedule", "cosine", "--budgets", "time"], "--schedule"),
                                           (["--set", "optim.lr=1e-3"], "--set optim.lr"),
                                           (["--set", "peft.rank=4"], "--set peft.rank"),
                                           (["--set", "loss.click_region"], "--set loss.click_region")])
