@@ -456,11 +456,14 @@ def report(state: dict, args) -> str:
 
     budgets_text = {"steps": f"{args.steps} optimiser steps", "time": f"{args.minutes:g} min of training"}
     cosine = cosine_schedule(args.steps)
+    cosine_text = {"steps": f"warmup over {cosine['warmup_steps']} steps, then cosine to "
+                            f"{100 * cosine['min_lr_ratio']:g} % of the LR at step {cosine['total_steps']}",
+                   "time": f"warmup over {TIME_COSINE['warmup_steps']} steps, then cosine to "
+                           f"{100 * TIME_COSINE['min_lr_ratio']:g} % of the LR at {args.minutes:g} min "
+                           "(`schedule.span: time`)"}
     schedule = ("constant LR after 2 warmup steps" if args.schedule == "constant" else
-                f"warmup over {cosine['warmup_steps']} steps, then cosine to {100 * cosine['min_lr_ratio']:g} % of the LR "
-                f"at step {cosine['total_steps']}" + (
-                    f" (time budget: warmup over {TIME_COSINE['warmup_steps']} steps, then the cosine over the "
-                    f"{args.minutes:g} min, `schedule.span: time`)" if "time" in args.budgets else ""))
+                "; ".join(f"{budgets_text[b]}: {cosine_text[b]}" if len(args.budgets) > 1 else cosine_text[b]
+                          for b in args.budgets))
     lines = [
         f"LiteMedSAM ({weights_source('litemedsam')}). Every trained method: the recommended recipe "
         "(`workflows/demo.py` `lora_config`: batch 2 slices × 2 objects, click training on the evaluation's sequence, "

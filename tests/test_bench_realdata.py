@@ -274,6 +274,8 @@ def test_the_cosine_under_the_time_budget_spans_the_clock(br, tmp_path):
     assert cfg.schedule.span == "time" and cfg.train.max_steps is None
     stepped = br.train_config("lora_qv", tmp_path / "manifest.json", tmp_path / "s", 5e-4, 0, "steps", args)
     assert stepped["schedule"]["total_steps"] == 12 and TrainConfig.from_dict(stepped).schedule.span != "time"
+    timed_only = br.report({}, br.parse_args(["--minutes", "3", "--schedule", "cosine", "--budgets", "time"]))
+    assert "cosine to 5 % of the LR at 3 min" in timed_only and "at step" not in timed_only
 
 
 @pytest.mark.parametrize("argv, named", [(["--steps", "0"], "--steps"), (["--lr-factors", "0"], "--lr-factors"),
