@@ -1,5 +1,6 @@
-"""The click losses: `loss.click_bce`, cross-entropy over the pixels around each click, and `loss.click_region`,
-cross-entropy over the error region each click landed in, both against the truth.
+"""The click losses: `loss.click_bce`, cross-entropy over the pixels around each click, `loss.click_region`,
+cross-entropy over the error region each click landed in, and `loss.click_keep`, over the pixels a click round broke,
+all against the truth.
 
 Reference: torch's own `binary_cross_entropy_with_logits` over a hand-built disk (per-pixel, no reduction)."""
 
@@ -175,3 +176,98 @@ def test_click_region_clicks_scores_only_the_regions_of_that_click_kind(monkeypa
     for (p_both, l_both), (p_kind, l_kind) in zip(calls["both"], calls[clicks], strict=True):
         np.testing.assert_array_equal(p_kind, p_both)
         np.testing.assert_array_equal(l_kind, np.where(l_both == keep, l_both, -1))
+
+
+def test_click_keep_sums_the_cross_entropy_over_the_broken_pixels_per_clicked_region_pixel():
+    """`click_keep_loss`, against torch's per-pixel cross-entropy over a hand-picked set: the pixels right in
+    the previous answer and wrong in this output, summed, divided by the clicked regions' size; a row whose
+    clicks landed in no error region scores 0."""
+    from medico_peft.training.losses import click_keep_loss
+
+    target = torch.zeros(2, 8, 8, dtype=torch.bool)
+    target[:, 2:6, 2:6] = True
+    prev = target.clone()
+    prev[:, 2:4, 2:4] = False  # a 2×2 false-negative region the click landed in
+    regions = torch.zeros_like(target)
+    regions[0, 2:4, 2:4] = True  # row 1: no region
+    logits = torch.full((2, 2, 8, 8), -4.0)
+    logits[:, :, 2:6, 2:6] = 4.0  # output 0: every pixel right
+    logits[:, 1, 0, 0:3] = 1.5  # output 1: three background pixels broken...
+    logits[:, 1, 2, 2] = -1.0  # ...and one clicked pixel wrong (it was wrong before: not broken)
+    loss = click_keep_loss(logits, target, prev, regions)
+    assert loss.shape == (2, 2)
+    ce = F.binary_cross_entropy_with_logits(logits[0, 1], target[0].float(), reduction="none")
+    assert float(loss[0, 0]) == 0.0
+    assert float(loss[0, 1]) == pytest.approx(float(ce[0, 0:3].sum()) / 4, rel=1e-6)
+    assert torch.equal(loss[1], torch.zeros(2))
+    broken_more = logits.clone()
+    broken_more[:, 1, 7, 7] = 0.5
+    assert click_keep_loss(broken_more, target, prev, regions)[0, 1] > loss[0, 1]
+
+
+def test_click_keep_loss_adds_the_broken_pixel_term_to_each_click_round(monkeypatch):
+    """`loss.click_keep`: the same forward (same generator: the same predictions and clicks) with and without the
+    term differs by exactly weight × the mean over rounds of the keep term; each round scores its output against
+    the answer the clicks corrected and the regions of every new click (recomputed here with `clicked_regions`)."""
+    import medico_peft.training.interactive_step as step_module
+    from medico_peft.evaluation.clicks import clicked_regions
+    from medico_peft.models import build_model
+    from medico_peft.training.config import LossConfig
+    from medico_peft.training.interactive_step import InteractiveStep
+    from medico_peft.training.memory import SegmentedEncoder
+
+    model = build_model("vit_tiny", seed=0).eval()
+    s = model.img_size
+    masks = torch.zeros(1, 2, s, s)
+    masks[0, 0, 20:80, 16:60] = 1
+    masks[0, 0, 40:60, 30:44] = 0
+    masks[0, 1, 80:120, 60:120] = 1
+    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
+             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
+             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
+             "object_valid": torch.tensor([[True, True]])}
+    real_keep = step_module.click_keep_loss
+    calls, prompts = [], []
+    real_add = step_module.add_clicks
+
+    def add_spy(prompt, pred, gt, generator, sampling="uniform", depth=0.0):
+        out = real_add(prompt, pred, gt, generator, sampling, depth)
+        clicked = 0 if prompt["points"] is None else prompt["points"].shape[1]
+        prompts.append((pred.clone(), gt.clone(), out["points"][:, clicked:].clone(),
+                        out["point_labels"][:, clicked:].clone()))
+        return out
+
+    def keep_spy(logits, gt, prev, regions):
+        out = real_keep(logits, gt, prev, regions)
+        calls.append((prev.clone(), regions.clone(), out.detach()))
+        return out
+
+    monkeypatch.setattr(step_module, "click_keep_loss", keep_spy)
+    monkeypatch.setattr(step_module, "add_clicks", add_spy)
+    losses = {}
+    for weight in (0.0, 0.5):
+        calls.clear()
+        prompts.clear()
+        step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(click_keep=weight), 3, 1.0,
+                               click_sampling="uniform")
+        with torch.no_grad():
+            losses[weight], _ = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
+        if weight == 0.0:
+            assert not calls
+    assert len(calls) == 3 and len(prompts) == 3  # a keep term in rounds 2-4
+    expected = 0.5 * sum(out[:, 0].mean() for *_, out in calls) / 4
+    assert float(expected) > 0  # some round broke pixels: the check compares a real term
+    assert float(losses[0.5] - losses[0.0]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    for (prev, regions, _), (pred, gt, points, labels) in zip(calls, prompts, strict=True):
+        assert torch.equal(prev, pred)
+        want = clicked_regions(pred.numpy(), gt.numpy(), points.numpy(), labels.numpy())
+        np.testing.assert_array_equal(regions.numpy(), want)
+
+
+def test_click_keep_must_not_be_negative():
+    from medico_peft.errors import ConfigError
+    from medico_peft.training.config import LossConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="loss.click_keep"):
+        TrainConfig.from_dict({"loss": {"click_keep": -1.0}})
+    assert LossConfig(click_keep=0.25).click_keep == 0.25

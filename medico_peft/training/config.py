@@ -167,6 +167,13 @@ class LossConfig(_Section):
                                       "negative one; target: the truth there), added to the next round's loss: "
                                       "teaches the decoder to correct the whole mistake the user clicked into, not "
                                       "only the clicked pixels (what evaluation's local merge accepts)")
+    click_keep: float = option(0.0, min=0.0,
+                               help="weight of a cross-entropy over the pixels a click round turned wrong (right "
+                                    "in the answer the clicks corrected), summed and divided by the size of the "
+                                    "error regions the clicks landed in, added to the next round's loss: teaches "
+                                    "the decoder to keep the rest of its answer while it corrects the clicked "
+                                    "mistake (at loss.click_region's weight a broken pixel costs as much as a "
+                                    "clicked one left unfixed)")
     click_region_clicks: str = option("both", choices=("both", "positive", "negative"),
                                       help="which clicks' error regions loss.click_region scores: both, only "
                                            "positive clicks' false negatives, or only negative clicks' false "

@@ -6,7 +6,8 @@ output; the loss takes the best of the three masks, since one point is ambiguous
 false negatives and a negative click in the false positives of the current best mask are appended
 to the prompt (`click_sampling="center"`: instead the one click evaluation places, at the centre of
 the deeper error region; `loss.click_region` adds a cross-entropy over the error regions the new clicks
-(of the kinds `loss.click_region_clicks` names) landed in to the next round's loss), and with probability
+(of the kinds `loss.click_region_clicks` names) landed in to the next round's loss, `loss.click_keep` one over
+the pixels the next round turns wrong that the clicked answer had right), and with probability
 `mask_feed_prob` the previous low-res logits are fed back as mask input with every click so far painted into
 them (`click_radius`, models/click_prompt.py: the same painting evaluation and the Predictor do, so clicks reach
 the part of the decoder that reacts). The loss (mask losses + MSE of the IoU head against the true IoU) is
@@ -37,7 +38,7 @@ from torch import nn
 from ..evaluation.clicks import center_corrections, clicked_regions, interior_corrections, random_corrections
 from ..models.click_prompt import CLICK_MERGE, CLICK_RADIUS, accept_click, paint_clicks
 from ..evaluation.metrics import dice_per_object
-from .losses import click_bce_loss, click_disks, mask_losses, true_iou
+from .losses import click_bce_loss, click_disks, click_keep_loss, mask_losses, true_iou
 from .memory import SegmentedEncoder
 
 
@@ -129,6 +130,7 @@ class InteractiveStep(nn.Module):
         prompt = first_prompt(objs, prompt_kind)
         mask_input = None
         regions = None  # the error regions the last round's clicks landed in (loss.click_region)
+        kept = None  # (answer the last round's clicks corrected, all their error regions) for loss.click_keep
         total = 0.0
         n_iter = self.sub_iterations + 1
         for it in range(n_iter):
@@ -144,6 +146,8 @@ class InteractiveStep(nn.Module):
                 per_mask = per_mask + self.loss_cfg.click_bce * click_bce_loss(logits, gt, disks)
             if regions is not None:
                 per_mask = per_mask + self.loss_cfg.click_region * click_bce_loss(logits, gt, regions)
+            if kept is not None:
+                per_mask = per_mask + self.loss_cfg.click_keep * click_keep_loss(logits, gt, *kept)
             best = per_mask.argmin(dim=1)
             rows = torch.arange(best.numel(), device=best.device)
             loss = per_mask[rows, best].mean()
@@ -164,12 +168,8 @@ class InteractiveStep(nn.Module):
             depth = self.click_radius * pred.shape[-1] / feed_low.shape[-1]  # the painted disk, in pred pixels
             clicked = 0 if prompt["points"] is None else prompt["points"].shape[1]
             prompt = add_clicks(prompt, pred, gt, generator, self.click_sampling, depth)
-            if self.loss_cfg.click_region:
-                labels = region_click_labels(prompt["point_labels"][:, clicked:], self.loss_cfg.click_region_clicks)
-                regions = torch.from_numpy(clicked_regions(pred.cpu().numpy(), gt.cpu().numpy(),
-                                                           prompt["points"][:, clicked:].cpu().numpy(),
-                                                           labels.cpu().numpy()))
-                regions = regions.to(gt.device)
+            if self.loss_cfg.click_region or self.loss_cfg.click_keep:
+                regions, kept = self._clicked(pred, gt, prompt, clicked)
             feed = torch.rand((), generator=generator).item() < self.mask_feed_prob
             mask_input = fed_back_mask(model, feed_low, prompt, self.click_radius) if feed else None
         dice = dice_per_object(pred, gt).mean().item()
@@ -179,6 +179,23 @@ class InteractiveStep(nn.Module):
         if dec_emb.grad is not None:  # its backward hands emb exactly the accumulated (scaled) gradient
             rest = (emb * dec_emb.grad).sum()
         return total, {"dice": dice, "objects": int(gt.shape[0]), "rest": self._rest(rest)}
+
+    def _clicked(self, pred: torch.Tensor, gt: torch.Tensor, prompt: dict, clicked: int):
+        """The error regions the new clicks (from index `clicked` on) landed in: (those of the kinds
+        loss.click_region scores, or None; (pred, those of every new click) for loss.click_keep, or None)."""
+        points = prompt["points"][:, clicked:].cpu().numpy()
+        labels = prompt["point_labels"][:, clicked:]
+        pred_np, gt_np = pred.cpu().numpy(), gt.cpu().numpy()
+
+        def regions_of(lbl: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(clicked_regions(pred_np, gt_np, points, lbl.cpu().numpy())).to(gt.device)
+
+        scored = self.loss_cfg.click_region_clicks
+        every = regions_of(labels) if self.loss_cfg.click_keep or scored == "both" else None
+        regions = None
+        if self.loss_cfg.click_region:
+            regions = every if scored == "both" else regions_of(region_click_labels(labels, scored))
+        return regions, ((pred, every) if self.loss_cfg.click_keep else None)
 
     def _rest(self, rest: torch.Tensor) -> torch.Tensor:
         if self.touch_all_params:

@@ -59,6 +59,22 @@ def click_bce_loss(logits: torch.Tensor, target: torch.Tensor, disks: torch.Tens
     return (ce * d).flatten(2).sum(-1) / d.flatten(2).sum(-1).clamp_min(1.0)
 
 
+def click_keep_loss(logits: torch.Tensor, target: torch.Tensor, prev: torch.Tensor,
+                    regions: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the truth summed over the pixels a click round broke, divided by the size of the
+    error regions its clicks landed in → (K, M); 0 for a row whose clicks landed in no error region.
+
+    Broken: right in `prev` (the answer the clicks corrected) and wrong in this output (chosen without gradient,
+    like a hard-example mask). With `loss.click_region` at the same weight a broken pixel costs as much as a
+    clicked error pixel left unfixed. logits (K, M, H, W); target, prev and regions (K, H, W) bool."""
+    g = target.float().unsqueeze(1).expand_as(logits)
+    ce = F.binary_cross_entropy_with_logits(logits.float(), g, reduction="none")
+    with torch.no_grad():
+        broken = ((logits > 0) != target.bool().unsqueeze(1)) & (prev.bool() == target.bool()).unsqueeze(1)
+        size = regions.flatten(1).sum(-1).float().unsqueeze(1)  # (K, 1)
+    return (ce * broken).flatten(2).sum(-1) / size.clamp_min(1.0) * (size > 0)
+
+
 def true_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """IoU of each thresholded output mask with the target → (K, M), no gradient (the IoU head's target)."""
     with torch.no_grad():
