@@ -80,21 +80,11 @@ def test_click_region_loss_adds_the_cross_entropy_over_the_clicked_regions_to_ea
     from scipy.ndimage import label as connected
 
     import medico_peft.training.interactive_step as step_module
-    from medico_peft.models import build_model
     from medico_peft.training.config import LossConfig
     from medico_peft.training.interactive_step import InteractiveStep
     from medico_peft.training.memory import SegmentedEncoder
 
-    model = build_model("vit_tiny", seed=0).eval()
-    s = model.img_size
-    masks = torch.zeros(1, 2, s, s)
-    masks[0, 0, 20:80, 16:60] = 1
-    masks[0, 0, 40:60, 30:44] = 0  # a hole: the box start tends to fill it
-    masks[0, 1, 80:120, 60:120] = 1
-    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
-             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
-             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
-             "object_valid": torch.tensor([[True, True]])}
+    model, batch = _two_objects()
     seen, terms = [], []
     real_regions, real_ce = step_module.clicked_regions, step_module.click_bce_loss
 
@@ -142,21 +132,11 @@ def test_click_region_clicks_scores_only_the_regions_of_that_click_kind(monkeypa
     same points, with the other kind's labels turned into -1 (skipped there), so only that kind's regions are
     scored; the run with both kinds must have clicked both kinds for the check to mean something."""
     import medico_peft.training.interactive_step as step_module
-    from medico_peft.models import build_model
     from medico_peft.training.config import LossConfig
     from medico_peft.training.interactive_step import InteractiveStep
     from medico_peft.training.memory import SegmentedEncoder
 
-    model = build_model("vit_tiny", seed=0).eval()
-    s = model.img_size
-    masks = torch.zeros(1, 2, s, s)
-    masks[0, 0, 20:80, 16:60] = 1
-    masks[0, 0, 40:60, 30:44] = 0  # a hole inside the box: false positives for a negative click
-    masks[0, 1, 80:120, 60:120] = 1
-    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
-             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
-             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
-             "object_valid": torch.tensor([[True, True]])}
+    model, batch = _two_objects()
     real_regions = step_module.clicked_regions
     calls = {}
 
@@ -211,21 +191,11 @@ def test_click_keep_loss_adds_the_broken_pixel_term_to_each_click_round(monkeypa
     the answer the clicks corrected and the regions of every new click (recomputed here with `clicked_regions`)."""
     import medico_peft.training.interactive_step as step_module
     from medico_peft.evaluation.clicks import clicked_regions
-    from medico_peft.models import build_model
     from medico_peft.training.config import LossConfig
     from medico_peft.training.interactive_step import InteractiveStep
     from medico_peft.training.memory import SegmentedEncoder
 
-    model = build_model("vit_tiny", seed=0).eval()
-    s = model.img_size
-    masks = torch.zeros(1, 2, s, s)
-    masks[0, 0, 20:80, 16:60] = 1
-    masks[0, 0, 40:60, 30:44] = 0
-    masks[0, 1, 80:120, 60:120] = 1
-    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
-             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
-             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
-             "object_valid": torch.tensor([[True, True]])}
+    model, batch = _two_objects()
     real_keep = step_module.click_keep_loss
     calls, prompts = [], []
     real_add = step_module.add_clicks
@@ -271,3 +241,21 @@ def test_click_keep_must_not_be_negative():
     with pytest.raises(ConfigError, match="loss.click_keep"):
         TrainConfig.from_dict({"loss": {"click_keep": -1.0}})
     assert LossConfig(click_keep=0.25).click_keep == 0.25
+
+
+def _two_objects():
+    """A random vit_tiny and one image with two objects: the first with a hole inside its box (the box start tends
+    to fill it: false positives for a negative click), the second a plain rectangle."""
+    from medico_peft.models import build_model
+
+    model = build_model("vit_tiny", seed=0).eval()
+    s = model.img_size
+    masks = torch.zeros(1, 2, s, s)
+    masks[0, 0, 20:80, 16:60] = 1
+    masks[0, 0, 40:60, 30:44] = 0
+    masks[0, 1, 80:120, 60:120] = 1
+    batch = {"image": torch.rand(1, 3, s, s), "masks": masks,
+             "boxes": torch.tensor([[[16.0, 20, 59, 79], [60, 80, 119, 119]]]),
+             "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
+             "object_valid": torch.tensor([[True, True]])}
+    return model, batch
