@@ -80,9 +80,6 @@ def test_click_region_loss_adds_the_cross_entropy_over_the_clicked_regions_to_ea
     from scipy.ndimage import label as connected
 
     import medico_peft.training.interactive_step as step_module
-    from medico_peft.training.config import LossConfig
-    from medico_peft.training.interactive_step import InteractiveStep
-    from medico_peft.training.memory import SegmentedEncoder
 
     model, batch = _two_objects()
     seen, terms = [], []
@@ -100,19 +97,10 @@ def test_click_region_loss_adds_the_cross_entropy_over_the_clicked_regions_to_ea
 
     monkeypatch.setattr(step_module, "clicked_regions", regions_spy)
     monkeypatch.setattr(step_module, "click_bce_loss", ce_spy)
-    losses = {}
-    for weight in (0.0, 0.5):
-        seen.clear()
-        terms.clear()
-        step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(click_region=weight), 3, 1.0,
-                               click_sampling="center")
-        with torch.no_grad():
-            losses[weight], _ = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
-        if weight == 0.0:
-            assert not seen and not terms
+    gain = _term_gain(model, batch, "click_region", "center", spied=(seen, terms))
     assert len(seen) == 3 and len(terms) == 3  # regions after rounds 1-3, a loss term in rounds 2-4
     expected = 0.5 * sum(t[:, 0].mean() for t in terms) / 4
-    assert float(losses[0.5] - losses[0.0]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    assert float(gain) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
     assert any(out.any() for *_, out in seen)
     for pred, gt, points, labels, out in seen:
         for j in range(len(gt)):
@@ -191,9 +179,6 @@ def test_click_keep_loss_adds_the_broken_pixel_term_to_each_click_round(monkeypa
     the answer the clicks corrected and the regions of every new click (recomputed here with `clicked_regions`)."""
     import medico_peft.training.interactive_step as step_module
     from medico_peft.evaluation.clicks import clicked_regions
-    from medico_peft.training.config import LossConfig
-    from medico_peft.training.interactive_step import InteractiveStep
-    from medico_peft.training.memory import SegmentedEncoder
 
     model, batch = _two_objects()
     real_keep = step_module.click_keep_loss
@@ -214,20 +199,11 @@ def test_click_keep_loss_adds_the_broken_pixel_term_to_each_click_round(monkeypa
 
     monkeypatch.setattr(step_module, "click_keep_loss", keep_spy)
     monkeypatch.setattr(step_module, "add_clicks", add_spy)
-    losses = {}
-    for weight in (0.0, 0.5):
-        calls.clear()
-        prompts.clear()
-        step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(click_keep=weight), 3, 1.0,
-                               click_sampling="uniform")
-        with torch.no_grad():
-            losses[weight], _ = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
-        if weight == 0.0:
-            assert not calls
+    gain = _term_gain(model, batch, "click_keep", "uniform", spied=(calls,), cleared=(prompts,))
     assert len(calls) == 3 and len(prompts) == 3  # a keep term in rounds 2-4
     expected = 0.5 * sum(out[:, 0].mean() for *_, out in calls) / 4
     assert float(expected) > 0  # some round broke pixels: the check compares a real term
-    assert float(losses[0.5] - losses[0.0]) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    assert float(gain) == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
     for (prev, regions, _), (pred, gt, points, labels) in zip(calls, prompts, strict=True):
         assert torch.equal(prev, pred)
         want = clicked_regions(pred.numpy(), gt.numpy(), points.numpy(), labels.numpy())
@@ -259,3 +235,24 @@ def _two_objects():
              "points": torch.tensor([[[[40.0, 30]], [[90, 100]]]]), "point_labels": torch.tensor([[[1], [1]]]),
              "object_valid": torch.tensor([[True, True]])}
     return model, batch
+
+
+def _term_gain(model, batch, term: str, sampling: str, spied, cleared=()):
+    """The step's loss with `LossConfig(term=0.5)` minus with `term=0`, both from the same generator seed (the same
+    predictions and clicks). `spied`: lists the term's spies fill, which the run without it must leave empty;
+    they and `cleared` are emptied before each run, so they end with the weighted run's records."""
+    from medico_peft.training.config import LossConfig
+    from medico_peft.training.interactive_step import InteractiveStep
+    from medico_peft.training.memory import SegmentedEncoder
+
+    losses = {}
+    for weight in (0.0, 0.5):
+        for records in (*spied, *cleared):
+            records.clear()
+        step = InteractiveStep(model, SegmentedEncoder(model), LossConfig(**{term: weight}), 3, 1.0,
+                               click_sampling=sampling)
+        with torch.no_grad():
+            losses[weight], _ = step(batch["image"], batch, "box", torch.Generator().manual_seed(0))
+        if weight == 0.0:
+            assert not any(spied)
+    return losses[0.5] - losses[0.0]
