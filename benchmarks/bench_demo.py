@@ -5,7 +5,7 @@ whole, under the shared header to benchmarks/results/demo.md.
     python benchmarks/bench_demo.py --minutes 2 --results /tmp/demo.md   # quick check
 Any option the demo takes (--minutes, --max-slices, --clicks, --lr, --rank, --blocks, ...) passes through.
 The demo's folder (--work, default benchmarks/work/demo: images, adapter, per-object CSVs) is made fresh
-each run; a folder that this script did not create is refused, never deleted.
+each run; a folder that this script did not create is refused, never deleted (an empty one is used: nothing is lost).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     record = Results("Demo: LiteMedSAM zero-shot, decoder-only and LoRA on MNI152 grey/white matter (CPU)",
                      argv=None if argv is None else [__file__, *argv])
     work = Path(args.work)
+    if work.is_dir() and not any(work.iterdir()):  # empty (a run stopped before the demo wrote anything)
+        work.rmdir()
     if work.exists():
         if not (work / MARKER).exists():
             print(f"error: {work}: exists and was not written by bench_demo.py; expected a new folder "

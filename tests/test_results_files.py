@@ -174,7 +174,12 @@ def test_demo_results_file_is_written_by_the_demo_run(results_module, tmp_path, 
     assert bench_demo.main(["--work", str(work), "--results", str(results)]) == 0  # its own folder: remade
     other = tmp_path / "mine"
     other.mkdir()
+    (other / "notes.txt").write_text("a user's file")
     assert bench_demo.main(["--work", str(other), "--results", str(results)]) == 2  # not its folder: refused
+    assert (other / "notes.txt").read_text() == "a user's file"
+    empty = tmp_path / "empty"
+    empty.mkdir()  # what a run stopped before the demo wrote anything leaves: nothing to lose, so used
+    assert bench_demo.main(["--work", str(empty), "--results", str(results)]) == 0
     # a work folder reached through a symlink (benchmarks/work shared with another checkout): the link goes
     # through the symlink, as the repository sees it, not to where the link points
     elsewhere = tmp_path / "elsewhere"
