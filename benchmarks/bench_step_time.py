@@ -38,7 +38,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from medico_peft.workflows.demo import CLICK_TRAINING  # no torch import: a worker still loads torch first
+# Before torch, on purpose: `import medico_peft` sets the *after* variant's OMP_WAIT_POLICY, and OpenMP reads it
+# once, when torch loads it. (Until c41309f the worker imported torch first, so *after* ran with OpenMP's default
+# spin count: OMP_DISPLAY_ENV=VERBOSE shows GOMP_SPINCOUNT unchanged.) Imports no torch itself.
+from medico_peft.workflows.demo import CLICK_TRAINING
 
 try:
     from benchmarks._results import Results
@@ -57,7 +60,9 @@ GOAL_DEMO = 0.5  # demo step after / before
 
 
 def worker(args) -> None:
-    import torch  # loads OpenMP with whatever OMP_WAIT_POLICY the parent set
+    # what OpenMP reads when torch loads it just below (nothing, if something loaded torch already)
+    policy = "(torch loaded before)" if "torch" in sys.modules else os.environ.get("OMP_WAIT_POLICY", "(unset)")
+    import torch
 
     import medico_peft.models.mask_decoding as mask_decoding
     import medico_peft.models.sam as sam
@@ -69,7 +74,7 @@ def worker(args) -> None:
     sys.path.insert(0, str(here))
     from _step import build
 
-    out = {"variant": args.variant, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+    out = {"variant": args.variant, "omp_wait_policy": policy}
     if args.worker_config == "decoder":
         out.update(decoder_latency(args))
     else:
