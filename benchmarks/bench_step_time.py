@@ -74,6 +74,8 @@ def worker(args) -> None:
     sys.path.insert(0, str(here))
     from _step import build
 
+    from medico_peft.workflows.demo import demo_peft_config  # the demo's own PeftConfig, as `demo` builds it
+
     out = {"variant": args.variant, "omp_wait_policy": policy}
     if args.worker_config == "decoder":
         out.update(decoder_latency(args))
@@ -85,7 +87,7 @@ def worker(args) -> None:
                       sub_iterations=cfg["sub_iterations"])
             if method == "demo":
                 rigs[method] = build(cfg["model"], "lora_qv", cache=True,
-                                     peft_overrides={"blocks": 2, "train_prompt_encoder": True}, **kw)
+                                     peft_overrides=demo_peft_config(blocks=2).to_dict(), **kw)
             else:
                 rigs[method] = build(cfg["model"], method, **kw)
         times = {m: [] for m in rigs}
