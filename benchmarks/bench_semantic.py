@@ -16,13 +16,19 @@ Each variant runs in its own process (`--variant`), so its peak RSS is its own. 
 held-out (test-slab) slice holding a class: pooled per-class Dice, 2|P∩G|/(|P|+|G|), and its mean
 over classes present in the test slab.
 
-CPU budget: the default run (2 data sets × 4 variants × `--steps` 10 at batch 2, 8 evenly spaced test
-slices) is sized for about 30 minutes of wall clock on 2 cores shared with ~8 other jobs (a LoRA step
-measured ~60 s of wall clock there with the first, wider head); so few steps only show early training. `--quick` (2 steps, 2 test slices,
-LoRA only) is a smoke test of a few minutes.
+The learning rate follows the semantic recipe's shape (configs/litemedsam_semantic_lora.yaml): linear
+warmup over the first 10 % of `--steps`, then cosine down to 1 % of the variant's LR at `--steps`
+(`--schedule constant` keeps the LR flat, as the first runs of this script did).
 
-    nice -n 10 python benchmarks/bench_semantic.py            # the results file
-    python benchmarks/bench_semantic.py --quick --out /tmp/semantic.md
+CPU budget: a LoRA + UNETR step at batch 2 takes about 10 s on 2 quiet cores (AMD EPYC), so the default
+run (2 data sets × 4 variants × `--steps` 10, 8 evenly spaced test slices) is a few minutes per variant
+and shows early training only; a converged comparison wants ~100+ steps (`--steps 120 --max-test-slices 0`
+scores every test slice), about 20 min per LoRA variant. `--quick` (2 steps, 2 test slices, LoRA only) is
+a smoke test of a few minutes.
+
+    python benchmarks/bench_semantic.py --datasets mni152 --steps 120 --max-test-slices 0 \
+        --out benchmarks/results/semantic_mni152.md
+    python benchmarks/bench_semantic.py --quick --out <tmp>/semantic.md
 """
 
 from __future__ import annotations
@@ -60,7 +66,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of {', '.join(DATASETS)}")
-    p.add_argument("--max-test-slices", type=int, default=8, help="evaluate at most this many test slices")
+    p.add_argument("--max-test-slices", type=int, default=8,
+                   help="evaluate at most this many test slices, evenly spaced (0 = every test slice)")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
+                   help="cosine: warmup over 10 %% of --steps, then cosine to 1 %% of the LR (the recipe's shape)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 2 test slices, LoRA only")
     p.add_argument("--work", default="benchmarks/work/semantic", help="shards, runs and adapters")
     p.add_argument("--out", default=str(HERE / "results" / "semantic.md"))
@@ -71,7 +80,38 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.max_test_slices, args.variants = 2, 2, "lora"
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.max_test_slices < 0:
+        p.error(f"--max-test-slices must be >= 0 (0 = all), got {args.max_test_slices}")
     return args
+
+
+def schedule_section(args) -> dict:
+    """The LR schedule over exactly `--steps` optimiser steps."""
+    if args.schedule == "constant":
+        return {"kind": "constant"}
+    return {"kind": "cosine", "warmup_steps": max(1, round(0.1 * args.steps)), "min_lr_ratio": 0.01,
+            "total_steps": args.steps}
+
+
+def variant_config(args, manifest: Path, run_dir: Path) -> dict:
+    """The training config of variant `args.variant` on `args.dataset` (validated by TrainConfig.from_dict)."""
+    _, peft, pretrained, lr = VARIANTS[args.variant]
+    return {
+        "task": "semantic",
+        "model": {"name": "litemedsam", "pretrained": pretrained},
+        "peft": peft,
+        "semantic": semantic_section(args.dataset),
+        "data": {"manifest": str(manifest), "samples_per_epoch": args.steps * args.batch_size, "verify": False},
+        "train": {"epochs": 1, "batch_size": args.batch_size, "device": "cpu", "seed": 0},
+        "optim": {"lr": lr, "weight_decay": 0.01, "grad_clip": 1.0},
+        "schedule": schedule_section(args),
+        # full finetune keeps every encoder activation for backward: checkpointing bounds its peak memory
+        # (a full run without it was killed for memory on the shared 24 GiB machine)
+        "memory": {"feature_cache": "auto", "cache_dtype": "float32", "checkpointing": args.variant == "full"},
+        "output": {"dir": str(run_dir), "tensorboard": False, "progress": False},
+    }
 
 
 def semantic_section(dataset: str) -> dict:
@@ -104,24 +144,11 @@ def run_variant(args) -> dict:
     from medico_peft.training import TrainConfig, train
     from medico_peft.training.memory import peak_memory_bytes
 
-    label, peft, pretrained, lr = VARIANTS[args.variant]
+    label, _, pretrained, lr = VARIANTS[args.variant]
     work = Path(args.work)
     manifest = work / f"shards_{args.dataset}" / "manifest.json"
     run_dir = work / f"run_{args.dataset}_{args.variant}"
-    cfg = TrainConfig.from_dict({
-        "task": "semantic",
-        "model": {"name": "litemedsam", "pretrained": pretrained},
-        "peft": peft,
-        "semantic": semantic_section(args.dataset),
-        "data": {"manifest": str(manifest), "samples_per_epoch": args.steps * args.batch_size, "verify": False},
-        "train": {"epochs": 1, "batch_size": args.batch_size, "device": "cpu", "seed": 0},
-        "optim": {"lr": lr, "weight_decay": 0.01, "grad_clip": 1.0},
-        "schedule": {"kind": "constant"},
-        # full finetune keeps every encoder activation for backward: checkpointing bounds its peak memory
-        # (a full run without it was killed for memory on the shared 24 GiB machine)
-        "memory": {"feature_cache": "auto", "cache_dtype": "float32", "checkpointing": args.variant == "full"},
-        "output": {"dir": str(run_dir), "tensorboard": False, "progress": False},
-    })
+    cfg = TrainConfig.from_dict(variant_config(args, manifest, run_dir))
     t0 = time.perf_counter()
     result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - t0
@@ -137,7 +164,7 @@ def run_variant(args) -> dict:
     table = resolve_classes(cfg)
     model = load_semantic_adapter(base, result.adapter_path, class_names=table.names).eval()
     test = SemanticSlices(manifest, table, split="test", verify=False)
-    n = len(test) if args.max_test_slices is None else min(len(test), args.max_test_slices)
+    n = len(test) if not args.max_test_slices else min(len(test), args.max_test_slices)
     picks = [round(i * (len(test) - 1) / max(1, n - 1)) for i in range(n)] if n < len(test) else range(len(test))
     counts = torch.zeros(3, table.num_classes, dtype=torch.int64)
     with torch.no_grad():
@@ -169,12 +196,17 @@ def fmt(v, digits=3) -> str:
 
 
 def report(rows: list[dict], args, record) -> None:
+    sched = schedule_section(args)
+    lr_text = ("constant learning rate (per variant, below)" if sched["kind"] == "constant" else
+               f"learning rate (per variant, below) warmed up linearly over {sched['warmup_steps']} "
+               f"step{'s' if sched['warmup_steps'] != 1 else ''}, then "
+               f"cosine to {sched['min_lr_ratio']:g} of it at step {sched['total_steps']}")
     lines = [f"{args.steps} optimiser steps per variant at batch {args.batch_size} (the same slices in the same "
-             "order for every variant: seed 0), constant learning rate (per variant, below), AdamW, grad clip 1.0, "
-             "Dice + cross-entropy, no augmentation, UNETR head (decoder widths 64, 32, 16). CPU (2 cores shared "
-             "with other jobs, nice 10). Test = the held-out axial slab (highest 30 % of the labelled extent); "
-             "Dice is pooled over its slices per class; '–' = class absent from the test slab and never "
-             "predicted there. Mean = over classes present in the test slab.", ""]
+             f"order for every variant: seed 0), {lr_text}, AdamW, grad clip 1.0, "
+             "Dice + cross-entropy, no augmentation, UNETR head (decoder widths 64, 32, 16), one seed. CPU (the "
+             "header's load average says whether other jobs ran). Test = the held-out axial slab (highest 30 % of "
+             "the labelled extent); Dice is pooled over its slices per class; '–' = class absent from the test "
+             "slab and never predicted there. Mean = over classes present in the test slab.", ""]
     for dataset in DATASETS:
         drows = [r for r in rows if r["dataset"] == dataset]
         if not drows:
@@ -205,7 +237,8 @@ def report(rows: list[dict], args, record) -> None:
 
 
 def _settings(args) -> dict:
-    return {"steps": args.steps, "batch_size": args.batch_size, "max_test_slices": args.max_test_slices}
+    return {"steps": args.steps, "batch_size": args.batch_size, "max_test_slices": args.max_test_slices,
+            "schedule": args.schedule}
 
 
 def main(argv=None) -> int:
@@ -231,9 +264,8 @@ def main(argv=None) -> int:
         build_shards(dataset, work)
         for variant in args.variants.split(","):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--dataset", dataset,
-                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--work", str(work)]
-            if args.max_test_slices is not None:
-                cmd += ["--max-test-slices", str(args.max_test_slices)]
+                   "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--work", str(work),
+                   "--max-test-slices", str(args.max_test_slices), "--schedule", args.schedule]
             saved = work / f"run_{dataset}_{variant}" / "result.json"
             if args.reuse and saved.exists() and json.loads(saved.read_text()).get("settings") == _settings(args):
                 rows.append(json.loads(saved.read_text()))
