@@ -68,6 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", default=",".join(DATASETS), help=f"comma list of {', '.join(DATASETS)}")
     p.add_argument("--max-test-slices", type=int, default=8,
                    help="evaluate at most this many test slices, evenly spaced (0 = every test slice)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (data order, head init, random encoder)")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: warmup over 10 %% of --steps, then cosine to 1 %% of the LR (the recipe's shape)")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 steps, 2 test slices, LoRA only")
@@ -87,6 +88,11 @@ def parse_args(argv=None):
     return args
 
 
+def run_dir_of(work: Path, dataset: str, variant: str, seed: int) -> Path:
+    """A variant's run folder; seed 0 keeps the name earlier runs used."""
+    return work / (f"run_{dataset}_{variant}" if seed == 0 else f"run_{dataset}_{variant}_seed{seed}")
+
+
 def schedule_section(args) -> dict:
     """The LR schedule over exactly `--steps` optimiser steps."""
     if args.schedule == "constant":
@@ -104,7 +110,7 @@ def variant_config(args, manifest: Path, run_dir: Path) -> dict:
         "peft": peft,
         "semantic": semantic_section(args.dataset),
         "data": {"manifest": str(manifest), "samples_per_epoch": args.steps * args.batch_size, "verify": False},
-        "train": {"epochs": 1, "batch_size": args.batch_size, "device": "cpu", "seed": 0},
+        "train": {"epochs": 1, "batch_size": args.batch_size, "device": "cpu", "seed": args.seed},
         "optim": {"lr": lr, "weight_decay": 0.01, "grad_clip": 1.0},
         "schedule": schedule_section(args),
         # full finetune keeps every encoder activation for backward: checkpointing bounds its peak memory
@@ -147,14 +153,15 @@ def run_variant(args) -> dict:
     label, _, pretrained, lr = VARIANTS[args.variant]
     work = Path(args.work)
     manifest = work / f"shards_{args.dataset}" / "manifest.json"
-    run_dir = work / f"run_{args.dataset}_{args.variant}"
+    run_dir = run_dir_of(work, args.dataset, args.variant, args.seed)
     cfg = TrainConfig.from_dict(variant_config(args, manifest, run_dir))
     t0 = time.perf_counter()
     result = train(cfg, overwrite=True)
     train_seconds = time.perf_counter() - t0
     peak = peak_memory_bytes(torch.device("cpu"))
     # Score from the adapter file: the round trip a user makes.
-    base = load_model("litemedsam") if pretrained else build_model("litemedsam", seed=0)
+    # a random base is rebuilt from the seed the trainer built it with (train.seed), so its sha256 matches
+    base = load_model("litemedsam") if pretrained else build_model("litemedsam", seed=args.seed)
     if not pretrained:
         from medico_peft.utils.hashing import sha256_state_dict
 
@@ -202,7 +209,7 @@ def report(rows: list[dict], args, record) -> None:
                f"step{'s' if sched['warmup_steps'] != 1 else ''}, then "
                f"cosine to {sched['min_lr_ratio']:g} of it at step {sched['total_steps']}")
     lines = [f"{args.steps} optimiser steps per variant at batch {args.batch_size} (the same slices in the same "
-             f"order for every variant: seed 0), {lr_text}, AdamW, grad clip 1.0, "
+             f"order for every variant: seed {args.seed}), {lr_text}, AdamW, grad clip 1.0, "
              "Dice + cross-entropy, no augmentation, UNETR head (decoder widths 64, 32, 16), one seed. CPU (the "
              "header's load average says whether other jobs ran). Test = the held-out axial slab (highest 30 % of "
              "the labelled extent); Dice is pooled over its slices per class; '–' = class absent from the test "
@@ -238,7 +245,7 @@ def report(rows: list[dict], args, record) -> None:
 
 def _settings(args) -> dict:
     return {"steps": args.steps, "batch_size": args.batch_size, "max_test_slices": args.max_test_slices,
-            "schedule": args.schedule}
+            "schedule": args.schedule, "seed": args.seed}
 
 
 def main(argv=None) -> int:
@@ -248,7 +255,8 @@ def main(argv=None) -> int:
         row["settings"] = _settings(args)
         from medico_peft.utils.atomic import atomic_write_text
 
-        atomic_write_text(Path(args.work) / f"run_{args.dataset}_{args.variant}" / "result.json", json.dumps(row))
+        atomic_write_text(run_dir_of(Path(args.work), args.dataset, args.variant, args.seed) / "result.json",
+                          json.dumps(row))
         print("RESULT " + json.dumps(row), flush=True)
         return 0
     try:
@@ -265,9 +273,12 @@ def main(argv=None) -> int:
         for variant in args.variants.split(","):
             cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", variant, "--dataset", dataset,
                    "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--work", str(work),
-                   "--max-test-slices", str(args.max_test_slices), "--schedule", args.schedule]
-            saved = work / f"run_{dataset}_{variant}" / "result.json"
-            if args.reuse and saved.exists() and json.loads(saved.read_text()).get("settings") == _settings(args):
+                   "--max-test-slices", str(args.max_test_slices), "--schedule", args.schedule,
+                   "--seed", str(args.seed)]
+            saved = run_dir_of(work, dataset, variant, args.seed) / "result.json"
+            # results written before --seed existed were seed 0
+            if args.reuse and saved.exists() and {"seed": 0, **json.loads(saved.read_text()).get("settings", {})} \
+                    == _settings(args):
                 rows.append(json.loads(saved.read_text()))
                 print(f"{dataset} {variant}: reused {saved}", flush=True)
                 continue

@@ -49,6 +49,9 @@ def test_variants_differ_only_in_encoder_init_peft_lr_and_checkpointing(bs, tmp_
                        if _flat(configs["lora_random"])[k] != _flat(configs["lora"]).get(k)}
         assert random_diff == {("model", "pretrained")}
         assert configs["lora"]["data"]["samples_per_epoch"] == 40 * 2
+        seeded = _config(bs, ["--steps", "40", "--seed", "1"], "lora", dataset, tmp_path)
+        assert {k for k in _flat(seeded) if _flat(seeded)[k] != _flat(configs["lora"])[k]} == {("train", "seed")}
+    assert bs.run_dir_of(tmp_path, "mni152", "lora", 0) != bs.run_dir_of(tmp_path, "mni152", "lora", 1)
 
 
 def test_cosine_spans_exactly_the_step_budget(bs, tmp_path):
