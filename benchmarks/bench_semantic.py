@@ -22,12 +22,12 @@ warmup over the first 10 % of `--steps`, then cosine down to 1 % of the variant'
 
 CPU budget: a LoRA + UNETR step at batch 2 takes about 10 s on 2 quiet cores (AMD EPYC), so the default
 run (2 data sets × 4 variants × `--steps` 10, 8 evenly spaced test slices) is a few minutes per variant
-and shows early training only; a converged comparison wants ~100+ steps (`--steps 120 --max-test-slices 0`
-scores every test slice), about 20 min per LoRA variant. `--quick` (2 steps, 2 test slices, LoRA only) is
-a smoke test of a few minutes.
+and shows early training only; a comparison that trains wants ~100 steps (`--max-test-slices 0` scores
+every test slice): on MNI152 about 18 min per LoRA variant, 10 min frozen, 34 min full finetune (all four:
+78 min). `--quick` (2 steps, 2 test slices, LoRA only) is a smoke test of a few minutes.
 
-    python benchmarks/bench_semantic.py --datasets mni152 --steps 120 --max-test-slices 0 \
-        --out benchmarks/results/semantic_mni152.md
+    python benchmarks/bench_semantic.py --datasets mni152 --variants lora,lora_random,frozen,full --steps 100 \
+        --max-test-slices 0 --work benchmarks/work/semantic_cos100 --out benchmarks/results/semantic_mni152.md
     python benchmarks/bench_semantic.py --quick --out <tmp>/semantic.md
 """
 
